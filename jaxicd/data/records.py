@@ -90,6 +90,8 @@ class SkipReport:
 
   counts: dict[str, int] = dataclasses.field(default_factory=dict)
   examples: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+  # Offending code strings (never note text) -> occurrences; filled by the source readers.
+  invalid_codes: dict[str, int] = dataclasses.field(default_factory=dict)
 
   def add(self, reason: str, where: str) -> None:
     self.counts[reason] = self.counts.get(reason, 0) + 1
@@ -102,8 +104,11 @@ class SkipReport:
     return sum(self.counts.values())
 
   def as_dict(self) -> dict:
-    return {"total": self.total, "by_reason": dict(self.counts),
-            "examples": {k: list(v) for k, v in self.examples.items()}}
+    out = {"total": self.total, "by_reason": dict(self.counts),
+           "examples": {k: list(v) for k, v in self.examples.items()}}
+    if self.invalid_codes:
+      out["invalid_codes"] = dict(self.invalid_codes)
+    return out
 
 
 def split_documents(docs: Sequence[Document]) -> dict[str, list[Document]]:

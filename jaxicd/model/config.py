@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 
@@ -26,6 +25,16 @@ class LoraConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class RopeScaling:
+  """Llama 3 RoPE frequency scaling (transformers' ``rope_type="llama3"``)."""
+
+  factor: float
+  low_freq_factor: float
+  high_freq_factor: float
+  original_max_position_embeddings: int
+
+
+@dataclasses.dataclass(frozen=True)
 class LlamaConfig:
   """A Llama-family decoder (Llama 2/3.x, SmolLM2, Qwen2 with ``attention_bias``)."""
 
@@ -37,9 +46,8 @@ class LlamaConfig:
   num_kv_heads: int
   head_dim: int
   rope_theta: float = 10_000.0
-  # None, or llama3 scaling: dict(factor, low_freq_factor, high_freq_factor,
-  # original_max_position_embeddings).
-  rope_scaling: dict[str, Any] | None = None
+  # None, or llama3 scaling: a RopeScaling (a dict with its fields is converted).
+  rope_scaling: RopeScaling | None = None
   rms_norm_eps: float = 1e-5
   tie_word_embeddings: bool = False
   attention_bias: bool = False        # q/k/v bias (Qwen2)
@@ -48,6 +56,18 @@ class LlamaConfig:
   dtype: str = "float32"             # compute dtype
   remat: str = "none"                # none | full | dots (save matmul outputs)
   lora: LoraConfig = LoraConfig()
+
+  def __post_init__(self):
+    # The config is static data of the NNX module (part of its graphdef), so it must be hashable.
+    if isinstance(self.rope_scaling, dict):
+      scaling = dict(self.rope_scaling)
+      scaling.pop("rope_type", None)
+      object.__setattr__(self, "rope_scaling", RopeScaling(**scaling))
+    if self.remat not in ("none", "full", "dots"):
+      raise ValueError(f"model.remat: {self.remat!r}; choose none, full or dots")
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(f"num_heads={self.num_heads} is not a multiple of "
+                       f"num_kv_heads={self.num_kv_heads}")
 
   def replace(self, **kw) -> "LlamaConfig":
     return dataclasses.replace(self, **kw)

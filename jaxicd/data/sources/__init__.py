@@ -1,0 +1,81 @@
+"""Readers that turn document sources into canonical ``Document`` records.
+
+``load_documents(source, manual_dir)`` with ``source`` one of:
+
+* ``demo``: the built-in synthetic corpus (``jaxicd.data.demo``), no files;
+* ``mimic_iv``: MIMIC-IV ICD-10 diagnoses + MIMIC-IV-Note discharge summaries (credentialed);
+* ``mdace``: MDACE evidence annotations + MIMIC-III ``NOTEEVENTS.csv`` (credentialed);
+* ``codiesp``: CodiEsp D and X tracks (public, downloaded by hand);
+* ``jsonl``: users' own documents (``manual_dir`` is a ``.jsonl`` file or a folder of them).
+
+Credentialed data is never downloaded: a reader whose files are missing raises
+``MissingDataError`` with the PhysioNet address and where to put each file. Bad input raises
+``RecordError`` naming the file and line (or field) with ``on_error="raise"``; with
+``on_error="skip"`` it is counted by reason in ``skips`` (a ``SkipReport``). Data left out by
+design (ICD-9 rows, ICD-10-PCS annotations, CodiEsp procedures, rare codes) is always counted
+under reasons that start with ``"filtered: "``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from absl import logging
+
+from jaxicd.data.records import Document, RecordError, SkipReport
+from jaxicd.data.sources.common import FILTERED, MissingDataError
+
+SOURCES = ("demo", "mimic_iv", "mdace", "codiesp", "jsonl")
+
+__all__ = ["SOURCES", "load_documents", "read_spans", "MissingDataError", "RecordError",
+           "FILTERED"]
+
+
+def load_documents(source: str, manual_dir: str | Path = "", *, on_error: str = "raise",
+                   skips: SkipReport | None = None, demo_seed: int = 0, ontology=None,
+                   **options) -> list[Document]:
+  """Reads ``source`` into Documents (splits ``train``/``val``/``test``).
+
+  Args:
+    source: one of ``SOURCES``.
+    manual_dir: where the dataset's files were placed by hand (unused for ``demo``).
+    on_error: ``"raise"`` (RecordError naming file:line) or ``"skip"`` (count in ``skips``).
+    skips: receives counts by reason (errors skipped and data filtered) and invalid codes.
+    demo_seed: seed of the demo corpus.
+    ontology: anything with ``is_valid(code)``; default ``jaxicd.ontology.get_ontology()``.
+    **options: reader options: ``split_file``, ``min_code_count`` (mimic_iv); ``split_dir``,
+      ``annotation_dir`` (mdace).
+  """
+  from jaxicd.data.sources import common  # pylint: disable=g-import-not-at-top
+  if source not in SOURCES:
+    raise ValueError(f"unknown source {source!r}; expected one of {', '.join(SOURCES)}")
+  skips = skips if skips is not None else SkipReport()
+  if source == "demo":
+    if options:
+      raise ValueError(f"source demo takes no options, got {sorted(options)}")
+    from jaxicd.data.sources import demo  # pylint: disable=g-import-not-at-top
+    return demo.load(seed=demo_seed)
+  if not manual_dir:
+    raise ValueError(f"source {source!r} needs manual_dir (--manual_dir / "
+                     "config.data.manual_dir): the folder where its files were placed")
+  issues = common.Issues(on_error, skips, ontology)
+  if source == "mimic_iv":
+    from jaxicd.data.sources import mimic_iv as reader  # pylint: disable=g-import-not-at-top
+  elif source == "mdace":
+    from jaxicd.data.sources import mdace as reader  # pylint: disable=g-import-not-at-top
+  elif source == "codiesp":
+    from jaxicd.data.sources import codiesp as reader  # pylint: disable=g-import-not-at-top
+  else:
+    from jaxicd.data.sources import jsonl as reader  # pylint: disable=g-import-not-at-top
+  docs = reader.load(manual_dir, issues=issues, **options)
+  if skips.total:
+    logging.info("%s: read %d documents; skipped or filtered %d records: %s", source,
+                 len(docs), skips.total, skips.counts)
+  return docs
+
+
+def read_spans(path: str | Path, *, on_error: str = "raise", skips: SkipReport | None = None,
+               ontology=None) -> list:
+  """Spans from a JSONL file (see ``jaxicd.data.sources.jsonl``)."""
+  from jaxicd.data.sources import jsonl  # pylint: disable=g-import-not-at-top
+  return jsonl.read_spans(path, on_error=on_error, skips=skips, ontology=ontology)

@@ -1,0 +1,164 @@
+"""Input pipeline benchmark: packing efficiency, throughput, training tokens per epoch.
+
+    .venv/bin/python bench/data.py [--seq_len=1024] [--batch_size=8] [--train_tokens_per_s=150]
+
+Prints one JSON object (and a short human summary on stderr):
+
+* ``packing``: non-pad token fraction of packed batches for the span-only mix (target >=
+  97%), the mixed recipe and document-only training.
+* ``throughput``: examples/s and tokens/s of the mixed training iterator on a cold cache
+  (first epoch: every example tokenized) and a warm one, against ``--train_tokens_per_s``
+  (what one training process consumes; default 150 tokens/s, transformers+PEFT LoRA on
+  SmolLM2-135M measured on this 2-core CPU, see shared/DESIGN.md). Target: >= 10x.
+* ``epoch_tokens``: training tokens per epoch of the demo corpus, document-only vs the mixed
+  recipe (the paper's claim that code-centric training costs ~20% of document training).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import numpy as np
+
+from jaxicd.data import pipeline
+
+
+def _cfg(args, **overrides):
+  cfg = dict(source="demo", demo_seed=args.demo_seed, code_space="demo",
+             spans_per_code=args.spans_per_code, negatives=True, annotated_spans=True,
+             span_weight=0.8, doc_weight=0.2, seq_len=args.seq_len, window_overlap=128,
+             batch_size=args.batch_size, shuffle_seed=0, num_threads=args.num_threads)
+  cfg.update(overrides)
+  return cfg
+
+
+def packing_efficiency(cfg, tok, docs, spans, batches: int) -> dict:
+  it = pipeline.make_train_iterator(cfg, tok, documents=docs, spans=spans, prefetch=0)
+  real = total = segs = 0
+  for _ in range(batches):
+    b = next(it)
+    real += int((b["segment_ids"] > 0).sum())
+    total += b["segment_ids"].size
+    segs += sum(len(np.unique(r[r > 0])) for r in b["segment_ids"])
+  return {"non_pad_fraction": round(real / total, 4), "batches": batches,
+          "examples_per_row": round(segs / (batches * b["segment_ids"].shape[0]), 2),
+          "truncated": it.stats.truncated}
+
+
+def throughput(cfg, tok, docs, spans, seconds: float, train_tokens_per_s: float) -> dict:
+  out = {}
+  it = pipeline.make_train_iterator(cfg, tok, documents=docs, spans=spans, with_sources=True)
+  for phase in ("cold", "warm"):
+    if phase == "warm":
+      # Drain the first epoch of documents so their windows sit in the cache.
+      n_train = sum(d.split == "train" for d in docs)
+      t_drain = time.perf_counter()
+      while (it.stats.documents_encoded < n_train
+             and time.perf_counter() - t_drain < 300):
+        next(it)
+    examples = tokens = slots = 0
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+      b = next(it)
+      seg = b["segment_ids"]
+      examples += sum(len(np.unique(r[r > 0])) for r in seg)
+      tokens += int((seg > 0).sum())
+      slots += seg.size
+    dt = time.perf_counter() - t0
+    out[phase] = {"examples_per_s": round(examples / dt, 1),
+                  "tokens_per_s": round(tokens / dt, 1),
+                  "padded_tokens_per_s": round(slots / dt, 1),
+                  "ratio_to_train_step": round(slots / dt / train_tokens_per_s, 1)}
+  out["train_tokens_per_s_assumed"] = train_tokens_per_s
+  out["target_ratio"] = 10
+  out["stats"] = it.stats.as_dict()
+  return out
+
+
+def epoch_tokens(cfg, tok, docs, spans) -> dict:
+  """Tokens needed to see every training document window once, per recipe."""
+  seq_len, overlap = cfg["seq_len"], cfg["window_overlap"]
+  doc_ex = [w for d in docs if d.split == "train"
+            for w in pipeline.document_windows(d, tok, seq_len=seq_len, window_overlap=overlap)]
+  span_ex = [pipeline.encode_span(tok, s, seq_len) for s in spans]
+  doc_tokens = sum(len(w.tokens) - 1 for w in doc_ex)
+  doc_targets = sum(int(w.loss_mask[1:].sum()) for w in doc_ex)
+  mean_span = float(np.mean([len(e["tokens"]) - 1 for e in span_ex]))
+  mean_span_target = float(np.mean([e["loss_mask"][1:].sum() for e in span_ex]))
+  mean_doc = doc_tokens / len(doc_ex)
+  sw, dw = cfg["span_weight"], cfg["doc_weight"]
+  # Mixed recipe, same number of examples as one document epoch: 80% of them are spans.
+  mixed_same_examples = len(doc_ex) * (sw * mean_span + dw * mean_doc)
+  # Mixed recipe seeing every span once (the code-centric epoch): docs fill 20% of examples.
+  span_epoch_examples = len(span_ex) / sw
+  span_epoch_tokens = span_epoch_examples * (sw * mean_span + dw * mean_doc)
+  # Mixed recipe that still sees every document window once (docs are 20% of examples).
+  doc_epoch_mixed = len(doc_ex) * (1 + sw / dw * mean_span / mean_doc) * mean_doc
+  return {
+      "train_documents": sum(d.split == "train" for d in docs),
+      "document_windows": len(doc_ex), "spans": len(span_ex),
+      "mean_doc_example_tokens": round(mean_doc, 1),
+      "mean_span_example_tokens": round(mean_span, 1),
+      "mean_span_target_tokens": round(mean_span_target, 1),
+      "doc_only_epoch_tokens": doc_tokens, "doc_only_epoch_target_tokens": doc_targets,
+      "mixed_same_examples_tokens": round(mixed_same_examples),
+      "mixed_same_examples_vs_doc_only": round(mixed_same_examples / doc_tokens, 3),
+      "mixed_one_span_epoch_tokens": round(span_epoch_tokens),
+      "mixed_one_span_epoch_vs_doc_only": round(span_epoch_tokens / doc_tokens, 3),
+      "mixed_one_doc_epoch_tokens": round(doc_epoch_mixed),
+      "mixed_one_doc_epoch_vs_doc_only": round(doc_epoch_mixed / doc_tokens, 3),
+  }
+
+
+def main(argv=None) -> dict:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--seq_len", type=int, default=1024)
+  p.add_argument("--batch_size", type=int, default=8)
+  p.add_argument("--demo_seed", type=int, default=0)
+  p.add_argument("--spans_per_code", type=int, default=8)
+  p.add_argument("--num_threads", type=int, default=2)
+  p.add_argument("--packing_batches", type=int, default=60)
+  p.add_argument("--seconds", type=float, default=8.0, help="per throughput phase")
+  p.add_argument("--train_tokens_per_s", type=float, default=150.0,
+                 help="training-step consumption (padded tokens/s) to compare against")
+  p.add_argument("--tokenizer", default="smollm2")
+  args = p.parse_args(argv)
+
+  from jaxicd.model.tokenizer import load_tokenizer  # pylint: disable=g-import-not-at-top
+  t0 = time.perf_counter()
+  tok = load_tokenizer(args.tokenizer)
+  cfg = _cfg(args)
+  docs = pipeline.load_documents(cfg)
+  spans = pipeline.load_spans(cfg, [d for d in docs if d.split == "train"])
+  load_s = time.perf_counter() - t0
+
+  result = {"config": {k: cfg[k] for k in ("seq_len", "batch_size", "span_weight",
+                                           "doc_weight", "spans_per_code", "num_threads")},
+            "load_seconds": round(load_s, 1)}
+  result["packing"] = {
+      "span_only": packing_efficiency(_cfg(args, span_weight=1.0, doc_weight=0.0), tok, docs,
+                                      spans, args.packing_batches),
+      "mixed": packing_efficiency(cfg, tok, docs, spans, args.packing_batches),
+      "doc_only": packing_efficiency(_cfg(args, span_weight=0.0, doc_weight=1.0), tok, docs,
+                                     spans, max(10, args.packing_batches // 3)),
+  }
+  result["epoch_tokens"] = epoch_tokens(cfg, tok, docs, spans)
+  result["throughput"] = throughput(cfg, tok, docs, spans, args.seconds,
+                                    args.train_tokens_per_s)
+  print(json.dumps(result, indent=1))
+  pk, th, ep = result["packing"], result["throughput"], result["epoch_tokens"]
+  print(f"packing non-pad: spans {pk['span_only']['non_pad_fraction']:.1%} (target 97%), "
+        f"mixed {pk['mixed']['non_pad_fraction']:.1%}, docs {pk['doc_only']['non_pad_fraction']:.1%}"
+        f"\nthroughput: cold {th['cold']['padded_tokens_per_s']:.0f} tok/s "
+        f"({th['cold']['ratio_to_train_step']}x), warm {th['warm']['padded_tokens_per_s']:.0f} "
+        f"tok/s ({th['warm']['ratio_to_train_step']}x) vs {args.train_tokens_per_s} tok/s "
+        f"train step\nepoch tokens: mixed (same examples) / doc-only = "
+        f"{ep['mixed_same_examples_vs_doc_only']:.2f}", file=sys.stderr)
+  return result
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,339 @@
+"""Prompt and target format, loss masks, and the parser that reads model output back.
+
+One instruction serves spans and documents (a span is a tiny document: that is what lets span
+skill transfer to notes). The answer is one line per code, code first:
+
+    I50.23 | acute on chronic systolic heart failure
+    N17.9 | AKI
+    E11.9
+
+or the single line ``NONE``. Each line starts with the code right after a newline (or at the start
+of the answer), and the byte-level pre-tokenizers of our models (SmolLM's, Llama 3's, Qwen2's) all
+cut a piece boundary after ``\\n`` and before `` |``. So the tokens of every code inside an answer
+are exactly ``tokenizer.encode(code)`` (`code_token_ids`): constrained decoding can walk a trie of
+tokenized codes from each line start, then let the model write `` | quote\\n``, ``\\n`` or the
+end-of-turn token. ``tests/test_prompts.py`` checks this property.
+
+Quotes are written on one line: whitespace runs inside evidence (newlines of the note) become one
+space. The parser therefore matches quotes exactly first, then case- and whitespace-insensitively,
+and maps matches back to offsets in the original text.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import re
+from typing import Any, Callable, Collection
+
+import numpy as np
+
+from jaxicd.data.records import Document, Evidence, Span
+
+# Short on purpose: every prompt token is paid for in every training example.
+SYSTEM_PROMPT = "You are a clinical coder."
+INSTRUCTION = "Assign ICD-10-CM codes. One line per code: CODE | evidence quote, or NONE."
+NONE = "NONE"
+SEPARATOR = " | "
+
+
+# ---------------------------------------------------------------------------------------------
+# Targets
+# ---------------------------------------------------------------------------------------------
+
+
+def one_line(text: str) -> str:
+  """Collapses whitespace runs (newlines included) to one space, so a quote fits on one line."""
+  return " ".join(text.split())
+
+
+def _line(code: str, quote: str) -> str:
+  return f"{code}{SEPARATOR}{quote}" if quote else code
+
+
+def _format_lines(lines: list[str]) -> str:
+  return "\n".join(lines) if lines else NONE
+
+
+def document_target(doc: Document, begin: int = 0, end: int | None = None) -> str:
+  """The answer for the window ``doc.text[begin:end]`` of a document.
+
+  Window semantics (half-open character offsets into ``doc.text``):
+    * A code with evidence is listed iff at least one of its evidence spans lies entirely inside
+      the window (``begin <= ev.begin and ev.end <= end``); the quote is the earliest such span.
+      Evidence cut by a window edge is not quoted (a clipped quote would teach clipped answers);
+      overlapping windows give such evidence a whole appearance in the next window.
+    * Codes with evidence are ordered by where that quote begins (reading order; ties by code),
+      which is also the order the parser grounds quotes in.
+    * Codes of the document without any evidence get a bare ``CODE`` line in every window (we
+      cannot tell where they are supported), after the quoted ones, in ``doc.codes`` order.
+    * No line: ``NONE``.
+  Quotes are ``one_line(doc.text[ev.begin:ev.end])``; they are substrings of the window text up to
+  whitespace, so ``parse_output(target, window_text)`` grounds every one of them.
+  """
+  n = len(doc.text)
+  end = n if end is None else end
+  if not 0 <= begin <= end <= n:
+    raise ValueError(f"document {doc.id!r}: window [{begin}, {end}) outside text of length {n}")
+  first: dict[str, Evidence] = {}
+  has_evidence: set[str] = set()
+  for ev in doc.evidence:
+    has_evidence.add(ev.code)
+    if begin <= ev.begin and ev.end <= end and ev.end > ev.begin:
+      best = first.get(ev.code)
+      if best is None or (ev.begin, ev.end) < (best.begin, best.end):
+        first[ev.code] = ev
+  quoted = sorted(first.values(), key=lambda ev: (ev.begin, ev.code))
+  lines = [_line(ev.code, one_line(doc.text[ev.begin:ev.end])) for ev in quoted]
+  seen = set(first)
+  for code in doc.codes:
+    if code not in has_evidence and code not in seen:
+      seen.add(code)
+      lines.append(code)
+  return _format_lines(lines)
+
+
+def span_target(span: Span) -> str:
+  """``CODE | span text`` (text on one line), or ``NONE`` for a negative span."""
+  if span.code is None:
+    return NONE
+  return _line(span.code, one_line(span.text))
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoding
+# ---------------------------------------------------------------------------------------------
+
+
+def chat_messages(text: str) -> list[dict[str, str]]:
+  """System and user messages for `text` (the instruction first, so prompts share a prefix)."""
+  return [{"role": "system", "content": SYSTEM_PROMPT},
+          {"role": "user", "content": f"{INSTRUCTION}\n\n{text}"}]
+
+
+def prompt_text(tokenizer: Any, text: str) -> str:
+  """The chat-formatted prompt, ending with the assistant header (``<|im_start|>assistant\\n``)."""
+  return tokenizer.apply_chat_template(chat_messages(text), add_generation_prompt=True)
+
+
+def encode_prompt(tokenizer: Any, text: str) -> np.ndarray:
+  """Token ids (int32) of the prompt for `text`; generation continues after the last one."""
+  return np.asarray(tokenizer.encode(prompt_text(tokenizer, text)), dtype=np.int32)
+
+
+def encode_example(tokenizer: Any, text: str, target: str) -> dict[str, np.ndarray]:
+  """A training example: the prompt, then the answer `target` and the end-of-turn token.
+
+  Returns dict(tokens=int32[n], loss_mask=int32[n]) with loss_mask 1 exactly on the answer tokens
+  and the end-of-turn token. Prompt and answer are tokenized separately so the mask boundary is
+  exact; this equals tokenizing the whole formatted text because the assistant header ends with a
+  newline, after which every supported pre-tokenizer starts a new piece (answers start with a
+  code letter or ``NONE``), and the end-of-turn token is special (tested).
+  """
+  if not target or target != target.strip():
+    raise ValueError(f"target must be non-empty without surrounding whitespace, got {target!r}")
+  prompt = tokenizer.encode(prompt_text(tokenizer, text))
+  answer = tokenizer.encode(target) + [tokenizer.end_of_turn_id]
+  tokens = np.asarray(prompt + answer, dtype=np.int32)
+  loss_mask = np.zeros(len(tokens), dtype=np.int32)
+  loss_mask[len(prompt):] = 1
+  return {"tokens": tokens, "loss_mask": loss_mask}
+
+
+def code_token_ids(tokenizer: Any, code: str) -> list[int]:
+  """Tokens of `code` as it appears at the start of an answer line (for a constrained-decoding
+  trie over the code space; include ``NONE``)."""
+  return tokenizer.encode(code)
+
+
+# ---------------------------------------------------------------------------------------------
+# Parsing model output
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Prediction:
+  """A code read from model output, with its quote grounded in the document when possible.
+
+  ``begin``/``end`` are half-open character offsets into the document text given to the parser,
+  or -1/-1 when the line had no quote, no document was given, or the quote was not found.
+  """
+
+  code: str
+  quote: str = ""
+  begin: int = -1
+  end: int = -1
+
+  @property
+  def grounded(self) -> bool:
+    return self.begin >= 0
+
+
+@dataclasses.dataclass
+class ParseResult:
+  """Output of `parse_output`.
+
+  Attributes:
+    predictions: one per accepted line, in output order (the same code may appear with several
+      quotes; an exact repeat of a code and quote is rejected as a duplicate).
+    rejected: (line, reason) for every non-empty line that yielded no prediction.
+    none: the output contained an explicit ``NONE`` line.
+    ungrounded: predictions whose non-empty quote was not found in the document (kept, with
+      begin = end = -1). Zero when no document was given.
+  """
+
+  predictions: list[Prediction] = dataclasses.field(default_factory=list)
+  rejected: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+  none: bool = False
+  ungrounded: int = 0
+
+  @property
+  def codes(self) -> list[str]:
+    """Distinct predicted codes in first-seen order."""
+    return list(dict.fromkeys(p.code for p in self.predictions))
+
+
+# A list marker before the code: "-", "*", "•", "1.", "2)".
+_BULLET = re.compile(r"^(?:[-*•·]|\d{1,3}[.)])\s+")
+# A line without "|": a code-shaped first word, then optionally ":" / "-" and a quote.
+_BARE = re.compile(r"^(\S+?)[:,]?(?:\s+(?:[-–:]\s+)?(.*))?$")
+_END_MARKERS = ("<|im_end|>", "<|eot_id|>", "<|endoftext|>", "<end_of_turn>")
+_QUOTES = ("\"\"", "''", "“”", "‘’", "``")
+
+
+def _strip_quote_marks(q: str) -> str:
+  q = q.strip()
+  while len(q) >= 2 and any(q[0] == a and q[-1] == b for a, b in _QUOTES):
+    q = q[1:-1].strip()
+  return q
+
+
+class _Locator:
+  """Finds quotes in a document: exact first, then ignoring case and whitespace differences.
+
+  Rule for repeated phrases: a quote is grounded at its first occurrence at or after the begin of
+  the previous grounded quote (answers list evidence in reading order), else at its first
+  occurrence anywhere.
+  """
+
+  def __init__(self, text: str):
+    self.text = text
+    self.cursor = 0
+    self._folded: tuple[str, list[int]] | None = None
+
+  def _fold(self) -> tuple[str, list[int]]:
+    """Lower-cased text with whitespace runs as one space; index map back to the original."""
+    if self._folded is None:
+      chars: list[str] = []
+      origin: list[int] = []
+      in_space = False
+      for i, c in enumerate(self.text):
+        if c.isspace():
+          if not in_space:
+            chars.append(" ")
+            origin.append(i)
+          in_space = True
+          continue
+        in_space = False
+        for lc in c.lower():  # lower() may expand a character; each piece maps back to it
+          chars.append(lc)
+          origin.append(i)
+      self._folded = ("".join(chars), origin)
+    return self._folded
+
+  @staticmethod
+  def _find(haystack: str, needle: str, start: int) -> int:
+    pos = haystack.find(needle, start)
+    return pos if pos >= 0 else haystack.find(needle)
+
+  def locate(self, quote: str) -> tuple[int, int]:
+    pos = self._find(self.text, quote, self.cursor)
+    if pos >= 0:
+      self.cursor = pos
+      return pos, pos + len(quote)
+    folded, origin = self._fold()
+    needle = " ".join(quote.split()).lower()
+    if not needle:
+      return -1, -1
+    # Cursor in folded coordinates: the first folded index at/after the original cursor.
+    start = bisect.bisect_left(origin, self.cursor)
+    pos = self._find(folded, needle, start)
+    if pos < 0:
+      return -1, -1
+    begin, end = origin[pos], origin[pos + len(needle) - 1] + 1
+    self.cursor = begin
+    return begin, end
+
+
+def parse_output(output: str, document_text: str | None = None,
+                 is_valid_code: Callable[[str], bool] | Collection[str] | None = None
+                 ) -> ParseResult:
+  """Reads `CODE | quote` lines from model output.
+
+  Tolerates surrounding whitespace, list bullets, any letter case and dotted or undotted codes,
+  ``CODE|quote`` without spaces, bare ``CODE`` lines, quote marks around the quote, duplicates and
+  blank lines. Codes are normalized with `jaxicd.ontology.normalize_code`.
+
+  Args:
+    output: decoded model output; anything from an end-of-turn marker on is ignored.
+    document_text: the text the prompt showed; quotes are located in it.
+    is_valid_code: a predicate or a collection (e.g. the code space) of accepted normalized codes;
+      None accepts every well-formed code.
+
+  Returns:
+    ParseResult; every non-empty line is either a prediction, the NONE marker, or rejected with a
+    reason ("malformed code", "invalid code", "duplicate").
+  """
+  from jaxicd.ontology import normalize_code  # pylint: disable=g-import-not-at-top
+
+  if is_valid_code is None:
+    valid = None
+  elif callable(is_valid_code):
+    valid = is_valid_code
+  elif isinstance(is_valid_code, (set, frozenset, dict)):
+    valid = is_valid_code.__contains__
+  else:  # a tuple/list code space: hash it once (pass a set to skip this per call)
+    valid = frozenset(is_valid_code).__contains__
+  result = ParseResult()
+  locator = _Locator(document_text) if document_text is not None else None
+  seen: set[tuple[str, str]] = set()
+  for marker in _END_MARKERS:  # output decoded with special tokens: the answer ends there
+    output = output.split(marker, 1)[0]
+  for raw in output.splitlines():
+    line = _BULLET.sub("", raw.strip()).strip()
+    if not line:
+      continue
+    if line.rstrip(".").upper() == NONE:
+      result.none = True
+      continue
+    if "|" in line:
+      code_part, quote = line.split("|", 1)
+    else:
+      m = _BARE.match(line)
+      code_part, quote = (m.group(1), m.group(2) or "") if m else (line, "")
+    code_part = code_part.strip().rstrip(":,.")  # "E11.9." at the end of a sentence
+    quote = _strip_quote_marks(quote)
+    try:
+      code = normalize_code(code_part)
+      # normalize_code checks shape loosely; every ICD-10-CM code has a digit second, which also
+      # keeps words of a stray prose line ("THE", "PATIENT") from passing as codes.
+      if not code[1].isdigit():
+        raise ValueError(code)
+    except ValueError:
+      result.rejected.append((raw, f"malformed code {code_part!r}"))
+      continue
+    if valid is not None and not valid(code):
+      result.rejected.append((raw, f"invalid code {code}: not in the code space"))
+      continue
+    key = (code, " ".join(quote.split()).lower())
+    if key in seen:
+      result.rejected.append((raw, f"duplicate of an earlier line for {code}"))
+      continue
+    seen.add(key)
+    begin = end = -1
+    if locator is not None and quote:
+      begin, end = locator.locate(quote)
+      if begin < 0:
+        result.ungrounded += 1
+    result.predictions.append(Prediction(code, quote, begin, end))
+  return result

@@ -1,0 +1,366 @@
+"""A Llama-family decoder (Llama 2/3.x, SmolLM2, Qwen2) in Flax NNX.
+
+Layers are stored stacked: every per-layer weight is one array with a leading ``layers`` axis and
+the forward pass runs ``jax.lax.scan`` over it, so a 30-layer model compiles as fast as a 1-layer
+one. Kernels are laid out ``[in, out]`` (``y = x @ kernel``).
+
+Every parameter carries its logical axis names in the variable metadata ``logical_axes`` (names
+from ``jaxicd.train.sharding``; the leading ``layers`` axis has no rule and stays replicated).
+``param_shardings`` turns them into ``NamedSharding``s for a mesh.
+
+Attention masks come from ``segment_ids`` (0 = padding): a token attends to itself and to earlier
+tokens of its own segment, so packed rows work when ``positions`` restart per segment.
+
+Decoding uses a ``KVCache`` with per-row lengths: rows are right-padded, a call with ``cache=``
+writes its tokens at slots ``lengths[b] + t`` of row ``b`` and advances ``lengths[b]`` by the
+number of real tokens (``segment_ids != 0``) in the row, so one jitted prefill over prompts of
+different lengths followed by a ``jax.lax.while_loop`` of one-token steps needs no re-padding.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from jaxicd.model.config import LlamaConfig, LoraConfig, RopeScaling
+from jaxicd.train import sharding as sharding_lib
+
+LOGICAL_AXES = "logical_axes"  # Variable metadata key holding the logical axis names.
+_NEG_INF = -1e30  # Finite, so fully-masked (padding) rows give uniform, not NaN, attention.
+_INIT_STD = 0.02  # transformers' initializer_range for Llama-family models.
+
+
+# --------------------------------------------------------------------------------------------
+# Parameters
+# --------------------------------------------------------------------------------------------
+
+def _param(value: jax.Array, axes: tuple[str | None, ...], cls=nnx.Param) -> nnx.Variable:
+  return cls(value, **{LOGICAL_AXES: axes})
+
+
+def logical_axes(variable: nnx.Variable) -> tuple[str | None, ...] | None:
+  """The logical axis names of a parameter (None for non-parameter state such as RNG counts)."""
+  return variable.get_metadata().get(LOGICAL_AXES)
+
+
+def param_shardings(tree: Any, mesh: Mesh, rules=sharding_lib.DEFAULT_RULES) -> Any:
+  """Maps each Variable of a module or ``nnx.State`` to the ``NamedSharding`` of its value.
+
+  Returns a tree of the same structure as ``nnx.state(tree)`` (for use as jit in/out shardings
+  or Orbax restore targets).
+  """
+  state = tree if isinstance(tree, nnx.State) else nnx.state(tree)
+  return jax.tree.map(
+      lambda v: sharding_lib.logical_sharding(mesh, logical_axes(v), rules),
+      state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+class StackedLinear(nnx.Module):
+  """``num_layers`` linear maps ``[in] -> [out]`` in one ``[L, in, out]`` kernel, with an
+  optional bias and an optional LoRA adapter (``lora_a [L, in, r]``, ``lora_b [L, r, out]``)."""
+
+  def __init__(self, num_layers: int, in_features: int, out_features: int,
+               axes: tuple[str, str], *, bias: bool, lora_rank: int, param_dtype: str,
+               rngs: nnx.Rngs):
+    in_axis, out_axis = axes
+    shape = (num_layers, in_features, out_features)
+    self.kernel = _param(
+        _INIT_STD * jax.random.normal(rngs.params(), shape, jnp.float32).astype(param_dtype),
+        ("layers", in_axis, out_axis))
+    self.bias = (_param(jnp.zeros((num_layers, out_features), param_dtype), ("layers", out_axis))
+                 if bias else None)
+    if lora_rank:
+      # PEFT's default: A ~ kaiming-uniform(a=sqrt(5)) = U(-1/sqrt(in), 1/sqrt(in)); B = 0, so a
+      # fresh adapter changes nothing. Adapters are kept in float32 whatever the base dtype.
+      bound = 1.0 / math.sqrt(in_features)
+      self.lora_a = _param(
+          jax.random.uniform(rngs.params(), (num_layers, in_features, lora_rank), jnp.float32,
+                             -bound, bound),
+          ("layers", in_axis, "lora"), nnx.LoRAParam)
+      self.lora_b = _param(jnp.zeros((num_layers, lora_rank, out_features), jnp.float32),
+                           ("layers", "lora", out_axis), nnx.LoRAParam)
+    else:
+      self.lora_a = self.lora_b = None
+
+  def arrays(self) -> dict[str, jax.Array]:
+    out = {"kernel": self.kernel.get_value()}
+    if self.bias is not None:
+      out["bias"] = self.bias.get_value()
+    if self.lora_a is not None:
+      out["lora_a"] = self.lora_a.get_value()
+      out["lora_b"] = self.lora_b.get_value()
+    return out
+
+
+class DecoderLayers(nnx.Module):
+  """All decoder blocks, stacked on a leading ``layers`` axis."""
+
+  def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+    L, E, F = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size
+    q_dim, kv_dim = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    pd = cfg.param_dtype
+    targets = set(cfg.lora.targets) if cfg.lora.rank else set()
+
+    def linear(name, din, dout, axes, bias=False):
+      return StackedLinear(L, din, dout, axes, bias=bias,
+                           lora_rank=cfg.lora.rank if name in targets else 0,
+                           param_dtype=pd, rngs=rngs)
+
+    self.attn_norm = _param(jnp.ones((L, E), pd), ("layers", "norm"))
+    self.q = linear("q", E, q_dim, ("embed", "heads"), cfg.attention_bias)
+    self.k = linear("k", E, kv_dim, ("embed", "kv_heads"), cfg.attention_bias)
+    self.v = linear("v", E, kv_dim, ("embed", "kv_heads"), cfg.attention_bias)
+    self.o = linear("o", q_dim, E, ("heads", "embed"))
+    self.mlp_norm = _param(jnp.ones((L, E), pd), ("layers", "norm"))
+    self.gate = linear("gate", E, F, ("embed", "mlp"))
+    self.up = linear("up", E, F, ("embed", "mlp"))
+    self.down = linear("down", F, E, ("mlp", "embed"))
+
+  def arrays(self) -> dict[str, Any]:
+    out: dict[str, Any] = {"attn_norm": self.attn_norm.get_value(),
+                           "mlp_norm": self.mlp_norm.get_value()}
+    for name in ("q", "k", "v", "o", "gate", "up", "down"):
+      out[name] = getattr(self, name).arrays()
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# KV cache
+# --------------------------------------------------------------------------------------------
+
+class KVCache(NamedTuple):
+  """Keys/values ``[layers, batch, max_len, kv_heads, head_dim]`` and filled slots per row.
+
+  A pytree, so it can be a ``jax.lax.while_loop`` carry and a jit argument/result.
+  """
+
+  k: jax.Array
+  v: jax.Array
+  lengths: jax.Array  # int32 [batch]: slots [0, lengths[b]) of row b hold real tokens.
+
+  @property
+  def max_len(self) -> int:
+    return self.k.shape[2]
+
+  # Logical axes of k and v, for sharding the cache like the activations.
+  LOGICAL_AXES = ("layers", "batch", "length", "kv_heads", None)
+
+
+def init_cache(cfg: LlamaConfig, batch: int, max_len: int, dtype=None) -> KVCache:
+  """An empty cache for ``batch`` rows of at most ``max_len`` tokens (prompt + generated)."""
+  dtype = jnp.dtype(dtype or cfg.dtype)
+  shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+  return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch,), jnp.int32))
+
+
+# --------------------------------------------------------------------------------------------
+# Building blocks (pure functions of arrays; the scan body uses them)
+# --------------------------------------------------------------------------------------------
+
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+  """RMSNorm computed in float32 (like transformers), returned in x's dtype."""
+  xf = x.astype(jnp.float32)
+  xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+  return (scale.astype(x.dtype) * xf.astype(x.dtype))
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> np.ndarray:
+  """Inverse RoPE frequencies ``[head_dim // 2]`` (float32), with optional llama3 scaling."""
+  inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
+  inv_freq = inv_freq.astype(np.float32)
+  if scaling is None:
+    return inv_freq
+  # Llama 3: long wavelengths are slowed down by `factor`, short ones kept, and the band in
+  # between interpolated smoothly.
+  old_len = scaling.original_max_position_embeddings
+  low_wavelen = old_len / scaling.low_freq_factor
+  high_wavelen = old_len / scaling.high_freq_factor
+  wavelen = 2 * math.pi / inv_freq
+  scaled = np.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
+  smooth = (old_len / wavelen - scaling.low_freq_factor) / (
+      scaling.high_freq_factor - scaling.low_freq_factor)
+  smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+  medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+  return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def rope_tables(positions: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Array, jax.Array]:
+  """cos/sin ``[B, T, head_dim]`` in the rotate-half layout of transformers."""
+  freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
+  emb = jnp.concatenate([freqs, freqs], axis=-1)
+  return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+  """x: ``[B, T, heads, head_dim]``; rotate-half RoPE (computed in float32)."""
+  xf = x.astype(jnp.float32)
+  half = x.shape[-1] // 2
+  rotated = jnp.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)
+  out = xf * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+  return out.astype(x.dtype)
+
+
+def _linear(p: dict[str, jax.Array], x: jax.Array, lora_scale: float,
+            dropout: tuple[float, jax.Array] | None) -> jax.Array:
+  dtype = x.dtype
+  y = jnp.einsum("btd,df->btf", x, p["kernel"].astype(dtype))
+  if "bias" in p:
+    y = y + p["bias"].astype(dtype)
+  if "lora_a" in p:
+    xa = x
+    if dropout is not None:
+      rate, key = dropout
+      keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+      xa = jnp.where(keep, x / (1.0 - rate), 0).astype(dtype)
+    a = jnp.einsum("btd,dr->btr", xa, p["lora_a"].astype(dtype))
+    y = y + lora_scale * jnp.einsum("btr,rf->btf", a, p["lora_b"].astype(dtype))
+  return y
+
+
+def _attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+  """Grouped-query attention. q ``[B,T,H,D]``, k/v ``[B,S,Hkv,D]``, mask bool ``[B,T,S]``.
+
+  Query head h reads kv head ``h // (H // Hkv)`` (transformers' ``repeat_kv`` order).
+  """
+  B, T, H, D = q.shape
+  kv_heads = k.shape[2]
+  q = q.reshape(B, T, kv_heads, H // kv_heads, D)
+  scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+  scores = scores * (D ** -0.5)
+  scores = jnp.where(mask[:, None, None, :, :], scores, _NEG_INF)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+  return out.reshape(B, T, H * D)
+
+
+_REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+# --------------------------------------------------------------------------------------------
+# The model
+# --------------------------------------------------------------------------------------------
+
+class Llama(nnx.Module):
+  """Llama-family causal LM. ``model(tokens) -> logits [B, T, vocab]`` (float32)."""
+
+  def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    pd = cfg.param_dtype
+    self.embed = _param(
+        _INIT_STD * jax.random.normal(rngs.params(), (cfg.vocab_size, cfg.hidden_size),
+                                      jnp.float32).astype(pd), ("vocab", "embed"))
+    self.layers = DecoderLayers(cfg, rngs=rngs)
+    self.final_norm = _param(jnp.ones((cfg.hidden_size,), pd), ("norm",))
+    self.lm_head = None if cfg.tie_word_embeddings else _param(
+        _INIT_STD * jax.random.normal(rngs.params(), (cfg.hidden_size, cfg.vocab_size),
+                                      jnp.float32).astype(pd), ("embed", "vocab"))
+    # LoRA dropout is active unless `model.eval()` was called (NNX's train/eval convention).
+    self.deterministic = False
+    self.dropout_rngs = (nnx.Rngs(dropout=rngs.dropout())
+                         if cfg.lora.rank and cfg.lora.dropout > 0 else None)
+
+  def __call__(self, tokens: jax.Array, *, positions: jax.Array | None = None,
+               segment_ids: jax.Array | None = None, cache: KVCache | None = None):
+    """Logits float32 ``[B, T, vocab]``; with ``cache=``, returns ``(logits, new_cache)``.
+
+    Args:
+      tokens: int32 ``[B, T]``.
+      positions: int32 ``[B, T]`` RoPE positions. Default: ``arange(T)`` without a cache,
+        ``cache.lengths[:, None] + arange(T)`` with one.
+      segment_ids: int32 ``[B, T]``; 0 marks padding. Without a cache, a token attends to
+        earlier tokens of its own segment. With a cache, nonzero marks the real tokens, which
+        must come first in each row (right padding); only they advance ``cache.lengths``.
+      cache: a ``KVCache`` from ``init_cache``.
+    """
+    cfg = self.cfg
+    dtype = jnp.dtype(cfg.dtype)
+    B, T = tokens.shape
+    steps = jnp.arange(T, dtype=jnp.int32)[None, :]
+    if cache is None:
+      if positions is None:
+        positions = jnp.broadcast_to(steps, (B, T))
+      seg = jnp.ones((B, T), jnp.int32) if segment_ids is None else segment_ids
+      causal = steps[:, :, None] >= steps[:, None, :]  # [1, T(query), T(key)]
+      mask = causal & (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] != 0)
+      slots = None
+    else:
+      slots = cache.lengths[:, None] + steps  # [B, T]: where this call's tokens are written.
+      if positions is None:
+        positions = slots
+      # Slots are filled contiguously from 0, so "earlier or same slot" is the whole mask.
+      key_slots = jnp.arange(cache.max_len, dtype=jnp.int32)
+      mask = key_slots[None, None, :] <= slots[:, :, None]  # [B, T, S]
+    cos, sin = rope_tables(positions,
+                           rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling))
+
+    x = jnp.take(self.embed.get_value(), tokens, axis=0).astype(dtype)
+    layer_params = self.layers.arrays()
+    dropout_keys = None
+    if self.dropout_rngs is not None and not self.deterministic:
+      dropout_keys = jax.random.split(self.dropout_rngs.dropout(), (cfg.num_layers, 7))
+    lora_scale = cfg.lora.scale
+
+    def block(x, layer):
+      p, cache_k, cache_v, keys = layer
+      drop = {}
+      if keys is not None:
+        drop = {name: (cfg.lora.dropout, keys[i])
+                for i, name in enumerate(("q", "k", "v", "o", "gate", "up", "down"))}
+      h = rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
+      q = _linear(p["q"], h, lora_scale, drop.get("q")).reshape(B, T, cfg.num_heads, cfg.head_dim)
+      k = _linear(p["k"], h, lora_scale, drop.get("k")).reshape(
+          B, T, cfg.num_kv_heads, cfg.head_dim)
+      v = _linear(p["v"], h, lora_scale, drop.get("v")).reshape(
+          B, T, cfg.num_kv_heads, cfg.head_dim)
+      q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+      if cache_k is not None:
+        rows = jnp.arange(B)[:, None]
+        # mode="drop": writes past max_len are discarded instead of clobbering the last slot.
+        cache_k = cache_k.at[rows, slots].set(k.astype(cache_k.dtype), mode="drop")
+        cache_v = cache_v.at[rows, slots].set(v.astype(cache_v.dtype), mode="drop")
+        k, v = cache_k.astype(dtype), cache_v.astype(dtype)
+      attn = _attention(q, k, v, mask)
+      x = x + _linear(p["o"], attn, lora_scale, drop.get("o"))
+      h = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
+      gate = _linear(p["gate"], h, lora_scale, drop.get("gate"))
+      up = _linear(p["up"], h, lora_scale, drop.get("up"))
+      x = x + _linear(p["down"], jax.nn.silu(gate) * up, lora_scale, drop.get("down"))
+      return x, (cache_k, cache_v)
+
+    if cfg.remat != "none":
+      block = jax.checkpoint(block, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
+    xs = (layer_params,
+          None if cache is None else cache.k,
+          None if cache is None else cache.v,
+          dropout_keys)
+    x, (new_k, new_v) = jax.lax.scan(block, x, xs)
+
+    x = rms_norm(x, self.final_norm.get_value(), cfg.rms_norm_eps)
+    if self.lm_head is None:
+      logits = jnp.einsum("btd,vd->btv", x, self.embed.get_value().astype(dtype),
+                          preferred_element_type=jnp.float32)
+    else:
+      logits = jnp.einsum("btd,dv->btv", x, self.lm_head.get_value().astype(dtype),
+                          preferred_element_type=jnp.float32)
+    logits = logits.astype(jnp.float32)
+    if cache is None:
+      return logits
+    real = (jnp.ones((B, T), jnp.int32) if segment_ids is None
+            else (segment_ids != 0).astype(jnp.int32))
+    return logits, KVCache(new_k, new_v, cache.lengths + real.sum(axis=1))
+
+
+def create(cfg: LlamaConfig, *, seed: int = 0, lora: LoraConfig | None = None) -> Llama:
+  """A randomly initialised model (``lora`` overrides ``cfg.lora``)."""
+  if lora is not None:
+    cfg = cfg.replace(lora=lora)
+  return Llama(cfg, rngs=nnx.Rngs(seed))

@@ -1,0 +1,50 @@
+"""The run configuration schema (ml_collections) shared by every file in ``configs/``.
+
+``configs/*.py`` start from ``base_config()`` and change what their recipe needs; any key can be
+overridden on the command line (``--config.train.steps=100``).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from jaxicd.model.config import LORA_TARGETS
+
+
+def base_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.mode = "train"              # train | eval | predict | export
+  config.seed = 0
+
+  # Base model: "smollm2" (embedded), a preset name (random init), a .gguf file or an HF dir.
+  config.model = ml_collections.ConfigDict(dict(
+      source="smollm2",
+      tokenizer="",                  # "" = the source's own tokenizer
+      dtype="float32",               # compute dtype: float32 | bfloat16
+      param_dtype="float32",         # storage dtype of the frozen base weights
+      remat="none",                  # none | full | dots
+  ))
+  config.lora = ml_collections.ConfigDict(dict(
+      rank=16, alpha=32.0, dropout=0.0, targets=LORA_TARGETS))
+
+  # Field names follow jaxicd.data.pipeline (make_train_iterator / make_eval_iterator).
+  config.data = ml_collections.ConfigDict(dict(
+      source="demo", manual_dir="", demo_seed=0, code_space="demo",
+      spans_per_code=8, negatives=True, annotated_spans=True,
+      span_weight=0.8, doc_weight=0.2, mixture_unit="examples",
+      seq_len=1024, window_overlap=128,
+      batch_size=8,                  # global batch (rows); each process reads its share
+      shuffle_seed=0, on_error="raise", data_dir="", num_threads=2))
+
+  config.train = ml_collections.ConfigDict(dict(
+      steps=100, lr=2e-4, warmup_steps=10, final_lr_fraction=0.1, weight_decay=0.0,
+      b1=0.9, b2=0.999, eps=1e-8, clip_norm=1.0,
+      grad_accum=1,                  # microbatches per optimizer step (same global batch each)
+      log_every=10, eval_every=0, eval_batches=4))
+
+  config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  # Multi-host: jax.distributed.initialize() (TPU pods discover the rest themselves).
+  config.distributed = ml_collections.ConfigDict(dict(
+      enabled=False, coordinator_address="", num_processes=-1, process_id=-1))
+  config.checkpoint = ml_collections.ConfigDict(dict(every=100, keep=3, async_save=True))
+  return config

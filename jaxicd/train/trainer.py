@@ -1,0 +1,620 @@
+"""Sharded LoRA fine-tuning: state, jitted train/eval steps, the training loop.
+
+The model is split once with ``nnx.split`` into a graph definition, the LoRA adapters (trained),
+the base weights (frozen, never donated, never checkpointed) and any other state (e.g. RNG
+counters). Steps are pure functions of (params, opt_state, base, rest, batch) compiled with
+``jax.jit`` under explicit in/out shardings, with params and optimizer state donated.
+
+LoRA params travel as a flat ``{"layers.0.attn.q.lora_a": array}`` dict: it has string keys
+only, so Orbax, optax and sharding trees handle it without special cases.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import math
+import os
+import pathlib
+import signal
+import threading
+import time
+from typing import Any, Callable, Iterator, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxicd.train import sharding as shd
+from jaxicd.train.checkpoint import Checkpointer, abstract_like, check_compatible
+from jaxicd.train.metrics_writer import MetricsWriter
+
+BATCH_FIELDS = ("inputs", "targets", "loss_weights", "segment_ids", "positions")
+
+
+class TrainingDivergedError(RuntimeError):
+  """The loss or the gradient norm became NaN/Inf."""
+
+
+# --- Model parts --------------------------------------------------------------------------------
+
+
+def _key_name(key) -> str:
+  for attr in ("key", "name", "idx"):
+    if hasattr(key, attr):
+      return str(getattr(key, attr))
+  return str(key)
+
+
+def _path_name(path) -> str:
+  names = [_key_name(k) for k in path]
+  if names and names[-1] == "value":  # nnx.Variable's pytree leaf
+    names = names[:-1]
+  return ".".join(names)
+
+
+@dataclasses.dataclass
+class ModelParts:
+  """A model split for functional training."""
+
+  graphdef: Any
+  lora_treedef: Any
+  lora_keys: tuple[str, ...]
+  lora_specs: dict[str, PartitionSpec]   # flat, from the adapters' logical axes
+  params: dict[str, jax.Array]           # flat LoRA params
+  base: Any                              # nnx.State of frozen weights
+  base_specs: Any
+  rest: Any                              # nnx.State of everything else (RNG counters, ...)
+
+  def lora_state(self, params: Mapping[str, jax.Array]):
+    return jax.tree.unflatten(self.lora_treedef, [params[k] for k in self.lora_keys])
+
+  def merge(self, params: Mapping[str, jax.Array], base=None, rest=None):
+    """A live model with ``params`` as adapters (e.g. for inference or export)."""
+    return nnx.merge(self.graphdef, self.lora_state(params),
+                     self.base if base is None else base, self.rest if rest is None else rest)
+
+  def lora_shapes(self) -> dict[str, list[int]]:
+    return {k: list(v.shape) for k, v in self.params.items()}
+
+
+def split_model(model: nnx.Module, rules=shd.DEFAULT_RULES) -> ModelParts:
+  """Splits ``model`` into LoRA adapters (trained) and the rest (frozen)."""
+  graphdef, lora, base, rest = nnx.split(model, nnx.LoRAParam, nnx.Param, ...)
+  leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(lora)
+  keys = tuple(_path_name(p) for p, _ in leaves_with_path)
+  if not keys:
+    raise ValueError("the model has no nnx.LoRAParam: set config.lora.rank > 0 to train adapters")
+  if len(set(keys)) != len(keys):
+    raise ValueError(f"LoRA param paths are not unique: {keys}")
+  spec_tree = shd.state_specs(lora, rules)
+  spec_leaves = jax.tree.leaves(spec_tree, is_leaf=lambda x: isinstance(x, PartitionSpec))
+  params = {k: leaf for k, (_, leaf) in zip(keys, leaves_with_path)}
+  return ModelParts(graphdef=graphdef, lora_treedef=treedef, lora_keys=keys,
+                    lora_specs=dict(zip(keys, spec_leaves)), params=params, base=base,
+                    base_specs=shd.state_specs(base, rules), rest=rest)
+
+
+# --- Optimizer ----------------------------------------------------------------------------------
+
+
+def learning_rate_schedule(train_cfg) -> optax.Schedule:
+  """Linear warmup to ``lr``, then cosine decay to ``lr * final_lr_fraction`` at ``steps``."""
+  steps = int(train_cfg.steps)
+  warmup = min(int(train_cfg.get("warmup_steps", 0)), max(steps - 1, 0))
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=float(train_cfg.lr), warmup_steps=warmup,
+      decay_steps=max(steps, warmup + 1),
+      end_value=float(train_cfg.lr) * float(train_cfg.get("final_lr_fraction", 0.1)))
+
+
+def build_optimizer(train_cfg) -> optax.GradientTransformation:
+  """AdamW on the adapters with global-norm clipping (grads arrive already accumulated)."""
+  parts = []
+  if train_cfg.get("clip_norm", 0.0):
+    parts.append(optax.clip_by_global_norm(float(train_cfg.clip_norm)))
+  parts.append(optax.adamw(learning_rate_schedule(train_cfg),
+                           b1=float(train_cfg.get("b1", 0.9)), b2=float(train_cfg.get("b2", 0.999)),
+                           eps=float(train_cfg.get("eps", 1e-8)),
+                           weight_decay=float(train_cfg.get("weight_decay", 0.0))))
+  return optax.chain(*parts)
+
+
+# --- Loss ---------------------------------------------------------------------------------------
+
+
+def loss_sums(model, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+  """(sum of token cross-entropy x loss weight, sum of weight x correct) over a [B, T] batch."""
+  logits = model(batch["inputs"], positions=batch["positions"], segment_ids=batch["segment_ids"])
+  logits = logits.astype(jnp.float32)
+  weights = batch["loss_weights"].astype(jnp.float32)
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+  correct = (jnp.argmax(logits, axis=-1) == batch["targets"]).astype(jnp.float32)
+  return jnp.sum(ce * weights), jnp.sum(correct * weights)
+
+
+# --- Steps --------------------------------------------------------------------------------------
+
+
+def _tree_where(ok, new, old):
+  return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+
+
+class StepFunctions:
+  """Jitted train / grad / eval steps for one model split on one mesh."""
+
+  def __init__(self, parts: ModelParts, tx: optax.GradientTransformation, mesh: Mesh, *,
+               grad_accum: int = 1):
+    self.parts, self.tx, self.mesh = parts, tx, mesh
+    self.grad_accum = int(grad_accum)
+    if self.grad_accum < 1:
+      raise ValueError(f"config.train.grad_accum must be >= 1, got {grad_accum}")
+    self.param_shardings = {k: NamedSharding(mesh, shd.fit_spec(parts.lora_specs[k], v.shape, mesh))
+                            for k, v in parts.params.items()}
+    self.base_shardings = shd.named_shardings(mesh, parts.base_specs, parts.base)
+    self.rest_shardings = jax.tree.map(lambda _: shd.replicated(mesh), parts.rest)
+    abstract_opt = jax.eval_shape(tx.init, parts.params)
+    self.opt_shardings = optax.tree_map_params(
+        tx, lambda _, s: s, abstract_opt, self.param_shardings,
+        transform_non_params=lambda _: shd.replicated(mesh))
+    self.abstract_opt_state = abstract_opt
+    rep = shd.replicated(mesh)
+    lead = 1 if self.grad_accum > 1 else 0
+    self.batch_shardings = {k: shd.batch_sharding(mesh, lead) for k in BATCH_FIELDS}
+    self.eval_batch_shardings = {k: shd.batch_sharding(mesh, 0) for k in BATCH_FIELDS}
+
+    self.train_step = jax.jit(
+        self._train_step,
+        in_shardings=(self.param_shardings, self.opt_shardings, self.base_shardings,
+                      self.rest_shardings, self.batch_shardings),
+        out_shardings=(self.param_shardings, self.opt_shardings, self.rest_shardings, rep),
+        donate_argnums=(0, 1))
+    self.grads = jax.jit(
+        self._grads,
+        in_shardings=(self.param_shardings, self.base_shardings, self.rest_shardings,
+                      self.batch_shardings),
+        out_shardings=(rep, self.param_shardings))
+    self.eval_step = jax.jit(
+        self._eval_step,
+        in_shardings=(self.param_shardings, self.base_shardings, self.rest_shardings,
+                      self.eval_batch_shardings),
+        out_shardings=rep)
+    self.init_opt_state = jax.jit(tx.init, in_shardings=(self.param_shardings,),
+                                  out_shardings=self.opt_shardings)
+
+  # The functions below run under jit.
+
+  def _micro_grads(self, params, base, rest, batch, total_weight):
+    def loss_fn(p):
+      model = nnx.merge(self.parts.graphdef, self.parts.lora_state(p), base, rest)
+      ce_sum, correct = loss_sums(model, batch)
+      new_rest = nnx.split(model, nnx.LoRAParam, nnx.Param, ...)[3]
+      return ce_sum / total_weight, (correct, new_rest)
+    (loss, (correct, rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    return loss, correct, rest, grads
+
+  def _accumulated_grads(self, params, base, rest, batch):
+    """Loss and grads normalised by the target tokens of the whole (accumulated) global batch."""
+    total_weight = jnp.maximum(jnp.sum(batch["loss_weights"].astype(jnp.float32)), 1.0)
+    if self.grad_accum == 1:
+      loss, correct, rest, grads = self._micro_grads(params, base, rest, batch, total_weight)
+      return loss, correct, total_weight, rest, grads
+
+    def body(carry, micro):
+      loss_acc, correct_acc, grads_acc, rest_c = carry
+      loss, correct, rest_c, grads = self._micro_grads(params, base, rest_c, micro, total_weight)
+      grads_acc = jax.tree.map(jnp.add, grads_acc, grads)
+      return (loss_acc + loss, correct_acc + correct, grads_acc, rest_c), None
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    (loss, correct, grads, rest), _ = jax.lax.scan(
+        body, (jnp.float32(0), jnp.float32(0), zeros, rest), batch)
+    return loss, correct, total_weight, rest, grads
+
+  def _grads(self, params, base, rest, batch):
+    loss, _, _, _, grads = self._accumulated_grads(params, base, rest, batch)
+    return loss, grads
+
+  def _train_step(self, params, opt_state, base, rest, batch):
+    loss, correct, total_weight, new_rest, grads = self._accumulated_grads(params, base, rest, batch)
+    grad_norm = optax.global_norm(grads)
+    updates, new_opt_state = self.tx.update(grads, opt_state, params)
+    new_params = optax.apply_updates(params, updates)
+    # NaN/Inf guard: a bad step leaves the state untouched; the host then stops the run.
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    params = _tree_where(ok, new_params, params)
+    opt_state = _tree_where(ok, new_opt_state, opt_state)
+    rest = _tree_where(ok, new_rest, rest)
+    tokens = jnp.sum((batch["segment_ids"] > 0).astype(jnp.float32))
+    metrics = dict(loss=loss, grad_norm=grad_norm, accuracy=correct / total_weight,
+                   target_tokens=total_weight, tokens=tokens, finite=ok.astype(jnp.float32))
+    return params, opt_state, rest, metrics
+
+  def _eval_step(self, params, base, rest, batch):
+    model = nnx.merge(self.parts.graphdef, self.parts.lora_state(params), base, rest)
+    model.eval()  # no LoRA dropout
+    ce_sum, correct = loss_sums(model, batch)
+    return dict(ce_sum=ce_sum, correct=correct,
+                weight=jnp.sum(batch["loss_weights"].astype(jnp.float32)))
+
+  # Placement helpers (host side).
+
+  def place_params(self, params):
+    # A copy: params are donated to the train step and must not alias the caller's arrays.
+    return jax.device_put(params, self.param_shardings, may_alias=False)
+
+  def place_base(self, base):
+    return jax.device_put(base, self.base_shardings)
+
+  def place_rest(self, rest):
+    return jax.device_put(rest, self.rest_shardings)
+
+  def place_batch(self, local_batch: Mapping[str, np.ndarray], *, accumulated: bool | None = None):
+    accumulated = self.grad_accum > 1 if accumulated is None else accumulated
+    fields = {k: local_batch[k] for k in BATCH_FIELDS}
+    return shd.global_batch(fields, self.mesh, batch_axis=1 if accumulated else 0)
+
+  def abstract_train_state(self) -> dict:
+    """Restore targets (shapes, dtypes and this mesh's shardings) for a checkpoint."""
+    return dict(
+        params=abstract_like(self.parts.params, self.param_shardings),
+        opt_state=abstract_like(self.abstract_opt_state, self.opt_shardings),
+        step=jax.ShapeDtypeStruct((), jnp.int32, sharding=shd.replicated(self.mesh)))
+
+
+# --- Building a run from a config ----------------------------------------------------------------
+
+
+def lora_config(cfg):
+  from jaxicd.model.config import LoraConfig  # pylint: disable=g-import-not-at-top
+  return LoraConfig(rank=int(cfg.lora.rank), alpha=float(cfg.lora.alpha),
+                    dropout=float(cfg.lora.get("dropout", 0.0)),
+                    targets=tuple(cfg.lora.targets))
+
+
+def load_model_and_tokenizer(cfg, mesh: Mesh | None = None, rules=shd.DEFAULT_RULES):
+  """The base model with fresh adapters, and its tokenizer (``config.model.tokenizer`` if set)."""
+  from jaxicd.model import weights  # pylint: disable=g-import-not-at-top
+  mcfg = cfg.model
+  kwargs = dict(dtype=mcfg.get("dtype") or None, param_dtype=mcfg.get("param_dtype") or None,
+                remat=mcfg.get("remat") or None, lora=lora_config(cfg), mesh=mesh, rules=rules,
+                seed=int(cfg.seed))
+  overrides = dict(mcfg.get("overrides", None) or {})
+  if overrides:
+    kwargs["overrides"] = overrides
+  model, tokenizer = weights.load_model(mcfg.source, **kwargs)
+  if mcfg.get("tokenizer"):
+    from jaxicd.model.tokenizer import load_tokenizer  # pylint: disable=g-import-not-at-top
+    tokenizer = load_tokenizer(mcfg.tokenizer)
+  if tokenizer is None:
+    raise ValueError(f"config.model.source={mcfg.source!r} has no tokenizer: set "
+                     "config.model.tokenizer (e.g. 'smollm2')")
+  return model, tokenizer
+
+
+def base_fingerprint(source: str) -> dict:
+  from jaxicd.model import weights  # pylint: disable=g-import-not-at-top
+  return weights.source_fingerprint(source)
+
+
+def _format_eta(seconds: float) -> str:
+  if not math.isfinite(seconds) or seconds < 0:
+    return "?"
+  seconds = int(seconds)
+  return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+class _StopSignal:
+  """Turns SIGTERM (preemption) into a flag checked between steps (single-process runs).
+
+  Multi-host runs use Orbax's preemption sync point instead, so all hosts stop at one step.
+  """
+
+  def __init__(self):
+    self.received = False
+    self._previous = None
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread() and jax.process_count() == 1:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def _handle(self, signum, frame):  # pylint: disable=unused-argument
+    logging.warning("SIGTERM received: saving a checkpoint after the current step, then exiting")
+    self.received = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+    return False
+
+
+class Trainer:
+  """One training run in ``workdir``: resumes from the latest checkpoint there."""
+
+  def __init__(self, cfg, workdir: str | os.PathLike, *, mesh: Mesh | None = None,
+               model=None, tokenizer=None, print_fn: Callable[[str], None] | None = None):
+    self.cfg = cfg
+    self.workdir = pathlib.Path(workdir)
+    self.workdir.mkdir(parents=True, exist_ok=True)
+    self.print = print_fn or (lambda s: print(s, flush=True))
+    shd.maybe_initialize_distributed(cfg.get("distributed", None))
+    self.mesh = mesh or shd.make_mesh(dict(cfg.mesh))
+    self.rules = tuple(tuple(r) for r in cfg.get("rules", None) or shd.DEFAULT_RULES)
+    t0 = time.time()
+    if model is None:
+      with jax.set_mesh(self.mesh):
+        model, tokenizer = load_model_and_tokenizer(cfg, self.mesh, self.rules)
+    self.tokenizer = tokenizer
+    self.parts = split_model(model, self.rules)
+    del model
+    self.tx = build_optimizer(cfg.train)
+    self.schedule = learning_rate_schedule(cfg.train)
+    self.fns = StepFunctions(self.parts, self.tx, self.mesh,
+                             grad_accum=int(cfg.train.get("grad_accum", 1)))
+    self.base = self.fns.place_base(self.parts.base)
+    self.rest = self.fns.place_rest(self.parts.rest)
+    self.params = self.fns.place_params(self.parts.params)
+    self.opt_state = self.fns.init_opt_state(self.params)
+    self.step = 0
+    self.load_seconds = time.time() - t0
+    self.checkpointer = Checkpointer(self.workdir / "checkpoints",
+                                     keep=int(cfg.checkpoint.get("keep", 3)),
+                                     every=int(cfg.checkpoint.get("every", 0)),
+                                     async_save=bool(cfg.checkpoint.get("async_save", True)))
+    self.is_chief = jax.process_index() == 0
+    self._data_iter = None
+    self.eval_hooks: list[Callable[["Trainer", int], Mapping[str, float]]] = []
+
+  # --- state --------------------------------------------------------------------------------
+
+  def meta(self) -> dict:
+    return dict(config=self.cfg.to_dict() if hasattr(self.cfg, "to_dict") else dict(self.cfg),
+                base_source=str(self.cfg.model.source),
+                base_fingerprint=base_fingerprint(self.cfg.model.source),
+                lora_shapes=self.parts.lora_shapes(),
+                mesh={k: int(v) for k, v in self.mesh.shape.items()})
+
+  def state_tree(self) -> dict:
+    return dict(params=self.params, opt_state=self.opt_state,
+                step=jnp.asarray(self.step, jnp.int32))
+
+  def lora_params_host(self) -> dict[str, np.ndarray]:
+    return {k: np.asarray(jax.device_get(v)) for k, v in self.params.items()}
+
+  def data_iterator(self):
+    if self._data_iter is None:
+      from jaxicd.data import pipeline  # pylint: disable=g-import-not-at-top
+      self._data_iter = pipeline.make_train_iterator(
+          self.cfg.data, self.tokenizer, process_index=jax.process_index(),
+          process_count=jax.process_count(), with_sources=True)
+    return self._data_iter
+
+  def restore_latest(self, *, with_data: bool = True) -> int | None:
+    """Restores the newest checkpoint in the workdir (if any); returns its step."""
+    step = self.checkpointer.latest_step()
+    if step is None:
+      return None
+    saved_meta = self.checkpointer.read_meta(step)
+    check_compatible(saved_meta, self.meta(), self.checkpointer.directory / str(step))
+    restored = self.checkpointer.restore(
+        step, self.fns.abstract_train_state(),
+        data_iter=self.data_iterator() if with_data else None)
+    self.params, self.opt_state = restored["params"], restored["opt_state"]
+    self.step = int(restored["step"])
+    self.print(f"resumed from {self.checkpointer.directory / str(step)} at step {self.step}")
+    return self.step
+
+  def save(self, *, force: bool = True) -> None:
+    self.checkpointer.save(self.step, self.state_tree(), data_iter=self.data_iterator(),
+                           meta=self.meta(), force=force)
+
+  # --- batches ------------------------------------------------------------------------------
+
+  def _next_batch(self, it: Iterator) -> tuple[dict, dict]:
+    """The next (accumulated) global batch, and host-side counts for logging."""
+    micro = [next(it) for _ in range(self.fns.grad_accum)]
+    for name in BATCH_FIELDS:
+      if name not in micro[0]:
+        raise KeyError(f"the training pipeline's batch lacks field {name!r} "
+                       f"(has {sorted(micro[0])})")
+    if self.fns.grad_accum > 1:
+      local = {k: np.stack([m[k] for m in micro]) for k in BATCH_FIELDS}
+    else:
+      local = micro[0]
+    counts = _token_kind_counts(micro)
+    return self.fns.place_batch(local), counts
+
+  # --- evaluation ---------------------------------------------------------------------------
+
+  def evaluate(self, max_batches: int | None = None, split: str = "val") -> dict[str, float]:
+    """Mean token cross-entropy over the validation split (target tokens only)."""
+    from jaxicd.data import pipeline  # pylint: disable=g-import-not-at-top
+    max_batches = max_batches if max_batches is not None else int(
+        self.cfg.train.get("eval_batches", 0) or 0)
+    it = pipeline.make_eval_iterator(self.cfg.data, self.tokenizer, split=split,
+                                     process_index=jax.process_index(),
+                                     process_count=jax.process_count())
+    ce_sum = correct = weight = 0.0
+    n = 0
+    rows = int(self.cfg.data.batch_size) // jax.process_count()
+    # Every process must run the same number of steps: stop at max_batches (eval_batches).
+    for batch in it:
+      if max_batches and n >= max_batches:
+        break
+      batch = _pad_rows({k: np.asarray(batch[k]) for k in BATCH_FIELDS}, rows)
+      out = jax.device_get(self.fns.eval_step(
+          self.params, self.base, self.rest, self.fns.place_batch(batch, accumulated=False)))
+      ce_sum += float(out["ce_sum"])
+      correct += float(out["correct"])
+      weight += float(out["weight"])
+      n += 1
+    if weight == 0:
+      return dict(loss=float("nan"), accuracy=float("nan"), batches=n, target_tokens=0.0)
+    return dict(loss=ce_sum / weight, accuracy=correct / weight, batches=n, target_tokens=weight)
+
+  # --- the loop -----------------------------------------------------------------------------
+
+  def train(self) -> dict[str, Any]:
+    cfg = self.cfg
+    total_steps = int(cfg.train.steps)
+    log_every = max(int(cfg.train.get("log_every", 10)), 1)
+    eval_every = int(cfg.train.get("eval_every", 0) or 0)
+    writer = MetricsWriter(self.workdir, enabled=self.is_chief)
+    it = self.data_iterator()
+    self.restore_latest()
+    start_step = self.step
+    if start_step >= total_steps:
+      self.print(f"nothing to do: checkpoint step {start_step} >= config.train.steps {total_steps}")
+      writer.close()
+      return dict(step=self.step, status="done")
+    self.print(f"training steps {start_step + 1}..{total_steps} on mesh "
+               f"{dict(self.mesh.shape)} ({jax.device_count()} {jax.devices()[0].platform} "
+               f"devices, {jax.process_count()} processes); "
+               f"{sum(v.size for v in self.parts.params.values()):,} LoRA params; "
+               f"model+tokenizer loaded in {self.load_seconds:.1f}s")
+    status = "done"
+    history: list[dict] = []
+    window = dict(tokens=0.0, steps=0, span=0.0, doc=0.0, t=time.time())
+    totals = dict(span=0.0, doc=0.0)
+    first_step_time = None
+    t_start = time.time()
+    with _StopSignal() as stop:
+      while self.step < total_steps:
+        batch, counts = self._next_batch(it)
+        t_step = time.time()
+        self.params, self.opt_state, self.rest, metrics = self.fns.train_step(
+            self.params, self.opt_state, self.base, self.rest, batch)
+        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        if first_step_time is None:
+          first_step_time = time.time() - t_step
+          self.print(f"step 1 (compile + run) took {first_step_time:.1f}s")
+          window["t"] = time.time()
+        else:
+          window["tokens"] += metrics["tokens"]
+          window["steps"] += 1
+        for kind in ("span", "doc"):
+          window[kind] += counts[kind]
+          totals[kind] += counts[kind]
+        if metrics["finite"] < 1:
+          last = self.checkpointer.latest_step()
+          writer.write(self.step + 1, metrics, prefix="train/")
+          writer.close()
+          self.checkpointer.wait()
+          raise TrainingDivergedError(
+              f"non-finite loss ({metrics['loss']}) or gradient norm ({metrics['grad_norm']}) at "
+              f"step {self.step + 1}: the update was skipped and training stopped. The last good "
+              f"checkpoint ({'step ' + str(last) if last is not None else 'none yet'}) in "
+              f"{self.checkpointer.directory} is kept. Lower config.train.lr or check the data.")
+        self.step += 1
+        lr = float(self.schedule(self.step - 1))
+        record = dict(metrics, lr=lr)
+        if self.step % log_every == 0 or self.step == total_steps or self.step == start_step + 1:
+          elapsed = time.time() - window["t"]
+          steps_per_s = window["steps"] / elapsed if window["steps"] and elapsed > 0 else 0.0
+          tokens_per_s = window["tokens"] / elapsed if window["steps"] and elapsed > 0 else 0.0
+          kinds = window["span"] + window["doc"]
+          span_frac = window["span"] / kinds if kinds else float("nan")
+          record.update(steps_per_s=steps_per_s, tokens_per_s=tokens_per_s,
+                        span_token_fraction=span_frac)
+          eta = (total_steps - self.step) / steps_per_s if steps_per_s else float("nan")
+          kind_text = (f"targets {100 * span_frac:.0f}% span / {100 * (1 - span_frac):.0f}% doc"
+                       if kinds else "span/doc split n/a")
+          self.print(f"step {self.step}/{total_steps}  loss {metrics['loss']:.4f}  "
+                     f"acc {metrics['accuracy']:.3f}  |g| {metrics['grad_norm']:.3f}  lr {lr:.2e}  "
+                     f"{steps_per_s:.2f} steps/s  {tokens_per_s:,.0f} tok/s  {kind_text}  "
+                     f"ETA {_format_eta(eta)}")
+          window.update(tokens=0.0, steps=0, span=0.0, doc=0.0, t=time.time())
+        writer.write(self.step, record, prefix="train/")
+        history.append(dict(step=self.step, loss=metrics["loss"]))
+        if eval_every and self.step % eval_every == 0 and self.step < total_steps:
+          self._run_eval(writer)
+        preempted = stop.received or (
+            jax.process_count() > 1 and self.checkpointer.manager.reached_preemption(self.step))
+        if preempted:
+          self.save()
+          self.checkpointer.wait()
+          status = "preempted"
+          self.print(f"preempted: saved checkpoint at step {self.step}; exiting")
+          break
+        if self.checkpointer.should_save(self.step) and self.step < total_steps:
+          self.save(force=True)
+      if status == "done":
+        self.save()
+        if eval_every or int(cfg.train.get("eval_batches", 0) or 0):
+          self._run_eval(writer)
+    self.checkpointer.wait()
+    writer.close()
+    kinds = totals["span"] + totals["doc"]
+    summary = dict(step=self.step, status=status, seconds=time.time() - t_start,
+                   first_step_seconds=first_step_time, history=history,
+                   span_token_fraction=totals["span"] / kinds if kinds else None)
+    if kinds:
+      self.print(f"target tokens trained: {100 * summary['span_token_fraction']:.1f}% spans, "
+                 f"{100 * (1 - summary['span_token_fraction']):.1f}% documents")
+    return summary
+
+  def _run_eval(self, writer: MetricsWriter) -> dict[str, float]:
+    t0 = time.time()
+    result = self.evaluate()
+    for hook in self.eval_hooks:  # e.g. coding metrics once the inference loop exists
+      result.update(hook(self, self.step))
+    self.print(f"eval @ step {self.step}: val loss {result['loss']:.4f}  "
+               f"acc {result['accuracy']:.3f}  ({result['batches']} batches, "
+               f"{time.time() - t0:.1f}s)")
+    writer.write(self.step, result, prefix="eval/")
+    return result
+
+  def close(self) -> None:
+    self.checkpointer.close()
+
+
+# --- Helpers ------------------------------------------------------------------------------------
+
+def _token_kind_counts(batches: list[Mapping[str, np.ndarray]]) -> dict[str, float]:
+  """Target tokens from spans vs documents (the pipeline's per-token ``sources``: 1 / 2)."""
+  span = doc = 0.0
+  for b in batches:
+    if "sources" not in b:
+      continue
+    w = np.asarray(b["loss_weights"], np.float32)
+    sources = np.asarray(b["sources"])
+    span += float(np.sum(w * (sources == 1)))
+    doc += float(np.sum(w * (sources == 2)))
+  return dict(span=span, doc=doc)
+
+
+def _pad_rows(batch: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
+  """Pads a short final eval batch with all-padding rows (weight 0)."""
+  n = next(iter(batch.values())).shape[0]
+  if n >= rows:
+    return batch
+  return {k: np.concatenate([v, np.zeros((rows - n,) + v.shape[1:], v.dtype)]) for k, v in
+          batch.items()}
+
+
+def run_train(cfg, workdir: str) -> dict[str, Any]:
+  trainer = Trainer(cfg, workdir)
+  try:
+    return trainer.train()
+  finally:
+    trainer.close()
+
+
+def run_eval(cfg, workdir: str) -> dict[str, float]:
+  trainer = Trainer(cfg, workdir)
+  try:
+    step = trainer.restore_latest(with_data=False)
+    result = trainer.evaluate()
+    result["step"] = step or 0
+    trainer.print(f"eval (checkpoint step {step}): val loss {result['loss']:.4f}  "
+                  f"acc {result['accuracy']:.3f} over {result['batches']} batches")
+    MetricsWriter(trainer.workdir, enabled=trainer.is_chief).write(
+        step or 0, result, prefix="eval/")
+    return result
+  finally:
+    trainer.close()

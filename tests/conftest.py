@@ -1,0 +1,130 @@
+"""Shared test fixtures: the embedded SmolLM2 (jaxicd and transformers), tiny random checkpoints."""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Callable
+
+import numpy as np
+import pytest
+
+# A tiny Llama: head_dim 16 and widths that are multiples of 32 (GGUF block quants need that).
+TINY_HF_LLAMA = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                     rms_norm_eps=1e-5, rope_theta=10_000.0, max_position_embeddings=256,
+                     tie_word_embeddings=False)
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> pathlib.Path:
+  from jaxicd.model.embedded import smollm2_gguf_path
+  return smollm2_gguf_path()
+
+
+@pytest.fixture(scope="session")
+def jax_smollm2():
+  """jaxicd's SmolLM2-135M-Instruct (f32), loaded from the embedded GGUF."""
+  from jaxicd.model import weights
+  return weights.build_model("smollm2")
+
+
+@pytest.fixture(scope="session")
+def torch_smollm2(smollm2_path):
+  """transformers' LlamaForCausalLM loaded from the same GGUF by transformers' own converter
+  (its dequantization and Q/K un-permutation are independent of jaxicd's)."""
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  torch.set_num_threads(2)
+  model = transformers.AutoModelForCausalLM.from_pretrained(
+      str(smollm2_path.parent), gguf_file=smollm2_path.name, dtype=torch.float32)
+  return model.eval()
+
+
+def random_hf_llama(seed: int = 0, **overrides):
+  """A transformers LlamaForCausalLM (or Qwen2 with ``model_type='qwen2'``) with random weights,
+  including non-trivial norm scales and biases so that every tensor matters."""
+  import torch
+  import transformers
+  kw = dict(TINY_HF_LLAMA, **overrides)
+  model_type = kw.pop("model_type", "llama")
+  if model_type == "qwen2":
+    kw.pop("head_dim", None)
+    config = transformers.Qwen2Config(**kw)
+    cls = transformers.Qwen2ForCausalLM
+  else:
+    config = transformers.LlamaConfig(**kw)
+    cls = transformers.LlamaForCausalLM
+  torch.manual_seed(seed)
+  model = cls(config).eval()
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if name.endswith("norm.weight"):
+        p.copy_(1.0 + 0.1 * torch.randn_like(p))
+      elif name.endswith(".bias"):
+        p.copy_(0.1 * torch.randn_like(p))
+  return model
+
+
+def llama_cpp_permute(w: np.ndarray, n_heads: int) -> np.ndarray:
+  """llama.cpp's converter permutation of Q/K rows (rotate-half -> interleaved pairs)."""
+  return (w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:])
+          .swapaxes(1, 2).reshape(w.shape))
+
+
+_GGUF_NAMES = {
+    "input_layernorm.weight": "attn_norm.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight", "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.v_proj.weight": "attn_v.weight", "self_attn.o_proj.weight": "attn_output.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+}
+
+
+def write_llama_gguf(path: pathlib.Path, state: dict[str, np.ndarray], hf_config,
+                     qtype: str = "F32") -> pathlib.Path:
+  """Writes transformers-named float32 Llama weights as a llama.cpp-style GGUF (permuted Q/K;
+  2-D weights stored as ``qtype``, norms as F32) with gguf.GGUFWriter."""
+  import gguf
+  writer = gguf.GGUFWriter(str(path), "llama")
+  writer.add_block_count(hf_config.num_hidden_layers)
+  writer.add_context_length(hf_config.max_position_embeddings)
+  writer.add_embedding_length(hf_config.hidden_size)
+  writer.add_feed_forward_length(hf_config.intermediate_size)
+  writer.add_head_count(hf_config.num_attention_heads)
+  writer.add_head_count_kv(hf_config.num_key_value_heads)
+  writer.add_rope_freq_base(hf_config.rope_parameters["rope_theta"])
+  writer.add_layer_norm_rms_eps(hf_config.rms_norm_eps)
+  writer.add_rope_dimension_count(hf_config.head_dim)
+  writer.add_vocab_size(hf_config.vocab_size)
+  writer.add_file_type(0)
+  quant = gguf.GGMLQuantizationType[qtype]
+  for name, w in state.items():
+    w = np.asarray(w, np.float32)
+    if name == "model.embed_tokens.weight":
+      gname = "token_embd.weight"
+    elif name == "model.norm.weight":
+      gname = "output_norm.weight"
+    elif name == "lm_head.weight":
+      gname = "output.weight"
+    else:
+      _, _, layer, rest = name.split(".", 3)
+      gname = f"blk.{layer}.{_GGUF_NAMES[rest]}"
+      if rest.startswith("self_attn.q_proj"):
+        w = llama_cpp_permute(w, hf_config.num_attention_heads)
+      elif rest.startswith("self_attn.k_proj"):
+        w = llama_cpp_permute(w, hf_config.num_key_value_heads)
+    if w.ndim == 2 and quant != gguf.GGMLQuantizationType.F32:
+      writer.add_tensor(gname, gguf.quants.quantize(w, quant), raw_dtype=quant)
+    else:
+      writer.add_tensor(gname, w)
+  writer.write_header_to_file()
+  writer.write_kv_data_to_file()
+  writer.write_tensors_to_file()
+  writer.close()
+  return path
+
+
+@pytest.fixture
+def gguf_writer() -> Callable[..., pathlib.Path]:
+  return write_llama_gguf

@@ -1,0 +1,158 @@
+"""The Flax Llama against transformers' PyTorch Llama, packing, KV-cache decoding, dtype/remat."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxicd.model import llama
+from jaxicd.model.config import preset
+
+PROMPTS = [
+    "Patient is a 67 y/o male with CHF (EF 30%), HTN and T2DM, admitted for acute on chronic "
+    "systolic heart failure (I50.23). Furosemide 40 mg IV BID.",
+    "Assessment: community-acquired pneumonia, RLL; sepsis ruled out. Plan: ceftriaxone.",
+    "The quick brown fox jumps over the lazy dog.",
+    "<|im_start|>user\nWhich ICD-10-CM code fits 'essential hypertension'?<|im_end|>\n"
+    "<|im_start|>assistant\n",
+]
+
+
+@pytest.fixture(scope="module")
+def prompt_ids(smollm2_path):
+  transformers = pytest.importorskip("transformers")
+  tok = transformers.AutoTokenizer.from_pretrained(str(smollm2_path.parent),
+                                                   gguf_file=smollm2_path.name)
+  return [tok(p, add_special_tokens=False)["input_ids"] for p in PROMPTS]
+
+
+def _torch_logits(model, ids):
+  import torch
+  with torch.inference_mode():
+    return model(torch.tensor([ids])).logits[0].numpy()
+
+
+def test_smollm2_logits_match_transformers(jax_smollm2, torch_smollm2, prompt_ids):
+  # All prompts in one right-padded batch on the jaxicd side, each alone on the torch side.
+  width = max(len(ids) for ids in prompt_ids)
+  tokens = np.zeros((len(prompt_ids), width), np.int32)
+  segments = np.zeros_like(tokens)
+  for row, ids in enumerate(prompt_ids):
+    tokens[row, :len(ids)] = ids
+    segments[row, :len(ids)] = 1
+  logits = np.asarray(jax_smollm2(jnp.asarray(tokens), segment_ids=jnp.asarray(segments)))
+  assert logits.shape == (len(prompt_ids), width, 49152) and logits.dtype == np.float32
+  for row, ids in enumerate(prompt_ids):
+    ref = _torch_logits(torch_smollm2, ids)
+    diff = np.abs(logits[row, :len(ids)] - ref).max()
+    assert diff <= 2e-3, (PROMPTS[row][:30], diff)
+    # The comparison is not vacuous: logits are large and the argmax agrees.
+    assert np.abs(ref).max() > 5
+    np.testing.assert_array_equal(logits[row, :len(ids)].argmax(-1), ref.argmax(-1))
+
+
+def test_packed_segments_equal_separate_runs(jax_smollm2, torch_smollm2, prompt_ids):
+  a, b = prompt_ids[0], prompt_ids[1]
+  pad = 5
+  tokens = np.array([a + b + [0] * pad], np.int32)
+  segments = np.array([[1] * len(a) + [2] * len(b) + [0] * pad], np.int32)
+  positions = np.array([list(range(len(a))) + list(range(len(b))) + [0] * pad], np.int32)
+  packed = np.asarray(jax_smollm2(jnp.asarray(tokens), positions=jnp.asarray(positions),
+                                  segment_ids=jnp.asarray(segments)))[0]
+  alone_a = np.asarray(jax_smollm2(jnp.asarray([a], jnp.int32)))[0]
+  alone_b = np.asarray(jax_smollm2(jnp.asarray([b], jnp.int32)))[0]
+  np.testing.assert_allclose(packed[:len(a)], alone_a, atol=5e-4)
+  np.testing.assert_allclose(packed[len(a):len(a) + len(b)], alone_b, atol=5e-4)
+  assert np.abs(packed[len(a):len(a) + len(b)] - _torch_logits(torch_smollm2, b)).max() <= 2e-3
+  # Without segment ids the second prompt would see the first: the mask matters.
+  unpacked = np.asarray(jax_smollm2(jnp.asarray(tokens), positions=jnp.asarray(positions)))[0]
+  assert np.abs(unpacked[len(a):len(a) + len(b)] - alone_b).max() > 1e-2
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  return llama.create(preset("tiny"), seed=1)
+
+
+def test_cached_decoding_matches_full_forward(tiny):
+  """Jitted prefill of right-padded prompts of different lengths, then one-token steps."""
+  cfg = tiny.cfg
+  rng = np.random.RandomState(0)
+  lengths, total, width = [3, 7], 12, 7
+  full = rng.randint(1, cfg.vocab_size, (2, total)).astype(np.int32)
+  graphdef, state = nnx.split(tiny)
+
+  @jax.jit
+  def step(state, tokens, segment_ids, cache):
+    return nnx.merge(graphdef, state)(tokens, segment_ids=segment_ids, cache=cache)
+
+  prompt = np.zeros((2, width), np.int32)
+  seg = np.zeros((2, width), np.int32)
+  for row, n in enumerate(lengths):
+    prompt[row, :n] = full[row, :n]
+    seg[row, :n] = 1
+  cache = llama.init_cache(cfg, batch=2, max_len=16)
+  logits, cache = step(state, prompt, seg, cache)
+  np.testing.assert_array_equal(cache.lengths, lengths)
+  got = [[logits[row, n - 1]] for row, n in enumerate(lengths)]
+  for t in range(total - min(lengths) - 1):
+    nxt = np.array([[full[row, min(n + t, total - 1)]] for row, n in enumerate(lengths)],
+                   np.int32)
+    logits, cache = step(state, nxt, np.ones((2, 1), np.int32), cache)
+    for row in range(2):
+      got[row].append(logits[row, 0])
+  for row, n in enumerate(lengths):
+    ref = np.asarray(tiny(jnp.asarray(full[row:row + 1])))[0]
+    steps = np.stack(got[row])[:total - n + 1]
+    np.testing.assert_allclose(steps, ref[n - 1:], atol=1e-5)
+
+
+def test_cache_positions_and_segment_mask_with_left_context(tiny):
+  # A cache filled by two calls equals one call over the concatenation.
+  tokens = jnp.asarray(np.random.RandomState(1).randint(1, 512, (1, 10)), jnp.int32)
+  cache = llama.init_cache(tiny.cfg, 1, 10)
+  first, cache = tiny(tokens[:, :6], cache=cache)
+  second, cache = tiny(tokens[:, 6:], cache=cache)
+  full = tiny(tokens)
+  np.testing.assert_allclose(np.concatenate([first, second], 1), full, atol=1e-5)
+  assert int(cache.lengths[0]) == 10
+
+
+@pytest.mark.parametrize("remat", ["full", "dots"])
+def test_remat_changes_neither_logits_nor_grads(tiny, remat):
+  tokens = jnp.asarray(np.random.RandomState(2).randint(1, 512, (2, 9)), jnp.int32)
+  other = llama.Llama(tiny.cfg.replace(remat=remat), rngs=nnx.Rngs(0))
+  nnx.update(other, nnx.state(tiny))
+
+  def loss(model):
+    return jnp.mean(jax.nn.log_softmax(model(tokens))[..., 0])
+
+  g_ref = nnx.grad(loss)(tiny)
+  g_remat = nnx.jit(nnx.grad(loss))(other)
+  for a, b in zip(jax.tree.leaves(g_ref), jax.tree.leaves(g_remat)):
+    np.testing.assert_allclose(a, b, atol=1e-6)
+  assert max(float(jnp.abs(a).max()) for a in jax.tree.leaves(g_ref)) > 0
+
+
+def test_bfloat16_policy(tiny):
+  cfg = tiny.cfg.replace(param_dtype="bfloat16", dtype="bfloat16")
+  model = llama.Llama(cfg, rngs=nnx.Rngs(0))
+  nnx.update(model, jax.tree.map(lambda x: x.astype(jnp.bfloat16), nnx.state(tiny)))
+  assert model.layers.q.kernel.get_value().dtype == jnp.bfloat16
+  tokens = jnp.asarray(np.random.RandomState(3).randint(1, 512, (2, 9)), jnp.int32)
+  logits = model(tokens)
+  assert logits.dtype == jnp.float32
+  ref = tiny(tokens)
+  assert float(jnp.abs(logits - ref).max()) < 0.05 * float(jnp.abs(ref).max()) + 0.02
+
+
+def test_every_param_has_logical_axes(tiny):
+  from jaxicd.train.sharding import DEFAULT_RULES
+  known = {name for name, _ in DEFAULT_RULES} | {"layers"}
+  for path, var in nnx.to_flat_state(nnx.state(tiny, nnx.Param)):
+    axes = llama.logical_axes(var)
+    assert axes is not None and len(axes) == var.get_value().ndim, path
+    assert set(axes) <= known, (path, axes)

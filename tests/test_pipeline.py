@@ -1,0 +1,384 @@
+"""Tests of the grain pipeline: windows, packing, mixture, sharding, checkpointing.
+
+A byte-level ChatML tokenizer built here keeps token counts exact and the tests fast; the
+prompt format is the real ``jaxicd.data.prompts``.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import random
+import re
+
+import numpy as np
+import pytest
+
+from jaxicd.data import pipeline
+from jaxicd.data import prompts
+from jaxicd.data.records import Document, Evidence, Span
+
+SPECIALS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>")
+
+
+class ByteTokenizer:
+  """UTF-8 bytes are ids 0..255; ChatML special tokens are single ids after them."""
+
+  vocab_size = 256 + len(SPECIALS)
+  eos_id = 256 + SPECIALS.index("<|im_end|>")
+  end_of_turn_id = 256 + SPECIALS.index("<|im_end|>")
+  pad_id = 256 + SPECIALS.index("<|endoftext|>")
+  _split = re.compile("(" + "|".join(re.escape(s) for s in SPECIALS) + ")")
+
+  def encode(self, text: str) -> list[int]:
+    ids = []
+    for part in self._split.split(text):
+      if part in SPECIALS:
+        ids.append(256 + SPECIALS.index(part))
+      else:
+        ids.extend(part.encode("utf-8"))
+    return ids
+
+  def decode(self, ids) -> str:
+    out, buf = [], bytearray()
+    for i in ids:
+      i = int(i)
+      if i < 256:
+        buf.append(i)
+      else:
+        out.append(buf.decode("utf-8", "replace"))
+        buf = bytearray()
+        out.append(SPECIALS[i - 256])
+    out.append(buf.decode("utf-8", "replace"))
+    return "".join(out)
+
+  def apply_chat_template(self, messages, add_generation_prompt=False) -> str:
+    text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+    return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
+
+
+CONDITIONS = [
+    ("I10", "essential hypertension"), ("I50.9", "heart failure"),
+    ("E11.9", "type 2 diabetes mellitus"), ("N17.9", "acute kidney failure"),
+    ("J44.9", "chronic obstructive pulmonary disease"), ("N39.0", "urinary tract infection"),
+    ("I48.91", "atrial fibrillation"), ("E78.5", "hyperlipidemia"),
+]
+FILLER = ("Vital signs were stable overnight. The patient ambulated in the hallway. "
+          "Labs were reviewed with the team. Family at bedside. Diet was advanced. ")
+
+
+def make_documents(n: int, seed: int = 0, split: str = "train") -> list[Document]:
+  """Synthetic notes of 300-1,500 characters with 1-4 evidenced codes each."""
+  rng = random.Random(seed)
+  docs = []
+  for i in range(n):
+    text, evidence, codes = "", [], []
+    for code, phrase in rng.sample(CONDITIONS, rng.randint(1, 4)):
+      text += FILLER[:rng.randint(40, 300)] + " History notable for "
+      evidence.append(Evidence(code, len(text), len(text) + len(phrase)))
+      codes.append(code)
+      text += phrase + ". "
+    text += FILLER * rng.randint(0, 3)
+    doc = Document(f"{split}-{i}", text, tuple(codes), tuple(evidence), split, "test")
+    doc.validate()
+    docs.append(doc)
+  return docs
+
+
+def make_spans(n: int) -> list[Span]:
+  spans = []
+  for i in range(n):
+    code, phrase = CONDITIONS[i % len(CONDITIONS)]
+    if i % 10 == 9:
+      spans.append(Span(f"no evidence of {phrase} ({i})", None, "negative"))
+    else:
+      spans.append(Span(f"{phrase} variant {i}", code, "paraphrase"))
+  return spans
+
+
+def data_cfg(**overrides):
+  cfg = dict(source="test", span_weight=0.8, doc_weight=0.2, seq_len=512, window_overlap=16,
+             batch_size=4, shuffle_seed=0, num_threads=0)
+  cfg.update(overrides)
+  return cfg
+
+
+@pytest.fixture(scope="module")
+def tok():
+  return ByteTokenizer()
+
+
+@pytest.fixture(scope="module")
+def docs():
+  return make_documents(40) + make_documents(6, seed=1, split="val")
+
+
+@pytest.fixture(scope="module")
+def spans():
+  return make_spans(300)
+
+
+def segments(batch):
+  """(row, segment id, slice) of every packed example, from segment_ids alone."""
+  out = []
+  for r, seg in enumerate(batch["segment_ids"]):
+    for s in np.unique(seg[seg > 0]):
+      idx = np.nonzero(seg == s)[0]
+      out.append((r, int(s), slice(int(idx[0]), int(idx[-1]) + 1), idx))
+  return out
+
+
+def test_packed_batches_keep_examples_apart(tok, docs, spans):
+  cfg = data_cfg()
+  it = pipeline.make_train_iterator(cfg, tok, documents=docs, spans=spans, prefetch=0)
+  # Every example the pipeline may emit, computed directly from the records.
+  expected = {}
+  for s in spans:
+    ex = prompts.encode_example(tok, s.text, prompts.span_target(s))
+    expected[tuple(ex["tokens"])] = ex["loss_mask"]
+  for d in docs:
+    for w in pipeline.document_windows(d, tok, seq_len=512, window_overlap=16):
+      expected[tuple(w.tokens)] = w.loss_mask
+  n_segments = 0
+  for _ in range(12):
+    b = next(it)
+    assert set(b) == set(pipeline.BATCH_KEYS)
+    for k in pipeline.BATCH_KEYS:
+      assert b[k].shape == (4, 512), k
+    assert b["inputs"].dtype == np.int32 and b["targets"].dtype == np.int32
+    assert b["loss_weights"].dtype == np.float32
+    assert b["segment_ids"].dtype == np.int32 and b["positions"].dtype == np.int32
+    pad = b["segment_ids"] == 0
+    assert not b["loss_weights"][pad].any() and not b["inputs"][pad].any()
+    for r, s, sl, idx in segments(b):
+      n_segments += 1
+      # Contiguous, positions restart at 0 and count up: no attention across segments
+      # once the model masks by segment id and causality.
+      assert len(idx) == sl.stop - sl.start
+      np.testing.assert_array_equal(b["positions"][r, sl], np.arange(len(idx)))
+      inputs, targets = b["inputs"][r, sl], b["targets"][r, sl]
+      np.testing.assert_array_equal(targets[:-1], inputs[1:])  # shifted within the segment
+      tokens = tuple(np.append(inputs, targets[-1]))
+      assert tokens in expected, tok.decode(tokens)[:200]
+      np.testing.assert_array_equal(b["loss_weights"][r, sl], expected[tokens][1:])
+      # Loss lies exactly on the assistant answer: decoding it gives the target + <|im_end|>.
+      answer = tok.decode(targets[b["loss_weights"][r, sl] > 0])
+      assert answer.endswith("<|im_end|>")
+      assert "<|im_start|>" not in answer and "user" not in answer
+    for r in range(4):  # segment ids are distinct runs 1..k, padding only at the end
+      seg = b["segment_ids"][r]
+      ids = seg[seg > 0]
+      assert np.all(np.diff(ids) >= 0) and ids[0] == 1 and len(np.unique(ids)) == ids[-1]
+  assert n_segments > 48
+  assert it.stats.truncated == 0
+
+
+def test_mixture_proportions_over_many_batches(tok, docs, spans):
+  cfg = data_cfg(span_weight=0.7, doc_weight=0.3, batch_size=8)
+  it = pipeline.make_train_iterator(cfg, tok, documents=docs, spans=spans, with_sources=True,
+                                    prefetch=0)
+  counts = collections.Counter()
+  tokens = collections.Counter()
+  for _ in range(40):
+    b = next(it)
+    batch_counts = collections.Counter()
+    for r, s, sl, idx in segments(b):
+      src = set(b["sources"][r, sl].tolist())
+      assert len(src) == 1
+      batch_counts[src.pop()] += 1
+    for sid in (1, 2):
+      tokens[sid] += int((b["sources"] == sid).sum())
+    reported = pipeline.count_sources(b)
+    assert reported["spans"]["examples"] == batch_counts[1]
+    assert reported["documents"]["examples"] == batch_counts[2]
+    assert reported["documents"]["tokens"] == int((b["sources"] == 2).sum())
+    counts.update(batch_counts)
+  frac = counts[1] / (counts[1] + counts[2])
+  assert abs(frac - 0.7) < 0.03, (frac, counts)
+  # Token fractions: documents are much longer, so weighting tokens changes the mix.
+  it = pipeline.make_train_iterator(dict(cfg, mixture_unit="tokens"), tok, documents=docs,
+                                    spans=spans, with_sources=True, prefetch=0)
+  tok_counts = collections.Counter()
+  for _ in range(40):
+    b = next(it)
+    for sid in (1, 2):
+      tok_counts[sid] += int((b["sources"] == sid).sum())
+  tok_frac = tok_counts[1] / (tok_counts[1] + tok_counts[2])
+  assert abs(tok_frac - 0.7) < 0.08, (tok_frac, tok_counts)
+  # Weighting examples, the longer documents take more than 30% of the tokens.
+  by_examples = tokens[1] / (tokens[1] + tokens[2])
+  assert by_examples < 0.65 and abs(tok_frac - 0.7) < abs(by_examples - 0.7)
+
+
+def test_restored_iterator_yields_identical_next_batch(tok, docs, spans, tmp_path):
+  import grain  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  cfg = data_cfg()
+  it = pipeline.make_train_iterator(cfg, tok, documents=docs, spans=spans)
+  for _ in range(7):
+    next(it)
+  state = json.loads(json.dumps(it.get_state()))  # what the grain checkpoint handler writes
+  options = ocp.CheckpointManagerOptions(enable_async_checkpointing=False)
+  with ocp.CheckpointManager(tmp_path / "ckpt", options=options) as mngr:
+    mngr.save(7, args=ocp.args.Composite(data_iter=grain.checkpoint.CheckpointSave(it)))
+  expected = [next(it) for _ in range(3)]
+
+  fresh = pipeline.make_train_iterator(cfg, tok, documents=docs, spans=spans)
+  fresh.set_state(state)
+  restored = pipeline.make_train_iterator(cfg, tok, documents=docs, spans=spans)
+  with ocp.CheckpointManager(tmp_path / "ckpt", options=options) as mngr:
+    mngr.restore(7, args=ocp.args.Composite(
+        data_iter=grain.checkpoint.CheckpointRestore(restored)))
+  for other in (fresh, restored):
+    for want in expected:
+      got = next(other)
+      for k in pipeline.BATCH_KEYS:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+
+
+def test_long_documents_are_windowed_to_fit(tok, docs):
+  seq_len = 400
+  long_docs = [d for d in docs if len(d.text) > 600]
+  assert long_docs
+  stats = pipeline.PipelineStats()
+  for d in long_docs:
+    windows = pipeline.document_windows(d, tok, seq_len=seq_len, window_overlap=20,
+                                        stats=stats)
+    assert len(windows) > 1
+    assert windows[0].begin == 0 and windows[-1].end == len(d.text)
+    for w, nxt in zip(windows, windows[1:]):
+      assert nxt.begin < w.end, "consecutive windows overlap"
+      assert nxt.begin > w.begin
+    for w in windows:
+      assert w.fits and len(w.tokens) <= seq_len + 1
+      # The target is exactly the codes whose evidence lies in the window, with its quote.
+      target = tok.decode(w.tokens[w.loss_mask > 0])
+      lines = target.removesuffix("<|im_end|>").strip().splitlines()
+      inside = [e for e in d.evidence if w.begin <= e.begin and e.end <= w.end]
+      want = [f"{e.code} | {d.quote(e)}" for e in inside] or ["NONE"]
+      assert sorted(line.strip() for line in lines) == sorted(want), lines
+      assert d.text[w.begin:w.end] in tok.decode(w.tokens)
+    # Windows never cut an evidence quote: every quote lies whole in some window.
+    for e in d.evidence:
+      assert any(w.begin <= e.begin and e.end <= w.end for w in windows)
+  assert stats.truncated == 0 and stats.multi_window_documents == len(long_docs)
+
+
+def test_what_cannot_fit_is_counted_not_dropped(tok):
+  # 40 codes without evidence give every window a target longer than seq_len.
+  codes = tuple(f"S{i:02d}.0" for i in range(40))
+  doc = Document("many-codes", FILLER * 3, codes)
+  stats = pipeline.PipelineStats()
+  windows = pipeline.document_windows(doc, tok, seq_len=300, window_overlap=0, stats=stats)
+  assert all(len(w.tokens) <= 301 for w in windows)
+  assert stats.truncated == sum(not w.fits for w in windows) > 0
+  assert windows[0].begin == 0 and windows[-1].end == len(doc.text)
+  # An evidence quote longer than any window cannot be learned whole: counted.
+  quote = FILLER[:300]
+  doc = Document("long-quote", FILLER + quote + FILLER, ("I10",),
+                 (Evidence("I10", len(FILLER), len(FILLER) + len(quote)),))
+  stats = pipeline.PipelineStats()
+  windows = pipeline.document_windows(doc, tok, seq_len=400, window_overlap=10, stats=stats)
+  assert stats.split_evidence == 1 and stats.truncated == 0
+  assert all(w.fits for w in windows)
+
+
+def test_inference_windows_leave_room_to_generate(tok, docs):
+  d = max(docs, key=lambda d: len(d.text))
+  windows = pipeline.inference_windows(d, tok, seq_len=512, window_overlap=16,
+                                       max_new_tokens=64)
+  assert len(windows) > 1 and windows[-1].end == len(d.text)
+  for w in windows:
+    assert len(w.tokens) + 64 <= 512
+    np.testing.assert_array_equal(w.tokens, prompts.encode_prompt(tok, d.text[w.begin:w.end]))
+
+
+def test_process_shards_are_disjoint(tok, docs, spans):
+  cfg = data_cfg(batch_size=4, span_weight=1.0, doc_weight=0.0)
+  seen = []
+  for p in range(2):
+    it = pipeline.make_train_iterator(cfg, tok, documents=docs, spans=spans, process_index=p,
+                                      process_count=2, prefetch=0)
+    texts = set()
+    for _ in range(6):
+      b = next(it)
+      assert b["inputs"].shape == (2, 512)
+      for r, s, sl, idx in segments(b):
+        texts.add(tok.decode(b["inputs"][r, sl]))
+    seen.append(texts)
+  assert seen[0] and seen[1] and not seen[0] & seen[1]
+  with pytest.raises(ValueError, match="divisible"):
+    pipeline.make_train_iterator(data_cfg(batch_size=3), tok, documents=docs, spans=spans,
+                                 process_count=2)
+
+
+def test_eval_iterator_is_finite_and_deterministic(tok, docs):
+  cfg = data_cfg(batch_size=2)
+  runs = [list(pipeline.make_eval_iterator(cfg, tok, documents=docs)) for _ in range(2)]
+  assert len(runs[0]) == len(runs[1]) > 0
+  for a, b in zip(*runs):
+    for k in pipeline.BATCH_KEYS:
+      np.testing.assert_array_equal(a[k], b[k])
+      assert a[k].shape == (2, 512)
+  n_windows = sum(len(pipeline.document_windows(d, tok, seq_len=512, window_overlap=16))
+                  for d in docs if d.split == "val")
+  assert sum(len(segments(b)) for b in runs[0]) == n_windows
+
+
+def test_missing_source_with_weight_is_an_error(tok, docs):
+  with pytest.raises(ValueError, match="span_weight"):
+    pipeline.make_train_iterator(data_cfg(), tok, documents=docs, spans=[])
+
+
+def test_windows_fit_with_the_smollm2_tokenizer(docs):
+  """BPE tokens are not characters: windows must still fit exactly and overlap."""
+  from jaxicd.model.tokenizer import load_tokenizer  # pylint: disable=g-import-not-at-top
+  tok = load_tokenizer("smollm2")
+  stats = pipeline.PipelineStats()
+  n, inner = 0, []
+  for d in docs[:8]:
+    doc = Document(d.id, d.text * 4, d.codes, d.evidence, d.split)  # ~1-6k characters
+    windows = pipeline.document_windows(doc, tok, seq_len=256, window_overlap=24, stats=stats)
+    n += len(windows)
+    inner += [len(w.tokens) for w in windows[:-1]]
+    assert windows[0].begin == 0 and windows[-1].end == len(doc.text)
+    for w, nxt in zip(windows, windows[1:]):
+      assert w.begin < nxt.begin < w.end
+    for w in windows:
+      ex = prompts.encode_example(tok, doc.text[w.begin:w.end],
+                                  prompts.document_target(doc, w.begin, w.end))
+      np.testing.assert_array_equal(w.tokens, ex["tokens"])
+      assert len(ex["tokens"]) <= 257
+  assert n > 8 and stats.truncated == 0 and stats.split_evidence == 0
+  # Windows are not needlessly small: all but the last of a note use most of seq_len.
+  assert np.mean(inner) > 0.85 * 257, np.mean(inner)
+
+
+def test_demo_corpus_end_to_end():
+  """The real demo corpus, expansion spans and SmolLM2 tokenizer through the contract."""
+  from jaxicd.model.tokenizer import load_tokenizer  # pylint: disable=g-import-not-at-top
+  tok = load_tokenizer("smollm2")
+  cfg = dict(source="demo", demo_seed=0, code_space="demo", spans_per_code=4, negatives=True,
+             annotated_spans=True, span_weight=0.8, doc_weight=0.2, seq_len=1024,
+             window_overlap=64, batch_size=4, shuffle_seed=0)
+  docs = pipeline.load_documents(cfg)
+  train = [d for d in docs if d.split == "train"]
+  spans = pipeline.load_spans(cfg, train)
+  origins = collections.Counter(s.origin for s in spans)
+  assert origins["annotated"] > 0 and origins["negative"] > 0
+  # Annotated spans are exactly the gold quotes of training documents.
+  gold = {(d.quote(e).strip(), e.code) for d in train for e in d.evidence}
+  assert {(s.text, s.code) for s in spans if s.origin == "annotated"} == gold
+  it = pipeline.make_train_iterator(cfg, tok, documents=docs, spans=spans, with_sources=True)
+  seen = collections.Counter()
+  for _ in range(6):
+    b = next(it)
+    assert b["inputs"].shape == (4, 1024)
+    for name, c in pipeline.count_sources(b).items():
+      seen[name] += c["examples"]
+    for r, s, sl, idx in segments(b):
+      np.testing.assert_array_equal(b["positions"][r, sl], np.arange(len(idx)))
+      np.testing.assert_array_equal(b["targets"][r, sl][:-1], b["inputs"][r, sl][1:])
+      assert b["targets"][r, sl][-1] == tok.end_of_turn_id and b["loss_weights"][r, sl][-1] == 1
+  assert seen["spans"] > seen["documents"] > 0
+  assert it.stats.truncated == 0 and it.stats.split_evidence == 0
