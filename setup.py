@@ -28,6 +28,7 @@ setuptools.setup(
         "simple-icd-10-cm>=1.5",
         "numpy>=1.26",
         "safetensors",
+        "jinja2>=3.1.6",
         "tensorboardX",
         "psutil",
     ],

@@ -28,16 +28,55 @@ def jax_smollm2():
   return weights.build_model("smollm2")
 
 
+def _torch_llama_from_gguf(path: pathlib.Path, hf_config):
+  """transformers' LlamaForCausalLM with the weights of a llama GGUF, converted by reference code
+  only: tensor names from gguf's own name map, values from ``gguf.quants.dequantize`` and Q/K
+  rows un-permuted by transformers' GGUF converter (none of it is jaxicd's)."""
+  import gguf
+  import torch
+  import transformers
+  from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
+  from jaxicd.model.gguf_io import GgufFile  # only to slice out raw tensor bytes quickly
+
+  model = transformers.LlamaForCausalLM(hf_config).eval()
+  name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, hf_config.num_hidden_layers)
+  processor = LlamaTensorProcessor(config=hf_config.to_dict())
+  file = GgufFile(path)
+  state = {}
+  for hf_name in model.state_dict():
+    if hf_name == "lm_head.weight" and hf_config.tie_word_embeddings:
+      continue
+    base = name_map.get_name(hf_name.rsplit(".", 1)[0])
+    gguf_name = f"{base}.{hf_name.rsplit('.', 1)[1]}"
+    info = file.tensors[gguf_name]
+    w = gguf.quants.dequantize(np.asarray(file.raw(gguf_name)),
+                               gguf.GGMLQuantizationType(info.type_id))
+    w = processor.process(np.asarray(w, np.float32), gguf_name).weights
+    state[hf_name] = torch.from_numpy(np.ascontiguousarray(w))
+  missing, unexpected = model.load_state_dict(state, strict=False)
+  assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
+  if hf_config.tie_word_embeddings:
+    model.tie_weights()
+  return model
+
+
 @pytest.fixture(scope="session")
 def torch_smollm2(smollm2_path):
-  """transformers' LlamaForCausalLM loaded from the same GGUF by transformers' own converter
-  (its dequantization and Q/K un-permutation are independent of jaxicd's)."""
+  """transformers' LlamaForCausalLM for SmolLM2-135M-Instruct with the GGUF's weights.
+
+  The config is SmolLM2's published one, written out here. (transformers can also load the GGUF
+  itself with ``gguf_file=``, but that takes ~45 s on this file; tests/test_weights.py checks
+  that path end to end on tiny GGUF files instead.)
+  """
   torch = pytest.importorskip("torch")
   transformers = pytest.importorskip("transformers")
   torch.set_num_threads(2)
-  model = transformers.AutoModelForCausalLM.from_pretrained(
-      str(smollm2_path.parent), gguf_file=smollm2_path.name, dtype=torch.float32)
-  return model.eval()
+  config = transformers.LlamaConfig(
+      vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+      num_attention_heads=9, num_key_value_heads=3, head_dim=64, rms_norm_eps=1e-5,
+      rope_theta=100_000.0, max_position_embeddings=8192, tie_word_embeddings=True,
+      bos_token_id=1, eos_token_id=2)
+  return _torch_llama_from_gguf(smollm2_path, config)
 
 
 def random_hf_llama(seed: int = 0, **overrides):

@@ -150,14 +150,17 @@ def test_max_per_code_cap(sample_codes):
 
 
 def test_ambiguous_terms_are_dropped():
-  # "Cholecystitis, unspecified" (K81.9) cleans to "cholecystitis" ... and so does nothing else;
-  # but "Chronic pain syndrome" is G89.4's official description, so G89.29 may not claim it.
-  exp = expand(["G89.4", "G89.29"], max_per_code=40, negatives=False)
-  owners = {}
-  for s in exp.spans:
+  # "Polyneuropathy, unspecified" (G62.9) cleans to "polyneuropathy", which is also a cleaned
+  # inclusion term of A69.22 (Lyme disease): alone G62.9 keeps it, together neither does.
+  alone = expand(["G62.9"], max_per_code=40, negatives=False)
+  assert "polyneuropathy" in {_key(s.text) for s in alone.spans}
+  both = expand(["G62.9", "A69.22"], max_per_code=40, negatives=False)
+  owners: dict[str, set] = {}
+  for s in both.spans:
     owners.setdefault(_key(s.text), set()).add(s.code)
-  assert owners["chronic pain syndrome"] == {"G89.4"}
+  assert "polyneuropathy" not in owners
   assert all(len(v) == 1 for v in owners.values())
+  assert both.report["ambiguous_terms_dropped"] >= 2
 
 
 def test_invalid_codes_are_named():

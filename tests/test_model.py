@@ -22,11 +22,10 @@ PROMPTS = [
 
 
 @pytest.fixture(scope="module")
-def prompt_ids(smollm2_path):
-  transformers = pytest.importorskip("transformers")
-  tok = transformers.AutoTokenizer.from_pretrained(str(smollm2_path.parent),
-                                                   gguf_file=smollm2_path.name)
-  return [tok(p, add_special_tokens=False)["input_ids"] for p in PROMPTS]
+def prompt_ids():
+  from jaxicd.model.tokenizer import load_tokenizer
+  tok = load_tokenizer("smollm2")
+  return [tok.encode(p) for p in PROMPTS]
 
 
 def _torch_logits(model, ids):

@@ -89,7 +89,7 @@ def test_demo_and_expansion_build_from_code(tmp_path):
   direct_docs = pipeline.load_documents(cfg)
   direct_spans = pipeline.load_spans(cfg)
   cached = dict(cfg, data_dir=str(tmp_path))
-  assert pipeline.load_documents(cached) == sorted(
+  assert list(pipeline.load_documents(cached)) == sorted(
       direct_docs, key=lambda d: ({"train": 0, "test": 1, "val": 2}[d.split]))
   assert pipeline.load_spans(cached) == direct_spans
   assert (tmp_path / "jaxicd_spans" / "demo-n2-neg0-seed0").is_dir()

@@ -11,4 +11,7 @@ def load(*, seed: int = 0) -> list[Document]:
   # Imported here: the demo generator pulls in the ontology and phrase tables, which the
   # file-based readers do not need.
   from jaxicd.data.demo import demo_corpus  # pylint: disable=g-import-not-at-top
-  return list(demo_corpus(seed=seed).documents)
+  docs = list(demo_corpus(seed=seed).documents)
+  for d in docs:  # the same checks as file sources: offsets inside the text, cited codes
+    d.validate(f"demo corpus (seed {seed})")
+  return docs

@@ -1,0 +1,156 @@
+"""The built-in demo corpus: determinism, gold evidence offsets, unseen codes, distractors and
+the separation of its phrasing from the expansion templates."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from jaxicd.data import clinical_terms
+from jaxicd.data.demo import DEMO_CODES, DemoCorpus, demo_corpus, demo_stats
+from jaxicd.data.expansion import expand
+from jaxicd.ontology import get_ontology
+
+
+@pytest.fixture(scope="module")
+def corpus() -> DemoCorpus:
+  return demo_corpus(seed=0)
+
+
+def _spans(corpus: DemoCorpus, doc_id: str) -> list[tuple[int, int]]:
+  return [(m.begin, m.end) for m in corpus.mentions[doc_id] + corpus.distractors[doc_id]]
+
+
+def test_deterministic_from_seed():
+  a = demo_corpus(seed=5, train=12, val=4, test=4)
+  b = demo_corpus(seed=5, train=12, val=4, test=4)
+  assert a.documents == b.documents and a.unseen_codes == b.unseen_codes
+  assert a.mentions == b.mentions and a.distractors == b.distractors
+  c = demo_corpus(seed=6, train=12, val=4, test=4)
+  assert [d.text for d in a.documents] != [d.text for d in c.documents]
+
+
+def test_deterministic_across_processes():
+  """Nothing depends on str hash randomisation: two interpreters agree."""
+  script = ("import hashlib; from jaxicd.data.demo import demo_corpus, DEMO_CODES; "
+            "from jaxicd.data.expansion import expand; "
+            "c = demo_corpus(seed=3, train=10, val=3, test=3); "
+            "e = expand(DEMO_CODES[:40], seed=3); "
+            "print(hashlib.sha256(repr((c.documents, c.unseen_codes, e.spans)).encode())"
+            ".hexdigest())")
+  digests = set()
+  for hash_seed in ("1", "2"):
+    env = dict(os.environ, PYTHONHASHSEED=hash_seed)
+    out = subprocess.run([sys.executable, "-c", script], env=env, check=True,
+                         capture_output=True, text=True)
+    digests.add(out.stdout.strip())
+  assert len(digests) == 1
+
+
+def test_sizes_and_splits(corpus):
+  assert [len(corpus.split(s)) for s in ("train", "val", "test")] == [200, 50, 50]
+  assert len({d.id for d in corpus.documents}) == 300
+  assert corpus.code_space == DEMO_CODES
+  small = demo_corpus(seed=0, train=7, val=3, test=2)
+  assert [len(small.split(s)) for s in ("train", "val", "test")] == [7, 3, 2]
+  with pytest.raises(ValueError, match="unseen_fraction"):
+    demo_corpus(unseen_fraction=0.1)
+  with pytest.raises(ValueError, match="split"):
+    corpus.split("dev")
+
+
+def test_demo_codes_are_real_billable_codes():
+  onto = get_ontology()
+  assert 100 <= len(DEMO_CODES) <= 300 and len(set(DEMO_CODES)) == len(DEMO_CODES)
+  assert all(onto.is_billable(c) for c in DEMO_CODES)
+  assert onto.code_space("demo") == DEMO_CODES
+
+
+def test_gold_evidence_offsets(corpus):
+  for doc in corpus.documents:
+    doc.validate(doc.id)
+    assert 3 <= len(doc.codes) <= 15 and len(set(doc.codes)) == len(doc.codes)
+    assert set(doc.codes) <= set(DEMO_CODES)
+    mentions = corpus.mentions[doc.id]
+    assert len(mentions) == len(doc.evidence)
+    for m in mentions:
+      assert m.kind == "evidence" and m.code in doc.codes
+      assert doc.text[m.begin:m.end] == m.phrase
+      # The mention is one of the terms written for its code (capitalised at a line start).
+      terms = {t.casefold() for t in clinical_terms.CODE_TERMS[m.code]}
+      assert m.phrase.casefold() in terms, (doc.id, m)
+    for ev in doc.evidence:
+      assert doc.quote(ev).casefold() in {t.casefold() for t in clinical_terms.CODE_TERMS[ev.code]}
+    assert {ev.code for ev in doc.evidence} == set(doc.codes)  # every code has evidence
+
+
+def test_unseen_codes(corpus):
+  train_codes = {c for d in corpus.split("train") for c in d.codes}
+  test_codes = {c for d in corpus.split("test") for c in d.codes}
+  val_codes = {c for d in corpus.split("val") for c in d.codes}
+  assert len(corpus.unseen_codes) >= 0.2 * len(DEMO_CODES)
+  assert not corpus.unseen_codes & train_codes
+  assert corpus.unseen_codes == (test_codes | val_codes) - train_codes
+  assert len(corpus.unseen_codes & test_codes) >= 0.2 * len(DEMO_CODES)  # measurable on test
+  # Every other code of the space is trained on.
+  assert train_codes == set(DEMO_CODES) - corpus.unseen_codes
+
+
+def test_distractors_are_not_evidence(corpus):
+  kinds = set()
+  for doc in corpus.documents:
+    evidence = [(e.begin, e.end) for e in doc.evidence]
+    for d in corpus.distractors[doc.id]:
+      kinds.add(d.kind)
+      assert doc.text[d.begin:d.end] == d.phrase
+      assert d.code is None or d.code not in doc.codes, (doc.id, d)
+      assert all(d.end <= b or e <= d.begin for b, e in evidence), (doc.id, d)
+  assert kinds == {"negated", "family_history", "ruled_out", "medication", "vitals"}
+
+
+def test_no_unannotated_condition_terms(corpus):
+  """Outside gold mentions and distractors, no document names a demo condition."""
+  terms = sorted({t for c in clinical_terms.CONDITIONS for t in c.terms}, key=len, reverse=True)
+  pattern = re.compile(r"(?<!\w)(?:" + "|".join(map(re.escape, terms)) + r")(?!\w)", re.I)
+  for doc in corpus.documents:
+    spans = _spans(corpus, doc.id)
+    for m in pattern.finditer(doc.text):
+      assert any(b <= m.start() and m.end() <= e for b, e in spans), (doc.id, m.group(0))
+
+
+def test_phrasing_disjoint_from_expansion_templates(corpus):
+  exp = expand(DEMO_CODES, seed=0)
+  framed = {s.text.casefold() for s in exp.spans if s.origin in ("paraphrase", "negative")}
+  assert len(framed) > 1000
+  for doc in corpus.documents:
+    low = doc.text.casefold()
+    hits = [t for t in framed if t in low]
+    assert not hits, (doc.id, hits[:3])
+
+
+def test_lengths_with_smollm2_tokenizer(corpus):
+  tokenizer_mod = pytest.importorskip("jaxicd.model.tokenizer",
+                                      reason="tokenizer module not available")
+  try:
+    tok = tokenizer_mod.load_tokenizer("smollm2")
+  except Exception as e:  # the embedded model package may be missing on a bare install
+    pytest.skip(f"SmolLM2 tokenizer unavailable: {e}")
+  lengths = [len(tok.encode(d.text)) for d in corpus.documents]
+  assert min(lengths) >= 500 and max(lengths) <= 2000, (min(lengths), max(lengths))
+  stats = demo_stats(corpus, tok)
+  assert stats["tokens_per_document"]["max"] == max(lengths)
+
+
+def test_demo_stats(corpus):
+  stats = demo_stats(corpus)
+  assert stats["documents"] == {"train": 200, "val": 50, "test": 50}
+  assert stats["code_space"] == len(DEMO_CODES)
+  assert stats["unseen_codes"] == len(corpus.unseen_codes)
+  assert stats["evidence_mentions"] == sum(len(d.evidence) for d in corpus.documents)
+  assert stats["codes_per_document"]["min"] >= 3 and stats["codes_per_document"]["max"] <= 15
+  est = stats["tokens_per_document_estimate"]
+  assert 500 <= est["min"] <= est["mean"] <= est["max"] <= 2000
