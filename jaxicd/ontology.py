@@ -297,7 +297,7 @@ class Ontology:
       return self._billable
     if isinstance(spec, str) and spec.strip().lower() == "demo":
       from jaxicd.data.demo import DEMO_CODES  # lazy: demo imports this module
-      return self._check_codes(((c, "DEMO_CODES") for c in DEMO_CODES), "")
+      return self._check_codes((c, "DEMO_CODES") for c in DEMO_CODES)
     if isinstance(spec, (str, os.PathLike)):
       path = Path(spec)
       if not path.is_file():
@@ -306,13 +306,13 @@ class Ontology:
       with open(path, encoding="utf-8") as f:
         lines = f.read().splitlines()
       items = ((ln.split("#", 1)[0].strip(), f"{path}:{i}") for i, ln in enumerate(lines, 1))
-      codes = self._check_codes(((c, w) for c, w in items if c), "")
+      codes = self._check_codes((c, w) for c, w in items if c)
       if not codes:
         raise ValueError(f"{path}: code space file holds no codes")
       return codes
-    return self._check_codes(((c, f"codes[{i}]") for i, c in enumerate(spec)), "")
+    return self._check_codes((c, f"codes[{i}]") for i, c in enumerate(spec))
 
-  def _check_codes(self, items: Iterable[tuple[str, str]], _: str) -> tuple[str, ...]:
+  def _check_codes(self, items: Iterable[tuple[str, str]]) -> tuple[str, ...]:
     out: dict[str, None] = {}
     for raw, where in items:
       try:

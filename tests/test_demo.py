@@ -40,8 +40,8 @@ def test_deterministic_across_processes():
             "from jaxicd.data.expansion import expand; "
             "c = demo_corpus(seed=3, train=10, val=3, test=3); "
             "e = expand(DEMO_CODES[:40], seed=3); "
-            "print(hashlib.sha256(repr((c.documents, c.unseen_codes, e.spans)).encode())"
-            ".hexdigest())")
+            "state = (c.documents, sorted(c.unseen_codes), e.spans); "
+            "print(hashlib.sha256(repr(state).encode()).hexdigest())")
   digests = set()
   for hash_seed in ("1", "2"):
     env = dict(os.environ, PYTHONHASHSEED=hash_seed)

@@ -97,7 +97,7 @@ def test_cached_decoding_matches_full_forward(tiny):
   logits, cache = step(state, prompt, seg, cache)
   np.testing.assert_array_equal(cache.lengths, lengths)
   got = [[logits[row, n - 1]] for row, n in enumerate(lengths)]
-  for t in range(total - min(lengths) - 1):
+  for t in range(total - min(lengths)):
     nxt = np.array([[full[row, min(n + t, total - 1)]] for row, n in enumerate(lengths)],
                    np.int32)
     logits, cache = step(state, nxt, np.ones((2, 1), np.int32), cache)

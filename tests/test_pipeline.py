@@ -169,6 +169,7 @@ def test_packed_batches_keep_examples_apart(tok, docs, spans):
       seg = b["segment_ids"][r]
       ids = seg[seg > 0]
       assert np.all(np.diff(ids) >= 0) and ids[0] == 1 and len(np.unique(ids)) == ids[-1]
+      assert not seg[len(ids):].any()  # padding only after the last example
   assert n_segments > 48
   assert it.stats.truncated == 0
 
@@ -213,7 +214,7 @@ def test_mixture_proportions_over_many_batches(tok, docs, spans):
 def test_restored_iterator_yields_identical_next_batch(tok, docs, spans, tmp_path):
   import grain  # pylint: disable=g-import-not-at-top
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  cfg = data_cfg()
+  cfg = data_cfg(num_threads=2)  # reader threads and the prefetch thread, as in training
   it = pipeline.make_train_iterator(cfg, tok, documents=docs, spans=spans)
   for _ in range(7):
     next(it)
@@ -323,6 +324,15 @@ def test_eval_iterator_is_finite_and_deterministic(tok, docs):
   n_windows = sum(len(pipeline.document_windows(d, tok, seq_len=512, window_overlap=16))
                   for d in docs if d.split == "val")
   assert sum(len(segments(b)) for b in runs[0]) == n_windows
+  # A fixed number of batches (same on every process): cut, or padded with empty batches.
+  n = len(runs[0])
+  cut = list(pipeline.make_eval_iterator(cfg, tok, documents=docs, num_batches=n - 1))
+  assert len(cut) == n - 1
+  padded = list(pipeline.make_eval_iterator(cfg, tok, documents=docs, num_batches=n + 2))
+  assert len(padded) == n + 2
+  for k in pipeline.BATCH_KEYS:
+    np.testing.assert_array_equal(padded[n - 1][k], runs[0][n - 1][k])
+    assert not padded[-1][k].any() and padded[-1][k].dtype == runs[0][0][k].dtype
 
 
 def test_missing_source_with_weight_is_an_error(tok, docs):
@@ -382,3 +392,14 @@ def test_demo_corpus_end_to_end():
       assert b["targets"][r, sl][-1] == tok.end_of_turn_id and b["loss_weights"][r, sl][-1] == 1
   assert seen["spans"] > seen["documents"] > 0
   assert it.stats.truncated == 0 and it.stats.split_evidence == 0
+
+
+def test_overlap_is_bounded_by_half_a_window(tok, docs):
+  d = max(docs, key=lambda d: len(d.text))
+  windows = pipeline.document_windows(d, tok, seq_len=400, window_overlap=10_000)
+  for w, nxt in zip(windows, windows[1:]):
+    assert w.begin < nxt.begin < w.end
+  assert windows[-1].end == len(d.text)
+  no_overlap = pipeline.document_windows(d, tok, seq_len=400, window_overlap=0)
+  # Half-window steps (a start may move back further only to keep a quote whole).
+  assert len(windows) <= 2 * len(no_overlap) + len(d.evidence)

@@ -93,4 +93,9 @@ def test_demo_and_expansion_build_from_code(tmp_path):
       direct_docs, key=lambda d: ({"train": 0, "test": 1, "val": 2}[d.split]))
   assert pipeline.load_spans(cached) == direct_spans
   assert (tmp_path / "jaxicd_spans" / "demo-n2-neg0-seed0").is_dir()
+  # Users' own spans join the span source.
+  own = pipeline.load_spans(dict(cfg, span_files="tests/fixtures/jsonl/spans.jsonl"))
+  assert own[:len(direct_spans)] == direct_spans
+  assert [s.text for s in own[len(direct_spans):]][:2] == [
+      "acute on chronic diastolic heart failure", "no evidence of pneumonia"]
   assert (tmp_path / "jaxicd_documents" / "demo-seed0").is_dir()

@@ -18,11 +18,14 @@ documents and in no training document, so only expansion spans can teach them.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import random
 import re
+from pathlib import Path
 from typing import Sequence
 
+from jaxicd.data import clinical_terms
 from jaxicd.data.clinical_terms import CONDITIONS, Condition
 from jaxicd.data.records import Document, Evidence
 
@@ -37,7 +40,6 @@ _BY_CODE = {c.code: c for c in CONDITIONS}
 # Codes that a coder would not report together in one stay (on top of sharing a category).
 _EXCLUSIVE_GROUPS: tuple[tuple[str, ...], ...] = (
     ("I10", "I11", "I12", "I13", "I16"),
-    ("I50", "I11.0", "I13.0"),
     ("E10", "E11", "E16.2", "R73.9"),
     ("J43", "J44"),
     ("J18", "J15", "J69", "J12", "U07", "J10"),
@@ -64,10 +66,26 @@ _EXCLUSIVE_GROUPS: tuple[tuple[str, ...], ...] = (
     ("R09", "J96"),
     ("R06", "J96", "J44.1"),
     ("R60", "E87.70"),
-    ("N18", "Z99.2"),
     ("L03", "M86"),
     ("A04", "A08", "A09", "R19"),
 )
+
+# Codes that call for a partner code (ICD-10-CM "use additional code" / "code first" notes, or
+# what the status implies): when a document gets the key, it also gets one code of each group.
+_COMPANIONS: dict[str, tuple[tuple[str, ...], ...]] = {
+    "R65.20": (("A41.9", "A41.51", "A41.01"),),
+    "R65.21": (("A41.9", "A41.51", "A41.01"),),
+    "I11.0": (("I50.22", "I50.23", "I50.32", "I50.33", "I50.43"),),
+    "I13.0": (("I50.22", "I50.23", "I50.32", "I50.33", "I50.43"),
+              ("N18.30", "N18.31", "N18.32", "N18.4")),
+    "I12.9": (("N18.30", "N18.31", "N18.32", "N18.4"),),
+    "E11.22": (("N18.30", "N18.31", "N18.32", "N18.4", "N18.5"),),
+    "D63.1": (("N18.31", "N18.32", "N18.4", "N18.5", "N18.6"),),
+    "Z99.2": (("N18.6",),),
+    "Z79.4": (("E11.9", "E11.65", "E10.9", "E11.42", "E11.22"),),
+    "Z79.01": (("I48.91", "I48.0", "I48.20", "I26.99", "I82.409"),),
+    "B96.20": (("N39.0", "N10", "N30.00"),),
+}
 
 # Very common inpatient comorbidities get drawn more often (and are never held out as unseen).
 _COMMON = ("I10", "E78.5", "E11.9", "I48.91", "I25.10", "N18.30", "K21.9", "E03.9", "N17.9",
@@ -130,6 +148,8 @@ _HPI_PRINCIPAL = (
     "Initial workup was consistent with a diagnosis of {m}.",
     "{Pronoun} was found to have {m} and was admitted to the medicine service.",
     "The emergency team diagnosed {m} and requested admission.",
+    "Labs and imaging in the emergency department pointed to {m}.",
+    "The admitting team's working diagnosis was {m}.",
 )
 _HPI_FILLER = (
     "Symptoms began approximately {n} days before arrival and gradually worsened.",
@@ -142,6 +162,13 @@ _HPI_FILLER = (
     "An outside hospital record from last year was reviewed.",
     "{Pronoun} reports sleeping in a recliner for the last few nights.",
     "Collateral history was obtained from the patient's daughter.",
+    "{Pronoun} noted reduced exercise tolerance over the preceding month.",
+    "Home blood pressure readings were not available.",
+    "{Pronoun} called the clinic nurse line before coming in.",
+    "Paramedics found {pronoun_obj} sitting upright and speaking in full sentences.",
+    "There were no recent medication changes.",
+    "Appetite had been reduced for about a week.",
+    "Family reported that {pronoun} seemed more tired than usual.",
 )
 _NEGATED = (
     "{Pronoun} specifically denies any {d}.",
@@ -192,6 +219,8 @@ _COURSE_PRINCIPAL = (
     "{M} was treated with {treatment}, and {pronoun} improved steadily over the stay.",
     "For {m}, {pronoun} received {treatment} with a good response.",
     "{M} was managed with {treatment}; symptoms resolved by hospital day {n}.",
+    "The main issue this admission was {m}, treated with {treatment}.",
+    "{M} prompted the admission; {pronoun} was started on {treatment} and improved.",
 )
 _COURSE_SECONDARY = (
     "{M} remained well controlled and home regimen was continued.",
@@ -199,6 +228,10 @@ _COURSE_SECONDARY = (
     "Course was complicated by {m}, which responded to {treatment}.",
     "{M} was addressed by the consulting team, who recommended outpatient follow-up.",
     "During the admission {pronoun} was also noted to have {m}.",
+    "{M} was stable; no changes were made to the regimen.",
+    "Given {m}, the team adjusted the plan accordingly.",
+    "{M} was reassessed daily and showed improvement.",
+    "The consultants followed {pronoun_obj} for {m}.",
 )
 _TREATMENTS = ("intravenous fluids", "supportive care", "close monitoring and medication "
                "adjustment", "the appropriate protocol", "targeted therapy per the consultants",
@@ -219,6 +252,13 @@ _COURSE_FILLER = (
     "A chest radiograph on the second day showed no new findings.",
     "The primary care physician was updated by phone.",
     "Pain was controlled with acetaminophen as needed.",
+    "Vaccination status was reviewed and updated.",
+    "Social work met with the family to discuss support at home.",
+    "Intake and output were recorded each shift.",
+    "Speech therapy performed a bedside swallow evaluation, which was normal.",
+    "A home health referral was placed before discharge.",
+    "Medication teaching was completed with the bedside nurse.",
+    "Code status was confirmed on admission.",
 )
 _DX_LINE = "{i}. {m}"
 _DISCHARGE = (
@@ -323,11 +363,18 @@ def _choose_codes(n: int, allowed: list[str], weights: dict[str, float], must: l
   """Principal (acute) code first, then comorbidities; no two conflicting codes."""
   chosen: list[str] = []
   blocked: set[str] = set()
+  allowed_set = set(allowed)
 
   def add(c: str) -> None:
     chosen.append(c)
     blocked.add(c)
     blocked.update(conflicts[c])
+    for group in _COMPANIONS.get(c, ()):
+      if len(chosen) >= n or any(x in chosen for x in group):
+        continue
+      options = [x for x in group if x in allowed_set and x not in blocked]
+      if options:
+        add(rng.choice(options))
 
   acute = [c for c in must if _BY_CODE[c].kind == "acute"]
   principal = acute[0] if acute else _pick(
@@ -382,6 +429,14 @@ def _document(doc_id: str, split: str, codes: list[str], distractor_pool: list[s
   blocked = set(codes).union(*(conflicts[c] for c in codes))
   pool = [c for c in distractor_pool if c not in blocked]
   rng.shuffle(pool)
+
+  def take(kinds: tuple[str, ...]) -> str:
+    """A distractor of a fitting kind (denied symptoms, familial chronic disease), if any."""
+    for i in range(len(pool) - 1, -1, -1):
+      if _BY_CODE[pool[i]].kind in kinds:
+        return pool.pop(i)
+    return pool.pop()
+
   w = _Writer()
   w.text("DISCHARGE SUMMARY\n\n")
   w.text(f"Patient: {doc_id}\nAge: {fill['age']}    Sex: {'F' if female else 'M'}\n")
@@ -419,7 +474,7 @@ def _document(doc_id: str, split: str, codes: list[str], distractor_pool: list[s
     w.text(" " + f.format(n=rng.randint(2, 6), **fill))
   for tpl in rng.sample(_NEGATED, rng.randint(1, 2)):
     if pool:
-      d = pool.pop()
+      d = take(("symptom", "acute"))
       w.text(" ")
       w.distractor(tpl, fill, d, rng.choice(_BY_CODE[d].terms), "negated")
   w.text("\n\nPAST MEDICAL HISTORY:\n")
@@ -434,7 +489,7 @@ def _document(doc_id: str, split: str, codes: list[str], distractor_pool: list[s
   w.text("\nFAMILY HISTORY:\n")
   for tpl in rng.sample(_FAMILY, rng.randint(1, 2)):
     if pool:
-      d = pool.pop()
+      d = take(("chronic",))
       w.distractor(tpl, fill, d, rng.choice(_BY_CODE[d].terms), "family_history")
       w.text(" ")
   w.text("\n\nSOCIAL HISTORY:\n")
@@ -453,7 +508,7 @@ def _document(doc_id: str, split: str, codes: list[str], distractor_pool: list[s
                                                   n=str(rng.randint(2, 5))),
               code=principal.code, phrase=term(principal))
   if pool and rng.random() < 0.7:
-    d = pool.pop()
+    d = take(("acute",))
     w.text(" ")
     w.distractor(rng.choice(_RULED_OUT), fill, d, rng.choice(_BY_CODE[d].terms), "ruled_out")
   w.text("\n")
@@ -496,6 +551,14 @@ def _document(doc_id: str, split: str, codes: list[str], distractor_pool: list[s
   doc = Document(id=doc_id, text=text, codes=tuple(codes), evidence=evidence, split=split,
                  source="demo")
   return doc, w.mentions, w.distractors
+
+
+def fingerprint() -> str:
+  """Changes whenever the generator's code or tables change (for caches of the corpus)."""
+  digest = hashlib.sha1()
+  for path in (__file__, clinical_terms.__file__):
+    digest.update(Path(path).read_bytes())
+  return digest.hexdigest()[:12]
 
 
 def demo_corpus(seed: int = 0, *, train: int = 200, val: int = 50, test: int = 50,
@@ -591,3 +654,26 @@ def _summary(values: list[int]) -> dict:
   s = sorted(values)
   return {"mean": round(sum(s) / len(s), 1), "p95": s[min(len(s) - 1, int(0.95 * len(s)))],
           "min": s[0], "max": s[-1]}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+  """``python -m jaxicd.data.demo [--seed=N]``: prints the corpus statistics as JSON."""
+  import argparse  # pylint: disable=g-import-not-at-top
+  import json  # pylint: disable=g-import-not-at-top
+  parser = argparse.ArgumentParser(description="Statistics of the built-in demo corpus.")
+  parser.add_argument("--seed", type=int, default=0)
+  for split, n in (("train", 200), ("val", 50), ("test", 50)):
+    parser.add_argument(f"--{split}", type=int, default=n)
+  args = parser.parse_args(argv)
+  tokenizer = None
+  try:
+    from jaxicd.model.tokenizer import load_tokenizer  # pylint: disable=g-import-not-at-top
+    tokenizer = load_tokenizer("smollm2")
+  except Exception:  # pylint: disable=broad-except
+    pass  # stats then carry a words-based token estimate instead
+  corpus = demo_corpus(args.seed, train=args.train, val=args.val, test=args.test)
+  print(json.dumps(demo_stats(corpus, tokenizer), indent=1))
+
+
+if __name__ == "__main__":
+  main()

@@ -21,9 +21,11 @@ code's spans do not depend on which other codes are expanded, except through tha
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import random
 import re
 import time
+from pathlib import Path
 from typing import Iterable, Protocol, Sequence, runtime_checkable
 
 from jaxicd.data import clinical_terms
@@ -91,6 +93,15 @@ class Expansion:
 
   spans: list[Span]
   report: dict
+
+
+def fingerprint() -> str:
+  """Changes whenever this generator's code or tables change: key caches of ``expand`` output
+  (e.g. TFDS builds) with it so edits never serve stale spans."""
+  digest = hashlib.sha1()
+  for path in (__file__, clinical_terms.__file__):
+    digest.update(Path(path).read_bytes())
+  return digest.hexdigest()[:12]
 
 
 def _key(text: str) -> str:

@@ -22,11 +22,13 @@ JSON-serialisable states, so ``grain.checkpoint.CheckpointSave/Restore`` work wi
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import functools
 import logging
 import threading
-from typing import Any, Callable, Iterable, Mapping, Sequence
+import weakref
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import grain
 import numpy as np
@@ -198,7 +200,8 @@ def plan_windows(text: str, measure: Callable[[int, int], int], budget: int, *,
     windows.append((b, end, fits))
     if end >= n:
       break
-    nb = _snap_forward(text, max(b + 1, end - overlap_chars), end)
+    # Overlap at most half a window, so a large window_overlap cannot multiply the windows.
+    nb = _snap_forward(text, max(b + 1, b + (end - b) // 2, end - overlap_chars), end)
     for pb, pe in protected:  # start before evidence rather than inside it
       if pb < nb < pe and pb > b:
         nb = pb
@@ -332,7 +335,8 @@ def _load_documents(source: str, manual_dir: str, on_error: str, demo_seed: int,
 
 
 def load_spans(data_cfg: Any, documents: Sequence[Document] = ()) -> list[Span]:
-  """Expansion spans of ``data.code_space`` plus, if enabled, annotated training spans."""
+  """Expansion spans of ``data.code_space``, annotated training spans (if enabled) and the
+  spans of ``data.span_files`` (JSONL paths, a list or comma-separated; optional)."""
   spans: list[Span] = []
   if int(cfg_get(data_cfg, "spans_per_code", 8)) > 0:
     seed = int(cfg_get(data_cfg, "expansion_seed", 0))
@@ -350,6 +354,13 @@ def load_spans(data_cfg: Any, documents: Sequence[Document] = ()) -> list[Span]:
       spans.extend(expansion.expand(codes, **kwargs).spans)
   if cfg_get(data_cfg, "annotated_spans", True):
     spans.extend(annotated_spans(documents))
+  span_files = cfg_get(data_cfg, "span_files", ()) or ()
+  if isinstance(span_files, str):
+    span_files = [f for f in span_files.split(",") if f]
+  if span_files:
+    from jaxicd.data.sources import read_spans  # pylint: disable=g-import-not-at-top
+    for path in span_files:  # users' own spans (JSONL), e.g. synthesized by an LLM
+      spans.extend(read_spans(path, on_error=cfg_get(data_cfg, "on_error", "raise")))
   return spans
 
 
@@ -430,7 +441,7 @@ def _read_options(data_cfg: Any) -> grain.ReadOptions:
   # Encoding is Python + Rust tokenizer work: a couple of threads overlap it with the
   # training step without fighting it for the (few) cores.
   return grain.ReadOptions(num_threads=int(cfg_get(data_cfg, "num_threads", 2)),
-                           prefetch_buffer_size=int(cfg_get(data_cfg, "read_buffer", 128)))
+                           prefetch_buffer_size=int(cfg_get(data_cfg, "read_buffer", 16)))
 
 
 def _span_examples(spans: Sequence[Span], tokenizer: Any, seq_len: int, seed: int,
@@ -604,8 +615,24 @@ def make_train_iterator(data_cfg: Any, tokenizer: Any, *, process_index: int = 0
   it = iter(ds)
   it.stats = stats
   it.summary = summary
+  if prefetch > 0:
+    _close_at_exit(it)
   log.info("train pipeline: %s", summary)
   return it
+
+
+def _close_at_exit(it: grain.DatasetIterator) -> None:
+  """Stops the prefetch thread before interpreter teardown (else grain warns at exit)."""
+  ref = weakref.ref(it)
+
+  def close():
+    target = ref()
+    if target is not None:
+      target.close()
+      # grain's __del__ closes again during teardown, when module globals are gone.
+      target.close = lambda: None
+
+  atexit.register(close)
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -622,11 +649,14 @@ def _pad_batch(batch: Mapping[str, np.ndarray], rows: int) -> dict[str, np.ndarr
 def make_eval_iterator(data_cfg: Any, tokenizer: Any, split: str = "val", *,
                        process_index: int = 0, process_count: int = 1,
                        documents: Sequence[Document] | None = None,
-                       spans: Sequence[Span] | None = None) -> grain.DatasetIterator:
+                       spans: Sequence[Span] | None = None,
+                       num_batches: int | None = None) -> Iterator[dict[str, np.ndarray]]:
   """Finite, deterministic iterator over all windows of ``split`` documents (and ``spans``).
 
   Same batch format as training; no shuffling; packed in order; the last batch is padded
   with all-zero rows (segment_ids 0, loss_weights 0) so every batch has the same shape.
+  ``num_batches`` fixes the length (cut, or padded with all-zero batches): processes of a
+  multi-host run hold different shards and must all run the same number of eval steps.
   """
   seq_len = int(cfg_get(data_cfg, "seq_len", 1024))
   overlap = int(cfg_get(data_cfg, "window_overlap", 128))
@@ -660,4 +690,30 @@ def make_eval_iterator(data_cfg: Any, tokenizer: Any, split: str = "val", *,
              .map(lambda b: _pad_batch(b, per_process_batch)))
   it = iter(batched)
   it.stats = stats
+  if num_batches is not None:
+    empty = {k: np.zeros((per_process_batch, seq_len), np.float32 if k == "loss_weights"
+                         else np.int32) for k in BATCH_KEYS}
+    return _FixedLength(it, num_batches, empty, stats)
   return it
+
+
+class _FixedLength:
+  """Exactly ``n`` batches from ``it``: cut, or padded with copies of ``empty``."""
+
+  def __init__(self, it: Iterator, n: int, empty: dict[str, np.ndarray], stats: PipelineStats):
+    self._it, self._n, self._empty, self.stats = it, n, empty, stats
+    self._done = 0
+    self.padding_batches = 0
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    if self._done >= self._n:
+      raise StopIteration
+    self._done += 1
+    try:
+      return next(self._it)
+    except StopIteration:
+      self.padding_batches += 1
+      return {k: v.copy() for k, v in self._empty.items()}
