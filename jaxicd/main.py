@@ -11,11 +11,11 @@ Training resumes from the newest checkpoint in ``--workdir``; metrics go to
 from __future__ import annotations
 
 import json
-import logging
 import pathlib
 import sys
 
 from absl import app, flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -58,7 +58,9 @@ def main(argv) -> None:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if _CONFIG.value is None or _WORKDIR.value is None:
     raise app.UsageError("--config and --workdir are required")
-  logging.getLogger().setLevel(logging.INFO)
+  if not flags.FLAGS["verbosity"].present:
+    # Orbax and grain log every file operation at INFO; progress lines are printed instead.
+    absl_logging.set_verbosity(absl_logging.WARNING)
   config = _CONFIG.value
   if _MODE.value:
     with config.unlocked():

@@ -360,7 +360,8 @@ def _pick(pool: list[str], weights: dict[str, float], rng: random.Random) -> str
 
 def _choose_codes(n: int, allowed: list[str], weights: dict[str, float], must: list[str],
                   conflicts: dict[str, set[str]], rng: random.Random) -> list[str]:
-  """Principal (acute) code first, then comorbidities; no two conflicting codes."""
+  """Principal (acute) code first, then comorbidities; no two conflicting codes; a code's
+  companions (``_COMPANIONS``) join it when allowed and there is room."""
   chosen: list[str] = []
   blocked: set[str] = set()
   allowed_set = set(allowed)
