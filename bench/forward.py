@@ -4,7 +4,7 @@ Same weights (copied from the embedded GGUF into both), same batch (default 8 x 
 measured in one process; warm-up calls (jit compilation) are excluded. Target: ratio >= 1.5.
 Prints one JSON object.
 
-  .venv/bin/python bench/forward.py [--batch=8] [--seq=256] [--iters=3] [--torch_threads=2]
+  .venv/bin/python bench/forward.py [--batch=8] [--seq=256] [--iters=5] [--torch_threads=2]
 """
 
 from __future__ import annotations
@@ -44,20 +44,24 @@ def _torch_model(model):
     for short, long in names.items():
       state[f"{prefix}.{long}.weight"] = np.asarray(
           getattr(model.layers, short).kernel.get_value()[i]).T
-  hf.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()},
+  hf.load_state_dict({k: torch.tensor(np.asarray(v)) for k, v in state.items()},
                      strict=False)
   hf.tie_weights()
   return hf
 
 
-def _time(fn, iters: int) -> float:
-  fn()  # warm-up (compilation, allocator)
-  times = []
-  for _ in range(iters):
-    start = time.perf_counter()
+def _time_interleaved(fns, iters: int) -> list[float]:
+  """Median seconds per call of each fn; calls alternate so that load from other processes on a
+  shared machine hits all contestants alike. One warm-up call each (compilation) is excluded."""
+  for fn in fns:
     fn()
-    times.append(time.perf_counter() - start)
-  return float(np.median(times))
+  times = [[] for _ in fns]
+  for _ in range(iters):
+    for fn, record in zip(fns, times):
+      start = time.perf_counter()
+      fn()
+      record.append(time.perf_counter() - start)
+  return [float(np.median(t)) for t in times]
 
 
 def main() -> None:
@@ -65,7 +69,7 @@ def main() -> None:
   parser.add_argument("--source", default="smollm2")
   parser.add_argument("--batch", type=int, default=8)
   parser.add_argument("--seq", type=int, default=256)
-  parser.add_argument("--iters", type=int, default=3)
+  parser.add_argument("--iters", type=int, default=5)
   parser.add_argument("--torch_threads", type=int, default=min(2, os.cpu_count() or 1))
   args = parser.parse_args()
 
@@ -77,7 +81,6 @@ def main() -> None:
   graphdef, state = nnx.split(model)
   forward = jax.jit(lambda state, tokens: nnx.merge(graphdef, state)(tokens))
   jax_tokens = jnp.asarray(tokens, jnp.int32)
-  jax_s = _time(lambda: forward(state, jax_tokens).block_until_ready(), args.iters)
 
   torch_model = _torch_model(model)
   torch_tokens = torch.from_numpy(tokens).long()
@@ -86,7 +89,8 @@ def main() -> None:
     with torch.inference_mode():
       return torch_model(torch_tokens).logits
 
-  torch_s = _time(torch_forward, args.iters)
+  jax_s, torch_s = _time_interleaved(
+      [lambda: forward(state, jax_tokens).block_until_ready(), torch_forward], args.iters)
   # Same weights, same answer (a benchmark of a wrong model would be meaningless).
   diff = float(np.abs(np.asarray(forward(state, jax_tokens)[:1, :32])
                       - torch_forward()[:1, :32].numpy()).max())

@@ -29,5 +29,6 @@ def get_config():
                       log_every=50, eval_every=1000, eval_batches=32)
   config.mesh.update(data=1, fsdp=-1, tensor=1)
   config.distributed.update(enabled=True)   # TPU pods: coordinator discovered from metadata
-  config.checkpoint.update(every=500, keep=3)
+  # Hosts share no disk: checkpoints (and each host's data-iterator state) go to a bucket.
+  config.checkpoint.update(every=500, keep=3, directory="gs://YOUR_BUCKET/jaxicd/llama31_8b")
   return config

@@ -16,6 +16,7 @@ from typing import Any, Mapping
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 _ITEMS = ("state", "data_iter", "meta")
 
@@ -37,7 +38,10 @@ class Checkpointer:
 
   def __init__(self, directory: str | pathlib.Path, *, keep: int = 3, every: int = 0,
                async_save: bool = True):
-    self.directory = pathlib.Path(directory).absolute()
+    text = str(directory)
+    # Cloud storage (gs://...) for multi-host runs, whose hosts share no local disk.
+    self.directory = (epath.Path(text) if "://" in text
+                      else epath.Path(pathlib.Path(text).absolute()))
     self.every = int(every)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep if keep and keep > 0 else None,

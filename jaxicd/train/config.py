@@ -46,5 +46,7 @@ def base_config() -> ml_collections.ConfigDict:
   # Multi-host: jax.distributed.initialize() (TPU pods discover the rest themselves).
   config.distributed = ml_collections.ConfigDict(dict(
       enabled=False, coordinator_address="", num_processes=-1, process_id=-1))
-  config.checkpoint = ml_collections.ConfigDict(dict(every=100, keep=3, async_save=True))
+  # directory: "" = <workdir>/checkpoints; multi-host runs need shared storage (gs://...).
+  config.checkpoint = ml_collections.ConfigDict(dict(every=100, keep=3, async_save=True,
+                                                     directory=""))
   return config

@@ -106,10 +106,12 @@ def learning_rate_schedule(train_cfg) -> optax.Schedule:
   """Linear warmup to ``lr``, then cosine decay to ``lr * final_lr_fraction`` at ``steps``."""
   steps = int(train_cfg.steps)
   warmup = min(int(train_cfg.get("warmup_steps", 0)), max(steps - 1, 0))
+  peak = float(train_cfg.lr)
+  # Warmup starts at peak / (warmup + 1), not 0, so that the first step is not wasted.
   return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=float(train_cfg.lr), warmup_steps=warmup,
+      init_value=peak / (warmup + 1), peak_value=peak, warmup_steps=warmup,
       decay_steps=max(steps, warmup + 1),
-      end_value=float(train_cfg.lr) * float(train_cfg.get("final_lr_fraction", 0.1)))
+      end_value=peak * float(train_cfg.get("final_lr_fraction", 0.1)))
 
 
 def build_optimizer(train_cfg) -> optax.GradientTransformation:
@@ -221,7 +223,7 @@ class StepFunctions:
 
   def _train_step(self, params, opt_state, base, rest, batch):
     loss, correct, total_weight, new_rest, grads = self._accumulated_grads(params, base, rest, batch)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     updates, new_opt_state = self.tx.update(grads, opt_state, params)
     new_params = optax.apply_updates(params, updates)
     # NaN/Inf guard: a bad step leaves the state untouched; the host then stops the run.
@@ -362,7 +364,8 @@ class Trainer:
     self.opt_state = self.fns.init_opt_state(self.params)
     self.step = 0
     self.load_seconds = time.time() - t0
-    self.checkpointer = Checkpointer(self.workdir / "checkpoints",
+    self.checkpointer = Checkpointer(cfg.checkpoint.get("directory", "")
+                                     or self.workdir / "checkpoints",
                                      keep=int(cfg.checkpoint.get("keep", 3)),
                                      every=int(cfg.checkpoint.get("every", 0)),
                                      async_save=bool(cfg.checkpoint.get("async_save", True)))
@@ -480,7 +483,7 @@ class Trainer:
     status = "done"
     history: list[dict] = []
     window = dict(tokens=0.0, steps=0, span=0.0, doc=0.0, t=time.time())
-    totals = dict(span=0.0, doc=0.0)
+    totals = dict(span=0.0, doc=0.0, span_target=0.0, doc_target=0.0)
     first_step_time = None
     t_start = time.time()
     with _StopSignal() as stop:
@@ -492,13 +495,14 @@ class Trainer:
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
         if first_step_time is None:
           first_step_time = time.time() - t_step
-          self.print(f"step 1 (compile + run) took {first_step_time:.1f}s")
+          self.print(f"step {self.step + 1} (compile + run) took {first_step_time:.1f}s")
           window["t"] = time.time()
         else:
           window["tokens"] += metrics["tokens"]
           window["steps"] += 1
         for kind in ("span", "doc"):
           window[kind] += counts[kind]
+        for kind in totals:
           totals[kind] += counts[kind]
         if metrics["finite"] < 1:
           last = self.checkpointer.latest_step()
@@ -522,11 +526,13 @@ class Trainer:
           record.update(steps_per_s=steps_per_s, tokens_per_s=tokens_per_s,
                         span_token_fraction=span_frac)
           eta = (total_steps - self.step) / steps_per_s if steps_per_s else float("nan")
-          kind_text = (f"targets {100 * span_frac:.0f}% span / {100 * (1 - span_frac):.0f}% doc"
+          speed = (f"{steps_per_s:.2f} steps/s  {tokens_per_s:,.0f} tok/s  "
+                   if window["steps"] else "")
+          kind_text = (f"tokens {100 * span_frac:.0f}% span / {100 * (1 - span_frac):.0f}% doc"
                        if kinds else "span/doc split n/a")
           self.print(f"step {self.step}/{total_steps}  loss {metrics['loss']:.4f}  "
                      f"acc {metrics['accuracy']:.3f}  |g| {metrics['grad_norm']:.3f}  lr {lr:.2e}  "
-                     f"{steps_per_s:.2f} steps/s  {tokens_per_s:,.0f} tok/s  {kind_text}  "
+                     f"{speed}{kind_text}  "
                      f"ETA {_format_eta(eta)}")
           window.update(tokens=0.0, steps=0, span=0.0, doc=0.0, t=time.time())
         writer.write(self.step, record, prefix="train/")
@@ -550,12 +556,16 @@ class Trainer:
     self.checkpointer.wait()
     writer.close()
     kinds = totals["span"] + totals["doc"]
+    targets = totals["span_target"] + totals["doc_target"]
     summary = dict(step=self.step, status=status, seconds=time.time() - t_start,
                    first_step_seconds=first_step_time, history=history,
-                   span_token_fraction=totals["span"] / kinds if kinds else None)
+                   span_token_fraction=totals["span"] / kinds if kinds else None,
+                   span_target_fraction=totals["span_target"] / targets if targets else None)
     if kinds:
-      self.print(f"target tokens trained: {100 * summary['span_token_fraction']:.1f}% spans, "
-                 f"{100 * (1 - summary['span_token_fraction']):.1f}% documents")
+      self.print(f"tokens trained this run: {int(kinds):,} ({100 * totals['span'] / kinds:.1f}% "
+                 f"spans, {100 * totals['doc'] / kinds:.1f}% documents); target tokens "
+                 f"{int(targets):,} ({100 * totals['span_target'] / max(targets, 1):.1f}% spans, "
+                 f"{100 * totals['doc_target'] / max(targets, 1):.1f}% documents)")
     return summary
 
   def _run_eval(self, writer: MetricsWriter) -> dict[str, float]:
@@ -576,16 +586,18 @@ class Trainer:
 # --- Helpers ------------------------------------------------------------------------------------
 
 def _token_kind_counts(batches: list[Mapping[str, np.ndarray]]) -> dict[str, float]:
-  """Target tokens from spans vs documents (the pipeline's per-token ``sources``: 1 / 2)."""
-  span = doc = 0.0
+  """Tokens (all, and target-only) from spans vs documents: the pipeline's ``sources`` 1 / 2."""
+  out = dict(span=0.0, doc=0.0, span_target=0.0, doc_target=0.0)
   for b in batches:
     if "sources" not in b:
       continue
     w = np.asarray(b["loss_weights"], np.float32)
     sources = np.asarray(b["sources"])
-    span += float(np.sum(w * (sources == 1)))
-    doc += float(np.sum(w * (sources == 2)))
-  return dict(span=span, doc=doc)
+    out["span"] += float(np.sum(sources == 1))
+    out["doc"] += float(np.sum(sources == 2))
+    out["span_target"] += float(np.sum(w * (sources == 1)))
+    out["doc_target"] += float(np.sum(w * (sources == 2)))
+  return out
 
 
 def _pad_rows(batch: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:

@@ -1,0 +1,188 @@
+"""LoRA training throughput: jaxicd vs transformers + PEFT (torch CPU) on SmolLM2-135M.
+
+Same batch (8 x 256 tokens, loss on every token but the first of each row), same LoRA targets
+(q, k, v, o, gate, up, down) and rank (16, alpha 32), AdamW, float32, measured in one run:
+
+  .venv/bin/python bench/train_step.py [--steps=3] [--batch=8] [--seq=256] [--threads=2]
+
+Prints training tokens/s of both and their ratio (target: jaxicd >= 1.5x), jaxicd's model-FLOPs
+utilisation against a matmul peak measured here (f32 2048^3, same threads), and jaxicd's peak
+RSS (target <= 4 GB; measured before torch is imported). The torch model has SmolLM2's exact
+architecture with random weights (throughput does not depend on the values); jaxicd loads the
+real embedded GGUF.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+
+
+def _parse():
+  p = argparse.ArgumentParser()
+  p.add_argument("--steps", type=int, default=3)
+  p.add_argument("--batch", type=int, default=8)
+  p.add_argument("--seq", type=int, default=256)
+  p.add_argument("--threads", type=int, default=2)
+  p.add_argument("--rank", type=int, default=16)
+  p.add_argument("--remat", default="none", choices=["none", "full", "dots"])
+  p.add_argument("--skip-torch", action="store_true")
+  return p.parse_args()
+
+
+ARGS = _parse()
+
+import numpy as np  # noqa: E402
+
+
+def model_flops_per_token(cfg, rank: int, seq: int) -> float:
+  """Forward + backward-to-activations FLOPs of LoRA training, per token (no remat recompute)."""
+  E, F, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers
+  q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+  shapes = [(E, q), (E, kv), (E, kv), (q, E), (E, F), (E, F), (F, E)]
+  dense = sum(i * o for i, o in shapes) * L + E * cfg.vocab_size
+  lora = sum(rank * (i + o) for i, o in shapes) * L
+  attention = 2 * seq * q * L            # QK^T and AV per query token (full, unmasked)
+  forward = 2 * (dense + lora) + 2 * attention
+  # Backward: input gradients of every matmul (= forward), weight gradients of LoRA only,
+  # and attention's two backward matmuls per forward one.
+  backward = 2 * (dense + lora) + 2 * lora + 4 * attention
+  return float(forward + backward)
+
+
+def matmul_peak_gflops(n: int = 2048, reps: int = 5) -> float:
+  import jax
+  import jax.numpy as jnp
+  a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), jnp.float32)
+  f = jax.jit(lambda x, y: x @ y)
+  f(a, a).block_until_ready()
+  best = float("inf")
+  for _ in range(reps):
+    t = time.perf_counter()
+    f(a, a).block_until_ready()
+    best = min(best, time.perf_counter() - t)
+  return 2 * n ** 3 / best / 1e9
+
+
+def make_batch(vocab: int, batch: int, seq: int):
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(0, vocab, (batch, seq + 1)).astype(np.int32)
+  return tokens
+
+
+def bench_jaxicd(tokens: np.ndarray) -> dict:
+  import jax
+  import ml_collections
+  from jaxicd.model import weights
+  from jaxicd.model.config import LoraConfig
+  from jaxicd.train import sharding as shd
+  from jaxicd.train import trainer
+
+  t0 = time.time()
+  model = weights.build_model("smollm2", lora=LoraConfig(rank=ARGS.rank, alpha=2.0 * ARGS.rank),
+                              remat=ARGS.remat)
+  cfg = model.cfg
+  load_s = time.time() - t0
+  parts = trainer.split_model(model)
+  del model
+  tx = trainer.build_optimizer(ml_collections.ConfigDict(dict(
+      steps=100, lr=1e-4, warmup_steps=0, clip_norm=1.0, weight_decay=0.0)))
+  fns = trainer.StepFunctions(parts, tx, shd.make_mesh(dict(data=1), jax.devices()[:1]))
+  params, base, rest = fns.place_params(parts.params), fns.place_base(parts.base), \
+      fns.place_rest(parts.rest)
+  opt_state = fns.init_opt_state(params)
+  B, T = tokens.shape[0], tokens.shape[1] - 1
+  batch = dict(inputs=tokens[:, :-1], targets=tokens[:, 1:],
+               loss_weights=np.ones((B, T), np.float32),
+               segment_ids=np.ones((B, T), np.int32),
+               positions=np.tile(np.arange(T, dtype=np.int32), (B, 1)))
+  gbatch = fns.place_batch(batch)
+  t0 = time.time()
+  params, opt_state, rest, m = fns.train_step(params, opt_state, base, rest, gbatch)
+  jax.block_until_ready(m)
+  compile_s = time.time() - t0
+  times, losses = [], []
+  for _ in range(ARGS.steps):
+    t0 = time.perf_counter()
+    params, opt_state, rest, m = fns.train_step(params, opt_state, base, rest, gbatch)
+    losses.append(float(m["loss"]))  # blocks
+    times.append(time.perf_counter() - t0)
+  step_s = float(np.median(times))
+  return dict(load_s=load_s, first_step_s=compile_s, step_s=step_s, tokens_per_s=B * T / step_s,
+              losses=losses, cfg=cfg,
+              peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6)
+
+
+def bench_torch(tokens: np.ndarray) -> dict:
+  import torch
+  import transformers
+  import peft
+  torch.set_num_threads(ARGS.threads)
+  torch.manual_seed(0)
+  config = transformers.LlamaConfig(
+      vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+      num_attention_heads=9, num_key_value_heads=3, head_dim=64, rms_norm_eps=1e-5,
+      rope_theta=100_000.0, max_position_embeddings=8192, tie_word_embeddings=True)
+  model = transformers.LlamaForCausalLM(config)
+  model = peft.get_peft_model(model, peft.LoraConfig(
+      r=ARGS.rank, lora_alpha=2 * ARGS.rank, lora_dropout=0.0,
+      target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                      "down_proj"]))
+  model.train()
+  opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4,
+                          weight_decay=0.0)
+  inputs = torch.from_numpy(tokens[:, :-1].astype(np.int64))
+  labels = torch.from_numpy(tokens[:, 1:].astype(np.int64))
+
+  def step():
+    logits = model(input_ids=inputs).logits
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
+                                             labels.reshape(-1))
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return float(loss)
+
+  step()  # warm-up
+  times = []
+  for _ in range(ARGS.steps):
+    t0 = time.perf_counter()
+    step()
+    times.append(time.perf_counter() - t0)
+  step_s = float(np.median(times))
+  B, T = labels.shape
+  return dict(step_s=step_s, tokens_per_s=B * T / step_s)
+
+
+def main() -> None:
+  tokens = make_batch(49152, ARGS.batch, ARGS.seq)
+  peak = matmul_peak_gflops()
+  print(f"matmul peak (f32 2048^3, jax): {peak:.1f} GFLOP/s", flush=True)
+  jx = bench_jaxicd(tokens)
+  flops = model_flops_per_token(jx["cfg"], ARGS.rank, ARGS.seq)
+  mfu = jx["tokens_per_s"] * flops / (peak * 1e9)
+  print(f"jaxicd: load {jx['load_s']:.1f}s, first step (compile) {jx['first_step_s']:.1f}s, "
+        f"step {jx['step_s']:.2f}s -> {jx['tokens_per_s']:.1f} tokens/s, "
+        f"MFU {100 * mfu:.1f}% ({flops / 1e6:.0f} MFLOP/token), "
+        f"peak RSS {jx['peak_rss_gb']:.2f} GB (target <= 4)", flush=True)
+  result = dict(batch=ARGS.batch, seq=ARGS.seq, rank=ARGS.rank, threads=ARGS.threads,
+                remat=ARGS.remat, matmul_peak_gflops=peak, jaxicd_tokens_per_s=jx["tokens_per_s"],
+                jaxicd_step_s=jx["step_s"], jaxicd_first_step_s=jx["first_step_s"],
+                jaxicd_mfu=mfu, jaxicd_peak_rss_gb=jx["peak_rss_gb"])
+  if not ARGS.skip_torch:
+    th = bench_torch(tokens)
+    ratio = jx["tokens_per_s"] / th["tokens_per_s"]
+    print(f"transformers+PEFT (torch, {ARGS.threads} threads): step {th['step_s']:.2f}s -> "
+          f"{th['tokens_per_s']:.1f} tokens/s", flush=True)
+    print(f"ratio jaxicd / torch: {ratio:.2f}x (target >= 1.5x)", flush=True)
+    result.update(torch_tokens_per_s=th["tokens_per_s"], torch_step_s=th["step_s"], ratio=ratio)
+  print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+  sys.exit(main())

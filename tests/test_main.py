@@ -1,0 +1,113 @@
+"""`python -m jaxicd.main`: flags, config overrides, modes, metrics files."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+import train_worker  # pylint: disable=wrong-import-position
+
+ROOT = train_worker.ROOT
+
+
+def _main(*args, timeout=300):
+  env = dict(os.environ)
+  env.pop("XLA_FLAGS", None)
+  env["JAX_PLATFORMS"] = "cpu"
+  return subprocess.run([sys.executable, "-m", "jaxicd.main", *args], capture_output=True,
+                        text=True, cwd=str(ROOT), env=env, timeout=timeout)
+
+
+@pytest.mark.parametrize("mode", ["predict", "export"])
+def test_unimplemented_modes_fail_clearly(mode, tmp_path):
+  proc = _main("--config=configs/tiny.py", f"--workdir={tmp_path}", f"--config.mode={mode}")
+  assert proc.returncode == 2
+  assert f"mode {mode!r} is not implemented yet" in proc.stderr
+  assert "lands with the inference issue" in proc.stderr
+
+
+def test_unknown_mode_and_missing_flags(tmp_path):
+  proc = _main("--config=configs/tiny.py", f"--workdir={tmp_path}", "--config.mode=serve")
+  assert proc.returncode != 0 and "config.mode='serve'" in proc.stderr
+  proc = _main("--config=configs/tiny.py")
+  assert proc.returncode != 0 and "--workdir" in proc.stderr
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory):
+  tok = train_worker.write_byte_tokenizer(tmp_path_factory.mktemp("bytetok"))
+  workdir = tmp_path_factory.mktemp("cli")
+  proc = _main("--config=configs/tiny.py", f"--workdir={workdir}",
+               f"--config.model.tokenizer={tok}", "--config.train.steps=3",
+               "--config.train.lr=0.005", "--config.train.log_every=1",
+               "--config.checkpoint.every=0")
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+  return workdir, tok, proc
+
+
+def test_train_from_the_command_line(cli_run):
+  workdir, _, proc = cli_run
+  saved = json.loads((workdir / "config.train.json").read_text())
+  assert saved["train"]["steps"] == 3 and saved["train"]["lr"] == 0.005
+  summary = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert summary["mode"] == "train" and summary["status"] == "done" and summary["step"] == 3
+  for step in (1, 2, 3):
+    assert f"step {step}/3  loss " in proc.stdout
+  assert "tokens trained this run" in proc.stdout
+  records = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in records if "train/loss" in r] == [1, 2, 3]
+  assert any("eval/loss" in r for r in records)
+
+
+def _read_events(path: pathlib.Path):
+  """Parses a TensorBoard event file with tensorboardX's own protos and checks its CRCs."""
+  import struct
+  from tensorboardX.proto import event_pb2
+  from jaxicd.train.metrics_writer import crc32c
+  assert crc32c(b"123456789") == 0xE3069283  # the standard CRC-32C check value
+  data, events, off = path.read_bytes(), [], 0
+  while off < len(data):
+    (length,) = struct.unpack("<Q", data[off:off + 8])
+    payload = data[off + 12:off + 12 + length]
+    (crc,) = struct.unpack("<I", data[off + 12 + length:off + 16 + length])
+    c = crc32c(payload)
+    assert crc == (((c >> 15) | (c << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+    events.append(event_pb2.Event.FromString(payload))
+    off += 16 + length
+  return events
+
+
+def test_tensorboard_event_file_is_readable(cli_run):
+  workdir, _, _ = cli_run
+  (path,) = list((workdir / "tensorboard").glob("events.out.tfevents.*"))
+  events = _read_events(path)
+  assert events[0].file_version == "brain.Event:2"
+  losses = {e.step: v.simple_value for e in events for v in e.summary.value
+            if v.tag == "train/loss"}
+  records = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+  expected = {r["step"]: r["train/loss"] for r in records if "train/loss" in r}
+  assert losses.keys() == expected.keys()
+  for step, value in expected.items():
+    assert math.isclose(losses[step], value, rel_tol=1e-6)
+
+
+def test_eval_mode_restores_the_checkpoint(cli_run):
+  import ml_collections
+  from jaxicd import main
+  workdir, tok, _ = cli_run
+  config = train_worker.tiny_config(tok, steps=3)
+  config.mode = "eval"
+  first = main.run(config, str(workdir))
+  second = main.run(ml_collections.ConfigDict(config), str(workdir))
+  assert first["step"] == 3 and first["batches"] == config.train.eval_batches
+  assert math.isfinite(first["loss"]) and 0 < first["loss"] < 10
+  assert first["loss"] == second["loss"]  # deterministic
+  records = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert records[-1]["eval/loss"] == second["loss"]

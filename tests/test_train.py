@@ -1,0 +1,196 @@
+"""End-to-end training runs of `python -m jaxicd.main` on the tiny model and the real pipeline.
+
+A run killed with SIGKILL mid-training, restarted, stopped with SIGTERM (preemption) and
+restarted again must end with exactly the LoRA params of an uninterrupted run: that needs the
+optimizer state, the step and the grain iterator state all restored.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+import train_worker  # pylint: disable=wrong-import-position
+
+STEPS = 16
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+  return train_worker.write_byte_tokenizer(tmp_path_factory.mktemp("bytetok"))
+
+
+def _main_cmd(workdir, tokenizer_dir, *extra):
+  return [sys.executable, "-m", "jaxicd.main", "--config=configs/tiny.py",
+          f"--workdir={workdir}", f"--config.model.tokenizer={tokenizer_dir}",
+          f"--config.train.steps={STEPS}", "--config.checkpoint.every=4",
+          "--config.checkpoint.keep=2", "--config.train.eval_batches=0", *extra]
+
+
+def _env():
+  env = dict(os.environ)
+  env.pop("XLA_FLAGS", None)
+  env["JAX_PLATFORMS"] = "cpu"
+  return env
+
+
+class _Run:
+  """A main process whose stdout lines are collected by a thread."""
+
+  def __init__(self, cmd):
+    self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                 cwd=str(train_worker.ROOT), env=_env())
+    self.lines: list[str] = []
+    self._thread = threading.Thread(target=self._read, daemon=True)
+    self._thread.start()
+
+  def _read(self):
+    for line in self.proc.stdout:
+      self.lines.append(line.rstrip("\n"))
+
+  def wait_for(self, predicate, timeout=180.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+      if predicate():
+        return True
+      if self.proc.poll() is not None:
+        return predicate()
+      time.sleep(0.05)
+    raise AssertionError("timed out; output:\n" + "\n".join(self.lines[-40:]))
+
+  def finish(self, timeout=180.0) -> int:
+    rc = self.proc.wait(timeout=timeout)
+    self._thread.join(timeout=10)
+    return rc
+
+  @property
+  def text(self) -> str:
+    return "\n".join(self.lines)
+
+
+def _finalized_steps(workdir: pathlib.Path) -> list[int]:
+  ckpt = workdir / "checkpoints"
+  if not ckpt.exists():
+    return []
+  return sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit()
+                and (p / "state").exists())
+
+
+def _final_params(workdir: pathlib.Path) -> dict[str, np.ndarray]:
+  import orbax.checkpoint as ocp
+  step = max(_finalized_steps(workdir))
+  state = ocp.StandardCheckpointer().restore(workdir / "checkpoints" / str(step) / "state")
+  return step, {k: np.asarray(v) for k, v in state["params"].items()}
+
+
+def _tiny_config(tokenizer_dir, **train):
+  config = train_worker.tiny_config(tokenizer_dir, steps=STEPS, eval_batches=0, **train)
+  config.checkpoint.update(every=4, keep=2)
+  return config
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, tokenizer_dir):
+  """The reference run, in this process (same code path as main's train mode)."""
+  from jaxicd.train import trainer
+  workdir = tmp_path_factory.mktemp("straight")
+  lines = []
+  t = trainer.Trainer(_tiny_config(tokenizer_dir), workdir, print_fn=lines.append)
+  try:
+    summary = t.train()
+  finally:
+    t.close()
+  assert summary["status"] == "done" and summary["step"] == STEPS
+  return workdir, "\n".join(lines)
+
+
+def test_progress_lines_and_metrics(uninterrupted):
+  workdir, text = uninterrupted
+  assert f"step {STEPS}/{STEPS}" in text
+  assert "steps/s" in text and "tok/s" in text and "ETA" in text
+  assert "100% span / 0% doc" in text  # tiny.py trains on spans only
+  records = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+  steps = [r["step"] for r in records if "train/loss" in r]
+  assert steps == list(range(1, STEPS + 1))
+  assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
+  # Small-run overfit check: the loss falls (tiny random base: it cannot fall far).
+  losses = [r["train/loss"] for r in records if "train/loss" in r]
+  assert np.mean(losses[-4:]) < np.mean(losses[:4]) - 0.1, losses
+
+
+def test_checkpoint_holds_no_base_weights(uninterrupted):
+  import orbax.checkpoint as ocp
+  workdir, _ = uninterrupted
+  step, params = _final_params(workdir)
+  assert step == STEPS
+  assert params and all(".lora_" in k for k in params), sorted(params)
+  meta = json.loads((workdir / "checkpoints" / str(step) / "meta" / "metadata").read_text())
+  assert meta["base_fingerprint"]["kind"] == "preset"
+  assert meta["config"]["train"]["steps"] == STEPS
+  assert list((workdir / "checkpoints" / str(step) / "data_iter").glob("process_0-of-1.json"))
+  # keep=2: only the two newest checkpoints remain.
+  assert _finalized_steps(workdir) == [STEPS - 4, STEPS]
+  del ocp
+
+
+def test_sigkill_and_sigterm_resume_exactly(uninterrupted, tmp_path, tokenizer_dir):
+  workdir = tmp_path / "interrupted"
+  # 1) SIGKILL after the first checkpoint has been finalized.
+  run = _Run(_main_cmd(workdir, tokenizer_dir))
+  run.wait_for(lambda: _finalized_steps(workdir))
+  run.proc.send_signal(signal.SIGKILL)
+  run.finish()
+  killed_at = max(_finalized_steps(workdir))
+  assert killed_at < STEPS, "the run finished before it could be killed; raise STEPS"
+  # 2) Restart; stop it with SIGTERM (preemption) once it trained past the restored step.
+  run = _Run(_main_cmd(workdir, tokenizer_dir))
+  run.wait_for(lambda: any(l.startswith(f"step {killed_at + 2}/") for l in run.lines))
+  run.proc.send_signal(signal.SIGTERM)
+  assert run.finish() == 0, run.text
+  assert "resumed from" in run.text and f"at step {killed_at}" in run.text
+  preempted = [l for l in run.lines if l.startswith("preempted: saved checkpoint at step")]
+  if preempted:  # else it finished all steps before the signal arrived
+    step = int(re.search(r"at step (\d+)", preempted[0]).group(1))
+    assert step in _finalized_steps(workdir)
+    assert '"status": "preempted"' in run.text
+  # 3) Restart and finish.
+  run = _Run(_main_cmd(workdir, tokenizer_dir))
+  assert run.finish() == 0, run.text
+  _, expected = _final_params(uninterrupted[0])
+  step, got = _final_params(workdir)
+  assert step == STEPS
+  assert sorted(got) == sorted(expected)
+  for k in expected:
+    np.testing.assert_allclose(got[k], expected[k], rtol=0, atol=1e-7, err_msg=k)
+  assert any(not np.all(v == 0) for k, v in got.items() if k.endswith("lora_b"))
+
+
+def test_divergence_stops_with_clear_message_and_keeps_checkpoint(tmp_path, tokenizer_dir):
+  import orbax.checkpoint as ocp
+  from jaxicd.train import trainer
+  # An absurd learning rate blows the adapters up within a few steps.
+  config = _tiny_config(tokenizer_dir, lr=1e30, clip_norm=0.0)
+  config.checkpoint.every = 1
+  t = trainer.Trainer(config, tmp_path, print_fn=lambda s: None)
+  try:
+    with pytest.raises(trainer.TrainingDivergedError,
+                       match=r"non-finite loss .* at step \d+.*last good checkpoint \(step \d+\)"):
+      t.train()
+  finally:
+    t.close()
+  saved = _finalized_steps(tmp_path)
+  assert saved
+  for step in saved:  # every kept checkpoint is finite
+    state = ocp.StandardCheckpointer().restore(tmp_path / "checkpoints" / str(step) / "state")
+    assert all(np.all(np.isfinite(np.asarray(v))) for v in state["params"].values())
