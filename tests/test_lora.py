@@ -115,10 +115,10 @@ def test_dropout_only_in_train_mode(hf_dir):
   model = weights.build_model(str(path), lora=LoraConfig(rank=4, alpha=8.0, dropout=0.5))
   _randomize_b(model)
   tokens = _tokens()
-  a, b = np.asarray(model(tokens)), np.asarray(model(tokens))
+  a, b = np.asarray(_forward(model, tokens)), np.asarray(_forward(model, tokens))
   assert np.abs(a - b).max() > 1e-4  # fresh dropout masks per call
   model.eval()
-  c, d = np.asarray(model(tokens)), np.asarray(model(tokens))
+  c, d = np.asarray(_forward(model, tokens)), np.asarray(_forward(model, tokens))
   np.testing.assert_array_equal(c, d)
 
 

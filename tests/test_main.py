@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import pathlib
 import subprocess
 import sys
@@ -18,9 +17,7 @@ ROOT = train_worker.ROOT
 
 
 def _main(*args, timeout=300):
-  env = dict(os.environ)
-  env.pop("XLA_FLAGS", None)
-  env["JAX_PLATFORMS"] = "cpu"
+  env = train_worker.subprocess_env()
   return subprocess.run([sys.executable, "-m", "jaxicd.main", *args], capture_output=True,
                         text=True, cwd=str(ROOT), env=env, timeout=timeout)
 

@@ -28,6 +28,16 @@ def prompt_ids():
   return [tok.encode(p) for p in PROMPTS]
 
 
+@nnx.jit
+def _forward(model, tokens, positions=None, segment_ids=None):
+  return model(tokens, positions=positions, segment_ids=segment_ids)
+
+
+@nnx.jit
+def _forward_cached(model, tokens, cache, segment_ids=None):
+  return model(tokens, segment_ids=segment_ids, cache=cache)
+
+
 def _torch_logits(model, ids):
   import torch
   with torch.inference_mode():
@@ -42,7 +52,7 @@ def test_smollm2_logits_match_transformers(jax_smollm2, torch_smollm2, prompt_id
   for row, ids in enumerate(prompt_ids):
     tokens[row, :len(ids)] = ids
     segments[row, :len(ids)] = 1
-  logits = np.asarray(jax_smollm2(jnp.asarray(tokens), segment_ids=jnp.asarray(segments)))
+  logits = np.asarray(_forward(jax_smollm2, jnp.asarray(tokens), segment_ids=jnp.asarray(segments)))
   assert logits.shape == (len(prompt_ids), width, 49152) and logits.dtype == np.float32
   for row, ids in enumerate(prompt_ids):
     ref = _torch_logits(torch_smollm2, ids)
@@ -59,15 +69,15 @@ def test_packed_segments_equal_separate_runs(jax_smollm2, torch_smollm2, prompt_
   tokens = np.array([a + b + [0] * pad], np.int32)
   segments = np.array([[1] * len(a) + [2] * len(b) + [0] * pad], np.int32)
   positions = np.array([list(range(len(a))) + list(range(len(b))) + [0] * pad], np.int32)
-  packed = np.asarray(jax_smollm2(jnp.asarray(tokens), positions=jnp.asarray(positions),
-                                  segment_ids=jnp.asarray(segments)))[0]
-  alone_a = np.asarray(jax_smollm2(jnp.asarray([a], jnp.int32)))[0]
-  alone_b = np.asarray(jax_smollm2(jnp.asarray([b], jnp.int32)))[0]
+  packed = np.asarray(_forward(jax_smollm2, jnp.asarray(tokens), jnp.asarray(positions),
+                               jnp.asarray(segments)))[0]
+  alone_a = np.asarray(_forward(jax_smollm2, jnp.asarray([a], jnp.int32)))[0]
+  alone_b = np.asarray(_forward(jax_smollm2, jnp.asarray([b], jnp.int32)))[0]
   np.testing.assert_allclose(packed[:len(a)], alone_a, atol=5e-4)
   np.testing.assert_allclose(packed[len(a):len(a) + len(b)], alone_b, atol=5e-4)
   assert np.abs(packed[len(a):len(a) + len(b)] - _torch_logits(torch_smollm2, b)).max() <= 2e-3
   # Without segment ids the second prompt would see the first: the mask matters.
-  unpacked = np.asarray(jax_smollm2(jnp.asarray(tokens), positions=jnp.asarray(positions)))[0]
+  unpacked = np.asarray(_forward(jax_smollm2, jnp.asarray(tokens), jnp.asarray(positions)))[0]
   assert np.abs(unpacked[len(a):len(a) + len(b)] - alone_b).max() > 1e-2
 
 
@@ -104,7 +114,7 @@ def test_cached_decoding_matches_full_forward(tiny):
     for row in range(2):
       got[row].append(logits[row, 0])
   for row, n in enumerate(lengths):
-    ref = np.asarray(tiny(jnp.asarray(full[row:row + 1])))[0]
+    ref = np.asarray(_forward(tiny, jnp.asarray(full[row:row + 1])))[0]
     steps = np.stack(got[row])[:total - n + 1]
     np.testing.assert_allclose(steps, ref[n - 1:], atol=1e-5)
 
@@ -113,9 +123,9 @@ def test_cache_positions_and_segment_mask_with_left_context(tiny):
   # A cache filled by two calls equals one call over the concatenation.
   tokens = jnp.asarray(np.random.RandomState(1).randint(1, 512, (1, 10)), jnp.int32)
   cache = llama.init_cache(tiny.cfg, 1, 10)
-  first, cache = tiny(tokens[:, :6], cache=cache)
-  second, cache = tiny(tokens[:, 6:], cache=cache)
-  full = tiny(tokens)
+  first, cache = _forward_cached(tiny, tokens[:, :6], cache)
+  second, cache = _forward_cached(tiny, tokens[:, 6:], cache)
+  full = _forward(tiny, tokens)
   np.testing.assert_allclose(np.concatenate([first, second], 1), full, atol=1e-5)
   assert int(cache.lengths[0]) == 10
 
@@ -129,7 +139,7 @@ def test_remat_changes_neither_logits_nor_grads(tiny, remat):
   def loss(model):
     return jnp.mean(jax.nn.log_softmax(model(tokens))[..., 0])
 
-  g_ref = nnx.grad(loss)(tiny)
+  g_ref = nnx.jit(nnx.grad(loss))(tiny)
   g_remat = nnx.jit(nnx.grad(loss))(other)
   for a, b in zip(jax.tree.leaves(g_ref), jax.tree.leaves(g_remat)):
     np.testing.assert_allclose(a, b, atol=1e-6)
@@ -142,9 +152,9 @@ def test_bfloat16_policy(tiny):
   nnx.update(model, jax.tree.map(lambda x: x.astype(jnp.bfloat16), nnx.state(tiny)))
   assert model.layers.q.kernel.get_value().dtype == jnp.bfloat16
   tokens = jnp.asarray(np.random.RandomState(3).randint(1, 512, (2, 9)), jnp.int32)
-  logits = model(tokens)
+  logits = _forward(model, tokens)
   assert logits.dtype == jnp.float32
-  ref = tiny(tokens)
+  ref = _forward(tiny, tokens)
   assert float(jnp.abs(logits - ref).max()) < 0.05 * float(jnp.abs(ref).max()) + 0.02
 
 
@@ -155,3 +165,18 @@ def test_every_param_has_logical_axes(tiny):
     axes = llama.logical_axes(var)
     assert axes is not None and len(axes) == var.get_value().ndim, path
     assert set(axes) <= known, (path, axes)
+
+
+# Published parameter counts of the checkpoints the presets describe (model cards / safetensors
+# metadata): a wrong width, tie or bias flag in a preset shows up here.
+PUBLISHED_PARAMS = {"smollm2-135m": 134_515_008, "llama-3.2-1b": 1_235_814_400,
+                    "llama-3.2-3b": 3_212_749_824, "llama-3.1-8b": 8_030_261_248,
+                    "qwen2.5-7b": 7_615_616_512}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_PARAMS))
+def test_preset_parameter_counts(name):
+  cfg = preset(name)
+  abstract = nnx.eval_shape(lambda: llama.Llama(cfg, rngs=nnx.Rngs(0)))
+  count = sum(x.size for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
+  assert count == PUBLISHED_PARAMS[name]

@@ -76,6 +76,12 @@ def test_loss_and_grads_match_single_device(parity):
   assert parity["max_grad_abs"] > 1e-4
 
 
+def test_gradient_accumulation_equals_one_big_batch(parity):
+  # Microbatches of 4 rows on the (2, 2, 2) mesh: their rows split over data x fsdp = 4 shards.
+  assert parity["accum_loss_diff"] <= 1e-5
+  assert parity["accum_max_grad_diff"] <= 1e-5
+
+
 # Hand-derived from the model's logical axes (jaxicd.model.llama) and DEFAULT_RULES.
 EXPECTED_LORA = {
     "q": ("P(None, 'fsdp', None)", "P(None, None, 'tensor')"),

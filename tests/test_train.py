@@ -8,7 +8,6 @@ optimizer state, the step and the grain iterator state all restored.
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import re
 import signal
@@ -39,10 +38,7 @@ def _main_cmd(workdir, tokenizer_dir, *extra):
 
 
 def _env():
-  env = dict(os.environ)
-  env.pop("XLA_FLAGS", None)
-  env["JAX_PLATFORMS"] = "cpu"
-  return env
+  return train_worker.subprocess_env()
 
 
 class _Run:

@@ -12,6 +12,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import tempfile
 from typing import Any
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -53,12 +54,26 @@ def tiny_config(tokenizer_dir: str | os.PathLike, **train_overrides):
   return config
 
 
-def worker_env(devices: int = 8) -> dict[str, str]:
+def subprocess_env(devices: int | None = None) -> dict[str, str]:
+  """Environment of a child JAX process: CPU, optional fake devices, a shared compile cache.
+
+  The persistent compilation cache lets the many short runs of the tests reuse each other's
+  compiled steps (the tiny model's programs are identical across runs).
+  """
   env = dict(os.environ)
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  env.pop("XLA_FLAGS", None)
+  if devices:
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
   env["JAX_PLATFORMS"] = "cpu"
+  env["JAX_COMPILATION_CACHE_DIR"] = str(pathlib.Path(tempfile.gettempdir())
+                                         / "jaxicd-tests-xla-cache")
+  env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
   env.setdefault("PYTHONPATH", str(ROOT))
   return env
+
+
+def worker_env(devices: int = 8) -> dict[str, str]:
+  return subprocess_env(devices)
 
 
 def run_worker(scenario: str, args: dict[str, Any], *, devices: int = 8,
@@ -128,6 +143,17 @@ def scenario_parity(args: dict[str, Any]) -> dict[str, Any]:
   out["max_grad_abs"] = max(float(np.max(np.abs(g))) for g in results["single"][1].values())
   out["grads_nonzero"] = sum(int(np.any(g != 0)) for g in results["single"][1].values())
   out["num_params"] = len(results["single"][1])
+
+  # Gradient accumulation: 2 microbatches of 4 rows == one batch of 8 rows (same normalisation).
+  mesh = shd.make_mesh(dict(data=2, fsdp=2, tensor=2))
+  fns2 = trainer.StepFunctions(parts, tx, mesh, grad_accum=2)
+  halves = {k: np.stack([v[:4], v[4:]]) for k, v in batch.items() if k in trainer.BATCH_FIELDS}
+  loss2, grads2 = fns2.grads(fns2.place_params(parts.params), fns2.place_base(parts.base),
+                             fns2.place_rest(parts.rest), fns2.place_batch(halves))
+  out["accum_loss_diff"] = abs(float(loss2) - results["single"][0])
+  out["accum_max_grad_diff"] = max(
+      float(np.max(np.abs(np.asarray(v) - results["single"][1][k])))
+      for k, v in jax.device_get(grads2).items())
 
   # Overfit one batch on the (2, 2, 2) mesh; base weights must stay bit-identical.
   mesh = shd.make_mesh(dict(data=2, fsdp=2, tensor=2))

@@ -208,6 +208,7 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 def _linear(p: dict[str, jax.Array], x: jax.Array, lora_scale: float,
             dropout: tuple[float, jax.Array] | None) -> jax.Array:
+  """``x @ kernel + bias + scale * (dropout(x) @ lora_a) @ lora_b``."""
   dtype = x.dtype
   y = jnp.einsum("btd,df->btf", x, p["kernel"].astype(dtype))
   if "bias" in p:

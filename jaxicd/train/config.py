@@ -40,7 +40,8 @@ def base_config() -> ml_collections.ConfigDict:
       steps=100, lr=2e-4, warmup_steps=10, final_lr_fraction=0.1, weight_decay=0.0,
       b1=0.9, b2=0.999, eps=1e-8, clip_norm=1.0,
       grad_accum=1,                  # microbatches per optimizer step (same global batch each)
-      log_every=10, eval_every=0, eval_batches=4))
+      log_every=10, eval_every=0, eval_batches=4,
+      eval_at_start=False))          # val loss before the first step of a fresh run
 
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   # Multi-host: jax.distributed.initialize() (TPU pods discover the rest themselves).

@@ -12,7 +12,6 @@ only, so Orbax, optax and sharding trees handle it without special cases.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import math
 import os
@@ -349,8 +348,11 @@ class Trainer:
     self.rules = tuple(tuple(r) for r in cfg.get("rules", None) or shd.DEFAULT_RULES)
     t0 = time.time()
     if model is None:
+      # One device: load plainly (no jitted, sharded init to compile); else place each weight
+      # on its shards as it loads, so no host holds a full copy of a large model.
+      load_mesh = self.mesh if self.mesh.size > 1 else None
       with jax.set_mesh(self.mesh):
-        model, tokenizer = load_model_and_tokenizer(cfg, self.mesh, self.rules)
+        model, tokenizer = load_model_and_tokenizer(cfg, load_mesh, self.rules)
     self.tokenizer = tokenizer
     self.parts = split_model(model, self.rules)
     del model
@@ -480,6 +482,8 @@ class Trainer:
                f"devices, {jax.process_count()} processes); "
                f"{sum(v.size for v in self.parts.params.values()):,} LoRA params; "
                f"model+tokenizer loaded in {self.load_seconds:.1f}s")
+    if start_step == 0 and cfg.train.get("eval_at_start", False):
+      self._run_eval(writer)
     status = "done"
     history: list[dict] = []
     window = dict(tokens=0.0, steps=0, span=0.0, doc=0.0, t=time.time())
@@ -623,10 +627,13 @@ def run_eval(cfg, workdir: str) -> dict[str, float]:
     step = trainer.restore_latest(with_data=False)
     result = trainer.evaluate()
     result["step"] = step or 0
-    trainer.print(f"eval (checkpoint step {step}): val loss {result['loss']:.4f}  "
+    where = (f"checkpoint step {step}" if step is not None
+             else "no checkpoint in the workdir: base model, adapters untrained")
+    trainer.print(f"eval ({where}): val loss {result['loss']:.4f}  "
                   f"acc {result['accuracy']:.3f} over {result['batches']} batches")
-    MetricsWriter(trainer.workdir, enabled=trainer.is_chief).write(
-        step or 0, result, prefix="eval/")
+    writer = MetricsWriter(trainer.workdir, enabled=trainer.is_chief)
+    writer.write(step or 0, result, prefix="eval/")
+    writer.close()
     return result
   finally:
     trainer.close()

@@ -1,0 +1,237 @@
+"""The document coder: note -> windows -> generated `CODE | quote` lines -> grounded codes.
+
+`Coder.code_documents(docs)` splits every note into overlapping prompt windows
+(`pipeline.inference_windows`), generates answers for all windows in batches (longest prompts
+first, so batches share a prompt-length bucket), parses each answer against its window text
+(`prompts.parse_output`), maps quote offsets back to the full note and merges the windows:
+
+* one `CodedEvidence` per (code, distinct grounded span); a code whose quotes were never found
+  in the note (or that came without a quote) gets one entry with ``begin = end = -1`` and the
+  model's quote, and only when it has no grounded evidence at all;
+* **score** of a code = the highest, over the lines that predicted it (any window), of
+  ``exp(mean log-prob of the code's tokens)`` under the model's unconstrained distribution: the
+  model's confidence in spelling that code, in (0, 1]. Every entry of a code carries its score.
+  (Constrained decoding masks the logits, but the score uses the raw model probabilities, so a
+  code the grammar forced gets a low score.)
+
+Entries are ordered by score (descending), then code, then offset. `Coder.stats` counts what
+happened (windows, lines, invalid and ungrounded lines, generations cut at ``max_new_tokens``)
+for `jaxicd.eval.metrics.output_rates`. Logs show counts and speed, never note text.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import math
+import time
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from jaxicd.data import pipeline, prompts
+from jaxicd.data.records import Document
+from jaxicd.infer import generate as generate_lib
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class CodedEvidence:
+  """A predicted code with one piece of evidence in the document.
+
+  ``begin``/``end``: half-open character offsets into ``Document.text``, or -1/-1 when the quote
+  was not found (or the model gave none). ``quote``: the note text at the offsets when grounded,
+  else the model's quote. ``score``: the code's score (see the module docstring).
+  """
+
+  code: str
+  begin: int
+  end: int
+  quote: str
+  score: float
+
+  @property
+  def grounded(self) -> bool:
+    return self.begin >= 0
+
+
+def code_scores(evidence: Sequence[CodedEvidence]) -> dict[str, float]:
+  """Code -> score of one document's predictions."""
+  out: dict[str, float] = {}
+  for ev in evidence:
+    out[ev.code] = max(out.get(ev.code, -math.inf), ev.score)
+  return out
+
+
+@dataclasses.dataclass
+class _Line:
+  code: str | None
+  score: float
+
+
+def line_scores(token_texts: Sequence[str], logprobs: Sequence[float]) -> list[_Line]:
+  """Splits generated tokens into answer lines; scores each line's code tokens.
+
+  A line's code tokens are the tokens that start before the end of its code part (the text
+  before ``|``, or the whole line); the score is exp(mean log-prob) over them.
+  """
+  from jaxicd.ontology import normalize_code  # pylint: disable=import-outside-toplevel
+
+  lines: list[_Line] = []
+  text, lps = "", []
+
+  def close() -> None:
+    stripped = text.strip()
+    if not stripped:
+      return
+    code_part = stripped.split("|", 1)[0].strip()
+    code_end = text.index(code_part) + len(code_part) if code_part else 0
+    pos, chosen = 0, []
+    for piece, lp in lps:
+      if pos < code_end:
+        chosen.append(lp)
+      pos += len(piece)
+    try:
+      code = normalize_code(code_part.split()[0].rstrip(":,.")) if code_part else None
+      if code is not None and not code[1].isdigit():  # "NONE", prose (as parse_output rules)
+        code = None
+    except ValueError:
+      code = None
+    lines.append(_Line(code, float(math.exp(np.mean(chosen))) if chosen else 0.0))
+
+  for piece, lp in zip(token_texts, logprobs):
+    while "\n" in piece:
+      head, piece = piece.split("\n", 1)
+      text += head
+      if head:
+        lps.append((head, lp))
+      close()
+      text, lps = "", []
+    if piece:  # the empty rest of a newline token belongs to no line
+      text += piece
+      lps.append((piece, lp))
+  close()
+  return lines
+
+
+GenerateFn = Callable[[list[np.ndarray]], generate_lib.Generation]
+
+
+class Coder:
+  """Codes documents with a (fine-tuned) model.
+
+  Args:
+    model: a `jaxicd.model.llama.Llama` (base, LoRA or merged parameters).
+    tokenizer: its `Tokenizer`.
+    code_space: codes (a sequence) or a spec for `Ontology.code_space` ("all", "demo", a file).
+    seq_len: prompt + answer tokens per window.
+    window_overlap: overlap of consecutive windows, in tokens.
+    max_new_tokens: answer budget per window.
+    batch_size: windows per generation call.
+    constrained: decode with the code-space grammar (`generate.build_constraint`).
+    bucket: prompt-length bucket (compilations are per bucket).
+    temperature, seed: sampling (0 = greedy).
+    generate_fn: replaces the model call (tests): prompts -> `Generation`.
+  """
+
+  def __init__(self, model: Any, tokenizer: Any, *, code_space: Sequence[str] | str = "demo",
+               seq_len: int = 1024, window_overlap: int = 128, max_new_tokens: int = 128,
+               batch_size: int = 8, constrained: bool = True, bucket: int = 64,
+               temperature: float = 0.0, seed: int = 0,
+               generate_fn: GenerateFn | None = None):
+    if isinstance(code_space, str):
+      from jaxicd.ontology import get_ontology  # pylint: disable=import-outside-toplevel
+      code_space = get_ontology().code_space(code_space)
+    self.model, self.tokenizer = model, tokenizer
+    self.code_space = tuple(code_space)
+    self._valid = frozenset(self.code_space)
+    self.seq_len, self.window_overlap = seq_len, window_overlap
+    self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
+    self.constraint = (generate_lib.build_constraint(tokenizer, self.code_space)
+                       if constrained and generate_fn is None else None)
+    self.stop_ids = sorted({i for i in (tokenizer.end_of_turn_id,
+                                        getattr(tokenizer, "eos_id", None)) if i is not None})
+    self.bucket, self.temperature, self.seed = bucket, temperature, seed
+    self._generate = generate_fn or self._model_generate
+    self._calls = 0
+    self.stats: collections.Counter[str] = collections.Counter()
+
+  def _model_generate(self, batch: list[np.ndarray]) -> generate_lib.Generation:
+    import jax  # pylint: disable=import-outside-toplevel
+    self._calls += 1
+    key = jax.random.fold_in(jax.random.key(self.seed), self._calls) if self.temperature else None
+    return generate_lib.generate(
+        self.model, batch, max_new_tokens=self.max_new_tokens, stop_ids=self.stop_ids,
+        pad_id=self.tokenizer.pad_id or 0, constraint=self.constraint,
+        temperature=self.temperature, key=key, bucket=self.bucket, batch_size=self.batch_size)
+
+  def code_documents(self, docs: Sequence[Document]) -> list[list[CodedEvidence]]:
+    """Codes each document; returns its evidence list (see `CodedEvidence`), in `docs` order."""
+    t0 = time.perf_counter()
+    windows: list[tuple[int, pipeline.DocumentWindow]] = []
+    for d, doc in enumerate(docs):
+      for w in pipeline.inference_windows(doc, self.tokenizer, seq_len=self.seq_len,
+                                          window_overlap=self.window_overlap,
+                                          max_new_tokens=self.max_new_tokens):
+        windows.append((d, w))
+    self.stats.update(documents=len(docs), windows=len(windows))
+    order = sorted(range(len(windows)), key=lambda i: -len(windows[i][1].tokens))
+    per_doc: list[list[tuple[list[prompts.Prediction], list[_Line]]]] = [[] for _ in docs]
+    generated = 0
+    for lo in range(0, len(order), self.batch_size):
+      idx = order[lo:lo + self.batch_size]
+      gen = self._generate([windows[i][1].tokens for i in idx])
+      for row, i in enumerate(idx):
+        d, w = windows[i]
+        per_doc[d].append(self._read_window(docs[d], w, gen, row))
+        generated += int(gen.lengths[row])
+      done = lo + len(idx)
+      elapsed = time.perf_counter() - t0
+      log.info("coded %d/%d windows (%d documents), %d tokens generated, %.1f tokens/s",
+               done, len(order), len(docs), generated, generated / max(elapsed, 1e-9))
+    self.stats.update(generated_tokens=generated)
+    self.stats["seconds"] += time.perf_counter() - t0
+    return [self._merge(doc, parts) for doc, parts in zip(docs, per_doc)]
+
+  def _read_window(self, doc: Document, w: pipeline.DocumentWindow,
+                   gen: generate_lib.Generation, row: int):
+    ids = gen.row(row)
+    self.stats["truncated_generations"] += int(not gen.stopped[row])
+    text = self.tokenizer.decode(ids)
+    parsed = prompts.parse_output(text, doc.text[w.begin:w.end], self._valid)
+    for _, reason in parsed.rejected:
+      self.stats["rejected_" + reason.split()[0]] += 1  # malformed / invalid / duplicate
+    n_quoted = sum(bool(p.quote) for p in parsed.predictions)
+    self.stats.update(predicted_lines=len(parsed.predictions), quoted_lines=n_quoted,
+                      grounded_lines=n_quoted - parsed.ungrounded, none_answers=int(parsed.none))
+    pieces = [self.tokenizer.decode([t]) for t in ids]
+    lines = line_scores(pieces, gen.logprobs[row, :len(ids)].tolist())
+    shifted = [dataclasses.replace(p, begin=p.begin + w.begin, end=p.end + w.begin)
+               if p.grounded else p for p in parsed.predictions]
+    return shifted, lines
+
+  def _merge(self, doc: Document, parts) -> list[CodedEvidence]:
+    scores: dict[str, float] = {}
+    for _, lines in parts:
+      for ln in lines:
+        if ln.code is not None:
+          scores[ln.code] = max(scores.get(ln.code, 0.0), ln.score)
+    spans: dict[str, dict[tuple[int, int], None]] = {}
+    loose_quote: dict[str, str] = {}
+    for preds, _ in parts:
+      for p in preds:
+        if p.grounded:
+          spans.setdefault(p.code, {})[(p.begin, p.end)] = None
+        elif p.code not in loose_quote or (p.quote and not loose_quote[p.code]):
+          loose_quote[p.code] = p.quote
+    out = []
+    for code in set(spans) | set(loose_quote):
+      score = scores.get(code, 0.0)
+      if code in spans:
+        out += [CodedEvidence(code, b, e, doc.text[b:e], score) for b, e in spans[code]]
+      else:
+        out.append(CodedEvidence(code, -1, -1, loose_quote[code], score))
+    out.sort(key=lambda ev: (-ev.score, ev.code, ev.begin, ev.end))
+    return out

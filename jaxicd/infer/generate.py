@@ -1,0 +1,421 @@
+"""Batched, jitted text generation with a KV cache, and code-constrained decoding.
+
+`generate(model, prompts, ...)` runs one jitted function: a prefill of all prompts (right-padded
+to a length bucket, ``segment_ids`` 1 on real tokens) that fills a `KVCache`, then a
+``jax.lax.while_loop`` of one-token steps whose carry is a small `_LoopState` (token buffer,
+cache, step, done flags, per-row answer-grammar state). Rows stop at a stop token (end-of-turn /
+eos) or after ``max_new_tokens``; the loop ends when every row is done.
+
+The model enters the jitted function as ``nnx.split(model)``: the graphdef is static and the
+state is an argument, so one compiled function serves any parameters of the same structure (a
+LoRA checkpoint restored from Orbax, merged weights, ...). Compilation happens once per
+(graphdef, batch, prompt-length bucket, max_new_tokens, constrained, sampling); prompt lengths
+are rounded up to a multiple of ``bucket`` so documents of varied length reuse the compilation.
+
+Code-constrained decoding (`CodeConstraint`) enforces the answer grammar of
+`jaxicd.data.prompts`: every line starts with a code of the configured code space (or ``NONE``
+as the only line), spelled with exactly the tokens ``prompts.code_token_ids`` gives; after a
+complete code the model may write the separator token (`` |``, then a free quote up to a
+newline), a newline (next code) or a stop token. The code set is a token trie stored sparsely
+as CSR arrays (per state a sorted slice of (token, next state) edges): a dense
+``[states, vocab]`` table for the 74,719 billable codes would need ~200k x 49k entries, and
+padding every state to the maximum fan-out wastes most of the memory because only the roots
+fan out widely. Inside jit the edges of each row's state are read as a fixed window of
+``max_fanout`` entries from the flat edge arrays and scattered into a ``[batch, vocab]`` mask.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import time
+from typing import Any, Iterable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxicd.model import llama as llama_lib
+
+log = logging.getLogger(__name__)
+
+FREE = 0   # trie state 0: inside a quote, any token except those that break the line format
+ROOT = 1   # trie state 1: the start of an answer line
+# Values of CodeConstraint.terminal: what a trie state completes.
+_NOT_TERMINAL, _CODE, _NONE = 0, 1, 2
+
+
+# --------------------------------------------------------------------------------------------
+# The code trie and the answer grammar
+# --------------------------------------------------------------------------------------------
+
+
+class ConstraintArrays(NamedTuple):
+  """The device arrays of a `CodeConstraint` (a pytree; a jit argument)."""
+
+  edge_start: jax.Array   # int32 [S + 1]: edges of state s are [edge_start[s], edge_start[s+1])
+  edge_token: jax.Array   # int32 [E + max_fanout]: sorted per state; padded so windows fit
+  edge_next: jax.Array    # int32 [E + max_fanout]
+  terminal: jax.Array     # int8 [S]: 0 inner state, 1 a code ends here, 2 NONE ends here
+  none_only: jax.Array    # bool [S]: only NONE lies below (forbidden after the first line)
+  free_mask: jax.Array    # bool [V]: tokens allowed inside a quote
+  line_break: jax.Array   # bool [V]: tokens that end a quote line (text ends with one "\n")
+  separator: jax.Array    # int32 []: the " |" token after a code
+  newline: jax.Array      # int32 []: the "\n" token after a bare code
+
+
+@dataclasses.dataclass
+class CodeConstraint:
+  """The answer grammar over a code space, built by `build_constraint`.
+
+  Attributes:
+    codes: the code space (without NONE).
+    arrays: numpy arrays (see `ConstraintArrays`); `device_arrays()` puts them on device.
+    max_fanout: the widest state (the window read per row and step).
+    num_states, num_edges: trie size (state 0 is the free-text state, 1 the line root).
+    build_seconds, nbytes: cost of building it (reported by bench/decode.py).
+  """
+
+  codes: tuple[str, ...]
+  arrays: ConstraintArrays
+  max_fanout: int
+  num_states: int
+  num_edges: int
+  build_seconds: float
+  nbytes: int
+  _device: ConstraintArrays | None = dataclasses.field(default=None, repr=False)
+
+  def device_arrays(self, vocab_size: int) -> ConstraintArrays:
+    """Arrays on device, token masks padded with False up to the model's `vocab_size`."""
+    if self._device is None or self._device.free_mask.shape[0] != vocab_size:
+      a = self.arrays
+      v = a.free_mask.shape[0]
+      if vocab_size < v:
+        raise ValueError(f"the model's vocab_size {vocab_size} is smaller than the tokenizer's "
+                         f"{v}")
+      pad = lambda m: np.concatenate([m, np.zeros(vocab_size - v, bool)])
+      self._device = jax.tree.map(jnp.asarray, a._replace(
+          free_mask=pad(a.free_mask), line_break=pad(a.line_break)))
+    return self._device
+
+  def sequences(self) -> set[tuple[int, ...]]:
+    """Every token sequence the trie accepts as a complete line head (for tests/debugging)."""
+    a = self.arrays
+    out: set[tuple[int, ...]] = set()
+    stack: list[tuple[int, tuple[int, ...]]] = [(ROOT, ())]
+    while stack:
+      s, path = stack.pop()
+      if a.terminal[s] != _NOT_TERMINAL:
+        out.add(path)
+      for e in range(a.edge_start[s], a.edge_start[s + 1]):
+        stack.append((int(a.edge_next[e]), path + (int(a.edge_token[e]),)))
+    return out
+
+
+def _token_texts(tokenizer: Any) -> tuple[list[str], np.ndarray]:
+  """Decoded text of every token id, and which ids are special (vanish when skipped)."""
+  ids = [[i] for i in range(tokenizer.vocab_size)]
+  backend = tokenizer.backend
+  texts = backend.decode_batch(ids, skip_special_tokens=False)
+  plain = backend.decode_batch(ids, skip_special_tokens=True)
+  special = np.array([bool(t) and not p for t, p in zip(texts, plain)])
+  return texts, special
+
+
+def build_constraint(tokenizer: Any, codes: Iterable[str], *, allow_none: bool = True
+                     ) -> CodeConstraint:
+  """Builds the answer grammar for `codes` (e.g. ``ontology.code_space(spec)``).
+
+  Args:
+    tokenizer: a `jaxicd.model.tokenizer.Tokenizer` (or any object with ``encode``, ``decode``,
+      ``vocab_size``, ``backend.decode_batch`` and ``end_of_turn_id``).
+    codes: the code space; each code is tokenized with `prompts.code_token_ids`.
+    allow_none: whether ``NONE`` (alone, on the first line) may be answered.
+
+  Raises:
+    ValueError: an empty code space, or a separator / newline that is not one token.
+  """
+  from jaxicd.data import prompts  # pylint: disable=import-outside-toplevel
+
+  t0 = time.perf_counter()
+  codes = tuple(dict.fromkeys(codes))
+  if not codes:
+    raise ValueError("build_constraint: the code space is empty")
+  sequences = [prompts.code_token_ids(tokenizer, c) for c in codes]
+  for code, seq in zip(codes, sequences):
+    if not seq:
+      raise ValueError(f"build_constraint: code {code!r} tokenizes to nothing")
+  none_seq = prompts.code_token_ids(tokenizer, prompts.NONE) if allow_none else None
+
+  # Trie as dict-of-dicts, then flattened to CSR. State 0 = FREE, 1 = ROOT.
+  children: list[dict[int, int]] = [{}, {}]
+  terminal: list[int] = [_NOT_TERMINAL, _NOT_TERMINAL]
+  has_code_below: list[bool] = [False, True]
+
+  def insert(seq: Sequence[int], kind: int) -> None:
+    s = ROOT
+    for tok in seq:
+      nxt = children[s].get(tok)
+      if nxt is None:
+        nxt = len(children)
+        children[s][tok] = nxt
+        children.append({})
+        terminal.append(_NOT_TERMINAL)
+        has_code_below.append(False)
+      s = nxt
+      if kind == _CODE:
+        has_code_below[s] = True
+    terminal[s] = max(terminal[s], kind)  # a code shadows NONE if both spell the same tokens
+
+  for seq in sequences:
+    insert(seq, _CODE)
+  if none_seq is not None:
+    insert(none_seq, _NONE)
+
+  num_states = len(children)
+  counts = np.array([len(c) for c in children], np.int64)
+  edge_start = np.zeros(num_states + 1, np.int64)
+  np.cumsum(counts, out=edge_start[1:])
+  num_edges = int(edge_start[-1])
+  max_fanout = int(counts.max())
+  edge_token = np.zeros(num_edges + max_fanout, np.int32)
+  edge_next = np.zeros(num_edges + max_fanout, np.int32)
+  for s, c in enumerate(children):
+    if c:
+      items = sorted(c.items())
+      b = edge_start[s]
+      edge_token[b:b + len(items)] = [t for t, _ in items]
+      edge_next[b:b + len(items)] = [n for _, n in items]
+
+  texts, special = _token_texts(tokenizer)
+  n_newlines = np.array([t.count("\n") for t in texts])
+  line_break = (~special) & (n_newlines == 1) & np.array([t.endswith("\n") for t in texts])
+  stops = [i for i in (tokenizer.end_of_turn_id, getattr(tokenizer, "eos_id", None))
+           if i is not None]
+  free_mask = (~special) & ((n_newlines == 0) | line_break)
+  free_mask[stops] = True
+  sep = tokenizer.encode(prompts.SEPARATOR.rstrip())
+  newline = tokenizer.encode("\n")
+  if len(sep) != 1 or len(newline) != 1:
+    raise ValueError(f"build_constraint: {prompts.SEPARATOR.rstrip()!r} -> {sep} and '\\n' -> "
+                     f"{newline} must each be one token for constrained decoding")
+  arrays = ConstraintArrays(
+      edge_start=edge_start.astype(np.int32), edge_token=edge_token, edge_next=edge_next,
+      terminal=np.asarray(terminal, np.int8), none_only=~np.asarray(has_code_below),
+      free_mask=free_mask, line_break=line_break,
+      separator=np.int32(sep[0]), newline=np.int32(newline[0]))
+  arrays.none_only[[FREE, ROOT]] = False
+  nbytes = sum(np.asarray(x).nbytes for x in arrays)
+  seconds = time.perf_counter() - t0
+  log.info("code trie: %d codes, %d states, %d edges, max fan-out %d, %.1f MB, %.2f s",
+           len(codes), num_states, num_edges, max_fanout, nbytes / 1e6, seconds)
+  return CodeConstraint(codes, arrays, max_fanout, num_states, num_edges, seconds, nbytes)
+
+
+def _allowed_tokens(ca: ConstraintArrays, max_fanout: int, state: jax.Array, first: jax.Array,
+                    stop_ids: jax.Array, vocab: int):
+  """Mask bool [B, V] of tokens allowed next, and each row's trie edges (for the transition)."""
+  B = state.shape[0]
+  start = ca.edge_start[state]
+  count = ca.edge_start[state + 1] - start
+  window = jnp.arange(max_fanout, dtype=jnp.int32)
+  idx = start[:, None] + window[None, :]
+  toks, nxt = ca.edge_token[idx], ca.edge_next[idx]
+  ok = (window[None, :] < count[:, None]) & ~(ca.none_only[nxt] & ~first[:, None])
+  rows = jnp.arange(B)[:, None]
+  mask = jnp.zeros((B, vocab), bool).at[rows, jnp.where(ok, toks, vocab)].set(True, mode="drop")
+  term = ca.terminal[state]
+  code_end, any_end = term == _CODE, term != _NOT_TERMINAL
+  mask = mask.at[:, ca.separator].set(mask[:, ca.separator] | code_end)
+  mask = mask.at[:, ca.newline].set(mask[:, ca.newline] | code_end)
+  mask = mask.at[:, stop_ids].set(mask[:, stop_ids] | any_end[:, None])
+  mask = jnp.where((state == FREE)[:, None], ca.free_mask[None, :], mask)
+  return mask, toks, nxt, ok
+
+
+def _advance(ca: ConstraintArrays, state, first, tok, toks, nxt, ok):
+  """Grammar state after emitting `tok` (one per row)."""
+  match = ok & (toks == tok[:, None])
+  in_trie = match.any(axis=1)
+  child = jnp.sum(jnp.where(match, nxt, 0), axis=1)
+  breaks = ca.line_break[tok]
+  trie_next = jnp.where(in_trie, child,
+                        jnp.where(tok == ca.separator, FREE, jnp.where(breaks, ROOT, state)))
+  new_state = jnp.where(state == FREE, jnp.where(breaks, ROOT, FREE), trie_next)
+  return new_state.astype(jnp.int32), first & ~breaks
+
+
+# --------------------------------------------------------------------------------------------
+# The jitted prefill + decode loop
+# --------------------------------------------------------------------------------------------
+
+
+class _LoopState(NamedTuple):
+  step: jax.Array         # int32 []: tokens emitted so far (all rows)
+  last: jax.Array         # int32 [B]: the token fed next
+  cache: llama_lib.KVCache
+  tokens: jax.Array       # int32 [B, max_new]
+  logprobs: jax.Array     # float32 [B, max_new]: log p(token) under the unconstrained model
+  lengths: jax.Array      # int32 [B]: tokens generated (the stop token included)
+  done: jax.Array         # bool [B]
+  grammar: jax.Array      # int32 [B]: trie state (FREE / ROOT / inside a code)
+  first_line: jax.Array   # bool [B]
+  key: jax.Array
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "sample",
+                                             "max_fanout"))
+def _generate_jit(graphdef, params, prompt_tokens, prompt_lengths, constraint, stop_ids, pad_id,
+                  temperature, key, *, max_new_tokens: int, sample: bool, max_fanout: int):
+  model = nnx.merge(graphdef, params)
+  model.deterministic = True  # no LoRA dropout while decoding
+  cfg = model.cfg
+  B, P = prompt_tokens.shape
+  vocab = cfg.vocab_size
+  cache = llama_lib.init_cache(cfg, B, P + max_new_tokens)
+  segment_ids = (jnp.arange(P)[None, :] < prompt_lengths[:, None]).astype(jnp.int32)
+  logits, cache = model(prompt_tokens, segment_ids=segment_ids, cache=cache)
+  logits = logits[jnp.arange(B), jnp.maximum(prompt_lengths - 1, 0)]
+
+  def emit(s: _LoopState, logits: jax.Array) -> _LoopState:
+    key, sub = jax.random.split(s.key)
+    if constraint is not None:
+      mask, toks, nxt, ok = _allowed_tokens(constraint, max_fanout, s.grammar, s.first_line,
+                                            stop_ids, vocab)
+      masked = jnp.where(mask, logits, -jnp.inf)
+    else:
+      masked = logits
+    if sample:
+      tok = jax.random.categorical(sub, masked / temperature, axis=-1).astype(jnp.int32)
+    else:
+      tok = jnp.argmax(masked, axis=-1).astype(jnp.int32)
+    tok = jnp.where(s.done, pad_id, tok)
+    logp = jnp.take_along_axis(jax.nn.log_softmax(logits), tok[:, None], axis=1)[:, 0]
+    grammar, first = s.grammar, s.first_line
+    if constraint is not None:
+      grammar, first = _advance(constraint, grammar, first, tok, toks, nxt, ok)
+    active = ~s.done
+    return s._replace(
+        step=s.step + 1, last=tok, key=key,
+        tokens=s.tokens.at[:, s.step].set(tok),
+        logprobs=s.logprobs.at[:, s.step].set(jnp.where(active, logp, 0.0)),
+        lengths=s.lengths + active.astype(jnp.int32),
+        done=s.done | jnp.isin(tok, stop_ids),
+        grammar=grammar, first_line=first)
+
+  state = _LoopState(
+      step=jnp.int32(0), last=jnp.zeros((B,), jnp.int32), cache=cache,
+      tokens=jnp.full((B, max_new_tokens), pad_id, jnp.int32),
+      logprobs=jnp.zeros((B, max_new_tokens), jnp.float32),
+      lengths=jnp.zeros((B,), jnp.int32), done=prompt_lengths <= 0,
+      grammar=jnp.full((B,), ROOT, jnp.int32), first_line=jnp.ones((B,), bool), key=key)
+  state = emit(state, logits)
+
+  def cond(s: _LoopState):
+    return (s.step < max_new_tokens) & ~jnp.all(s.done)
+
+  def body(s: _LoopState):
+    logits, cache = model(s.last[:, None], cache=s.cache)
+    return emit(s._replace(cache=cache), logits[:, 0])
+
+  state = jax.lax.while_loop(cond, body, state)
+  return state.tokens, state.lengths, state.logprobs
+
+
+# --------------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Generation:
+  """Output of `generate`, one row per prompt.
+
+  Attributes:
+    tokens: int32 [N, max_new_tokens]; entries past ``lengths[i]`` are ``pad_id``.
+    lengths: int32 [N]: generated tokens per row, the stop token included when one was emitted.
+    logprobs: float32 [N, max_new_tokens]: log-probability of each emitted token under the
+      model's unconstrained distribution (0 past the length).
+    stopped: bool [N]: the row ended with a stop token (False: cut at max_new_tokens).
+  """
+
+  tokens: np.ndarray
+  lengths: np.ndarray
+  logprobs: np.ndarray
+  stopped: np.ndarray
+
+  def row(self, i: int, *, strip_stop: bool = True) -> list[int]:
+    n = int(self.lengths[i]) - int(strip_stop and self.stopped[i])
+    return self.tokens[i, :n].tolist()
+
+
+def bucket_length(n: int, bucket: int) -> int:
+  """`n` rounded up to a multiple of `bucket` (at least one bucket)."""
+  return max(bucket, -(-n // bucket) * bucket)
+
+
+def generate(model: nnx.Module, prompts: Sequence[Sequence[int] | np.ndarray], *,
+             max_new_tokens: int, stop_ids: Sequence[int], pad_id: int = 0,
+             constraint: CodeConstraint | None = None, temperature: float = 0.0,
+             key: jax.Array | None = None, bucket: int = 64,
+             batch_size: int | None = None) -> Generation:
+  """Generates continuations of `prompts` (token id lists of any lengths).
+
+  Args:
+    model: a `jaxicd.model.llama.Llama` (any parameters: base, LoRA, merged).
+    prompts: token ids per prompt (e.g. `prompts.encode_prompt`); each must be non-empty.
+    max_new_tokens: generation budget per row (the stop token counts).
+    stop_ids: tokens that end a row (e.g. ``[tokenizer.end_of_turn_id, tokenizer.eos_id]``).
+    pad_id: filler of `Generation.tokens` past each row's end.
+    constraint: a `CodeConstraint` for code-constrained answers, or None (free text).
+    temperature: 0 = greedy; > 0 samples from softmax(logits / temperature) (needs `key`).
+    key: PRNG key for sampling.
+    bucket: prompts are right-padded to a multiple of this (one compilation per bucket).
+    batch_size: rows per compiled call; the prompts are processed in chunks of this size, the
+      last one padded with inactive rows. Default: all prompts in one call.
+  """
+  if max_new_tokens <= 0:
+    raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
+  if temperature < 0:
+    raise ValueError(f"temperature must be >= 0, got {temperature}")
+  if temperature > 0 and key is None:
+    raise ValueError("sampling with temperature > 0 needs a PRNG key")
+  lengths = [len(p) for p in prompts]
+  if any(n == 0 for n in lengths):
+    raise ValueError(f"prompt {lengths.index(0)} is empty")
+  if not prompts:
+    z = np.zeros((0, max_new_tokens))
+    return Generation(z.astype(np.int32), np.zeros(0, np.int32), z.astype(np.float32),
+                      np.zeros(0, bool))
+  graphdef, params = nnx.split(model)
+  vocab = model.cfg.vocab_size
+  arrays = constraint.device_arrays(vocab) if constraint is not None else None
+  fanout = constraint.max_fanout if constraint is not None else 0
+  stops = jnp.asarray(sorted(set(int(i) for i in stop_ids)), jnp.int32)
+  key = jax.random.key(0) if key is None else key
+  rows = batch_size or len(prompts)
+  out_tokens, out_lengths, out_logprobs = [], [], []
+  for lo in range(0, len(prompts), rows):
+    chunk = prompts[lo:lo + rows]
+    width = bucket_length(max(len(p) for p in chunk), bucket)
+    tokens = np.full((rows, width), pad_id, np.int32)
+    n = np.zeros(rows, np.int32)
+    for i, p in enumerate(chunk):
+      tokens[i, :len(p)] = np.asarray(p, np.int32)
+      n[i] = len(p)
+    key, sub = jax.random.split(key)
+    t, ln, lp = _generate_jit(graphdef, params, jnp.asarray(tokens), jnp.asarray(n), arrays,
+                              stops, jnp.int32(pad_id), jnp.float32(max(temperature, 1e-6)), sub,
+                              max_new_tokens=max_new_tokens, sample=temperature > 0,
+                              max_fanout=fanout)
+    k = len(chunk)
+    out_tokens.append(np.asarray(t)[:k])
+    out_lengths.append(np.asarray(ln)[:k])
+    out_logprobs.append(np.asarray(lp)[:k])
+  tokens = np.concatenate(out_tokens)
+  lengths_out = np.concatenate(out_lengths)
+  last = tokens[np.arange(len(tokens)), np.maximum(lengths_out - 1, 0)]
+  stopped = (lengths_out > 0) & np.isin(last, np.asarray(stops))
+  return Generation(tokens, lengths_out, np.concatenate(out_logprobs), stopped)

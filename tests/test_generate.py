@@ -1,0 +1,230 @@
+"""Generation: cached decode vs a naive full-forward loop, stopping, and constrained decoding."""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxicd.data import prompts
+from jaxicd.infer import generate as gen
+from jaxicd.model import llama
+from jaxicd.model.config import preset
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  return llama.create(preset("tiny"), seed=3)
+
+
+def _prompts(vocab: int, lengths, seed=0):
+  rng = np.random.default_rng(seed)
+  return [rng.integers(3, vocab, n).astype(np.int32) for n in lengths]
+
+
+@nnx.jit
+def _full_forward(model, tokens):
+  return model(tokens)
+
+
+def _naive_greedy(model, prompt, max_new, stop_ids=(), width=32):
+  """Reference: re-run the full forward (no cache) on the growing sequence, take the argmax.
+
+  The sequence is right-padded to a fixed `width` so that one compilation serves every step;
+  causal attention keeps the padding out of the real positions.
+  """
+  seq = list(prompt)
+  out, logps = [], []
+  for _ in range(max_new):
+    padded = np.zeros((1, width), np.int32)
+    padded[0, :len(seq)] = seq
+    logits = np.asarray(_full_forward(model, jnp.asarray(padded)))[0, len(seq) - 1]
+    tok = int(np.argmax(logits))
+    logps.append(float(jax.nn.log_softmax(logits)[tok]))
+    out.append(tok)
+    seq.append(tok)
+    if tok in stop_ids:
+      break
+  return out, logps
+
+
+def test_greedy_matches_naive_loop_for_ragged_batch(tiny):
+  ps = _prompts(tiny.cfg.vocab_size, [5, 13, 2])
+  g = gen.generate(tiny, ps, max_new_tokens=8, stop_ids=[], bucket=16)
+  assert g.tokens.shape == (3, 8)
+  for i, p in enumerate(ps):
+    ref, ref_lp = _naive_greedy(tiny, p, 8)
+    assert g.tokens[i].tolist() == ref, i
+    np.testing.assert_allclose(g.logprobs[i], ref_lp, atol=1e-4)
+  assert g.lengths.tolist() == [8, 8, 8] and not g.stopped.any()
+
+
+def test_stops_per_row_at_stop_token(tiny):
+  ps = _prompts(tiny.cfg.vocab_size, [4, 9, 6], seed=1)
+  full = [_naive_greedy(tiny, p, 8)[0] for p in ps]
+  stop = full[0][2]  # the third token of row 0 becomes the stop token
+  g = gen.generate(tiny, ps, max_new_tokens=8, stop_ids=[stop], pad_id=0, bucket=16)
+  for i, seq in enumerate(full):
+    n = seq.index(stop) + 1 if stop in seq else 8
+    assert g.lengths[i] == n
+    assert g.tokens[i, :n].tolist() == seq[:n]
+    assert (g.tokens[i, n:] == 0).all()
+    assert g.stopped[i] == (stop in seq)
+    assert g.row(i) == seq[:n - 1] if stop in seq else seq
+  assert g.lengths[0] <= 3
+
+
+def test_chunked_batches_and_one_compilation_for_new_params(tiny):
+  ps = _prompts(tiny.cfg.vocab_size, [3, 7, 5], seed=2)
+  whole = gen.generate(tiny, ps, max_new_tokens=8, stop_ids=[], bucket=16)
+  chunked = gen.generate(tiny, ps, max_new_tokens=8, stop_ids=[], bucket=16, batch_size=2)
+  np.testing.assert_array_equal(whole.tokens, chunked.tokens)
+  # Other parameter values of the same structure (e.g. restored from a checkpoint) reuse the
+  # compiled function.
+  other = llama.create(preset("tiny"), seed=4)
+  gen.generate(other, ps, max_new_tokens=8, stop_ids=[], bucket=16, batch_size=2)
+  before = gen._generate_jit._cache_size()
+  moved = gen.generate(tiny, ps, max_new_tokens=8, stop_ids=[], bucket=16, batch_size=2)
+  gen.generate(other, ps, max_new_tokens=8, stop_ids=[], bucket=16, batch_size=2)
+  assert gen._generate_jit._cache_size() == before
+  np.testing.assert_array_equal(moved.tokens, whole.tokens)
+
+
+def test_low_temperature_sampling_is_greedy(tiny):
+  ps = _prompts(tiny.cfg.vocab_size, [6, 3, 9], seed=5)
+  greedy = gen.generate(tiny, ps, max_new_tokens=8, stop_ids=[], bucket=16)
+  cold = gen.generate(tiny, ps, max_new_tokens=8, stop_ids=[], bucket=16, temperature=1e-4,
+                      key=jax.random.key(1))
+  np.testing.assert_array_equal(greedy.tokens, cold.tokens)
+  with pytest.raises(ValueError, match="PRNG key"):
+    gen.generate(tiny, ps, max_new_tokens=4, stop_ids=[], temperature=1.0)
+
+
+# ---------------------------------------------------------------------------- constrained
+
+
+class CharTokenizer:
+  """A hand-made tokenizer: one token per character, plus ' |', 'XX' and two specials."""
+
+  SPECIAL = ["<pad>", "<eot>"]
+  MULTI = [" |", "XX", ".\n"]
+
+  def __init__(self):
+    chars = [chr(c) for c in range(32, 127)] + ["\n"]
+    self.vocab = self.SPECIAL + self.MULTI + chars
+    self.ids = {t: i for i, t in enumerate(self.vocab)}
+    self.vocab_size = len(self.vocab)
+    self.end_of_turn_id = self.eos_id = 1
+    self.backend = self
+
+  def encode(self, text: str) -> list[int]:
+    out, i = [], 0
+    while i < len(text):
+      for t in self.MULTI:
+        if text.startswith(t, i):
+          out.append(self.ids[t])
+          i += len(t)
+          break
+      else:
+        out.append(self.ids[text[i]])
+        i += 1
+    return out
+
+  def decode_batch(self, ids, skip_special_tokens=False):
+    return ["".join(self.vocab[i] for i in seq
+                    if not (skip_special_tokens and self.vocab[i] in self.SPECIAL))
+            for seq in ids]
+
+
+def _walk(constraint, tok, tokens):
+  """Feeds `tokens` through the grammar; returns the index of the first rejected token or -1."""
+  ca = constraint.device_arrays(tok.vocab_size)
+  state, first = jnp.array([gen.ROOT], jnp.int32), jnp.array([True])
+  stops = jnp.array([tok.end_of_turn_id], jnp.int32)
+  for i, t in enumerate(tokens):
+    mask, toks, nxt, ok = gen._allowed_tokens(ca, constraint.max_fanout, state, first, stops,
+                                              tok.vocab_size)
+    if not bool(mask[0, t]):
+      return i
+    state, first = gen._advance(ca, state, first, jnp.array([t], jnp.int32), toks, nxt, ok)
+  return -1
+
+
+def test_trie_accepts_exactly_the_code_set_hand_cases():
+  tok = CharTokenizer()
+  codes = ["A1", "A12", "N1", "S02.0XXA"]
+  c = gen.build_constraint(tok, codes)
+  expected = {tuple(tok.encode(x)) for x in codes + ["NONE"]}
+  assert c.sequences() == expected
+  assert gen.build_constraint(tok, codes, allow_none=False).sequences() == expected - {
+      tuple(tok.encode("NONE"))}
+  eot = [tok.end_of_turn_id]
+
+  def accepts(text: str) -> bool:
+    return _walk(c, tok, tok.encode(text) + eot) == -1
+
+  assert accepts("A1")
+  assert accepts("A12 | chest pain.\nN1\nS02.0XXA | fx")
+  assert accepts("A1\nA12")                      # a code that prefixes another
+  assert accepts("NONE")
+  assert not accepts("A13")                      # not a code
+  assert not accepts("A")                        # incomplete code before end of turn
+  assert not accepts("A12 | x\nNONE")            # NONE only as the first line
+  assert not accepts("NONE | x")                 # NONE takes no quote
+  assert not accepts("A12 | x\n\nA1")            # no blank lines
+  assert not accepts("A12 | x\n")                # no end of turn at a line start
+  spelled_apart = tok.encode("S02.0") + [tok.ids["X"], tok.ids["X"], tok.ids["A"]] + eot
+  assert _walk(c, tok, spelled_apart) == 5       # only the code's own tokenization
+  assert not accepts("a12")
+  assert accepts("A12 | ends with dot.\nA1")     # '.\n' ends a quote line too
+
+
+@pytest.fixture(scope="module")
+def smol_tok():
+  from jaxicd.model.tokenizer import load_tokenizer
+  return load_tokenizer("smollm2")
+
+
+@pytest.fixture(scope="module")
+def demo_constraint(smol_tok):
+  from jaxicd.ontology import get_ontology
+  return gen.build_constraint(smol_tok, get_ontology().code_space("demo"))
+
+
+def test_trie_over_demo_space_matches_code_tokens(smol_tok, demo_constraint):
+  expected = {tuple(prompts.code_token_ids(smol_tok, x))
+              for x in demo_constraint.codes + (prompts.NONE,)}
+  assert demo_constraint.sequences() == expected
+  assert len(demo_constraint.codes) == 260
+
+
+def test_constrained_sampling_emits_only_valid_codes(smol_tok, demo_constraint):
+  # A narrow random model with SmolLM2's vocabulary: sampling at temperature 1 wanders through
+  # the grammar; every line must still start with a code of the space.
+  cfg = preset("tiny").replace(vocab_size=smol_tok.vocab_size, hidden_size=32,
+                               intermediate_size=64, num_layers=1, num_heads=2, num_kv_heads=1,
+                               head_dim=16)
+  model = llama.create(cfg, seed=0)
+  ps = [prompts.encode_prompt(smol_tok, t) for t in
+        ("Patient with hypertension.", "No complaints.", "CHF exacerbation, AKI.", "x")]
+  g = gen.generate(model, ps, max_new_tokens=40, stop_ids=[smol_tok.end_of_turn_id],
+                   pad_id=smol_tok.pad_id, constraint=demo_constraint, temperature=1.0,
+                   key=jax.random.key(0), batch_size=4)
+  space = set(demo_constraint.codes)
+  line = re.compile(r"^([A-Z0-9.]+)( \|[^\n]*)?$")
+  n_codes = 0
+  for i in range(len(ps)):
+    text = smol_tok.decode(g.row(i))
+    lines = text.split("\n")
+    if g.lengths[i] == 40:  # cut mid-line: the last line may be a code prefix
+      lines = lines[:-1]
+    for ln in lines:
+      m = line.match(ln)
+      assert m, (i, ln)
+      assert m.group(1) in space or (m.group(1) == "NONE" and len(lines) == 1), ln
+      n_codes += 1
+  assert n_codes >= 4
