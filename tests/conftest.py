@@ -121,9 +121,11 @@ _GGUF_NAMES = {
 
 
 def write_llama_gguf(path: pathlib.Path, state: dict[str, np.ndarray], hf_config,
-                     qtype: str = "F32") -> pathlib.Path:
+                     qtype: str = "F32", extra: dict[str, np.ndarray] | None = None
+                     ) -> pathlib.Path:
   """Writes transformers-named float32 Llama weights as a llama.cpp-style GGUF (permuted Q/K;
-  2-D weights stored as ``qtype``, norms as F32) with gguf.GGUFWriter."""
+  2-D weights stored as ``qtype``, norms as F32) with gguf.GGUFWriter; ``extra`` tensors are
+  written as they are, under their GGUF names."""
   import gguf
   writer = gguf.GGUFWriter(str(path), "llama")
   writer.add_block_count(hf_config.num_hidden_layers)
@@ -157,6 +159,8 @@ def write_llama_gguf(path: pathlib.Path, state: dict[str, np.ndarray], hf_config
       writer.add_tensor(gname, gguf.quants.quantize(w, quant), raw_dtype=quant)
     else:
       writer.add_tensor(gname, w)
+  for gname, w in (extra or {}).items():
+    writer.add_tensor(gname, w)
   writer.write_header_to_file()
   writer.write_kv_data_to_file()
   writer.write_tensors_to_file()

@@ -228,3 +228,17 @@ def test_constrained_sampling_emits_only_valid_codes(smol_tok, demo_constraint):
       assert m.group(1) in space or (m.group(1) == "NONE" and len(lines) == 1), ln
       n_codes += 1
   assert n_codes >= 4
+
+
+def test_trie_scales_to_all_billable_codes(smol_tok):
+  from jaxicd.ontology import get_ontology
+  codes = get_ontology().code_space("all")
+  c = gen.build_constraint(smol_tok, codes)
+  expected = {tuple(prompts.code_token_ids(smol_tok, x)) for x in codes + (prompts.NONE,)}
+  assert len(codes) == 74719 and c.sequences() == expected
+  assert c.nbytes < 20e6  # sparse: a few MB, not states x vocab
+  eot = [smol_tok.end_of_turn_id]
+  ok = smol_tok.encode("S02.0XXA | skull fracture\nI50.23") + eot
+  assert _walk(c, smol_tok, ok) == -1
+  assert _walk(c, smol_tok, smol_tok.encode("I50.2") + eot) == 5   # a category, not billable
+  assert _walk(c, smol_tok, smol_tok.encode("I50.29") + eot) == 5  # no such code

@@ -130,17 +130,27 @@ def test_cache_positions_and_segment_mask_with_left_context(tiny):
   assert int(cache.lengths[0]) == 10
 
 
+_REMAT_TOKENS = np.random.RandomState(2).randint(1, 512, (2, 9)).astype(np.int32)
+
+
+@nnx.jit
+def _grads(model):
+  def loss(model):
+    return jnp.mean(jax.nn.log_softmax(model(jnp.asarray(_REMAT_TOKENS)))[..., 0])
+  return nnx.grad(loss)(model)
+
+
+@pytest.fixture(scope="module")
+def tiny_grads(tiny):
+  return _grads(tiny)
+
+
 @pytest.mark.parametrize("remat", ["full", "dots"])
-def test_remat_changes_neither_logits_nor_grads(tiny, remat):
-  tokens = jnp.asarray(np.random.RandomState(2).randint(1, 512, (2, 9)), jnp.int32)
+def test_remat_changes_neither_logits_nor_grads(tiny, tiny_grads, remat):
   other = llama.Llama(tiny.cfg.replace(remat=remat), rngs=nnx.Rngs(0))
   nnx.update(other, nnx.state(tiny))
-
-  def loss(model):
-    return jnp.mean(jax.nn.log_softmax(model(tokens))[..., 0])
-
-  g_ref = nnx.jit(nnx.grad(loss))(tiny)
-  g_remat = nnx.jit(nnx.grad(loss))(other)
+  g_ref = tiny_grads
+  g_remat = _grads(other)
   for a, b in zip(jax.tree.leaves(g_ref), jax.tree.leaves(g_remat)):
     np.testing.assert_allclose(a, b, atol=1e-6)
   assert max(float(jnp.abs(a).max()) for a in jax.tree.leaves(g_ref)) > 0
@@ -180,3 +190,40 @@ def test_preset_parameter_counts(name):
   abstract = nnx.eval_shape(lambda: llama.Llama(cfg, rngs=nnx.Rngs(0)))
   count = sum(x.size for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
   assert count == PUBLISHED_PARAMS[name]
+
+
+def test_greedy_decode_in_while_loop(tiny):
+  """The cache is a valid while_loop carry: jitted prefill + while_loop greedy decoding of two
+  prompts of different lengths gives the tokens of step-by-step full forwards."""
+  cfg, steps = tiny.cfg, 4
+  prompts = [[5, 17, 42], [7, 8, 9, 10, 11]]
+  graphdef, state = nnx.split(tiny)
+
+  @jax.jit
+  def generate(state, tokens, segment_ids):
+    model = nnx.merge(graphdef, state)
+    cache = llama.init_cache(cfg, tokens.shape[0], tokens.shape[1] + steps)
+    logits, cache = model(tokens, segment_ids=segment_ids, cache=cache)
+    last = jnp.take_along_axis(logits, (segment_ids.sum(1) - 1)[:, None, None], axis=1)[:, 0]
+    first = last.argmax(-1).astype(jnp.int32)
+    out = jnp.zeros((tokens.shape[0], steps), jnp.int32).at[:, 0].set(first)
+
+    def body(carry):
+      i, out, cache = carry
+      logits, cache = model(jax.lax.dynamic_slice_in_dim(out, i - 1, 1, axis=1), cache=cache)
+      return i + 1, out.at[:, i].set(logits[:, 0].argmax(-1).astype(jnp.int32)), cache
+
+    _, out, _ = jax.lax.while_loop(lambda c: c[0] < steps, body, (1, out, cache))
+    return out
+
+  tokens = np.zeros((2, 5), np.int32)
+  seg = np.zeros((2, 5), np.int32)
+  for row, p in enumerate(prompts):
+    tokens[row, :len(p)] = p
+    seg[row, :len(p)] = 1
+  got = np.asarray(generate(state, tokens, seg))
+  for row, p in enumerate(prompts):
+    # Greedy means: each generated token is the argmax of a full forward over what precedes it.
+    seq = np.array([p + got[row].tolist()], np.int32)
+    predicted = np.asarray(_forward(tiny, jnp.asarray(seq)))[0].argmax(-1)
+    assert predicted[len(p) - 1:-1].tolist() == got[row].tolist()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import pathlib
 import shutil
 import types
 
@@ -121,6 +120,25 @@ def test_llama3_rope_scaling_matches_transformers(tmp_path):
   assert np.abs(_jax_logits(plain, tokens) - got).max() > 1e-3  # the scaling matters
 
 
+def test_llama3_gguf_rope_freqs_matches_transformers(tmp_path):
+  """llama.cpp stores llama3 scaling as per-frequency divisors (tensor rope_freqs.weight)."""
+  rope = dict(rope_type="llama3", rope_theta=10_000.0, factor=8.0, low_freq_factor=1.0,
+              high_freq_factor=4.0, original_max_position_embeddings=16)
+  hf_model = random_hf_llama(seed=2, rope_parameters=rope, max_position_embeddings=256)
+  head_dim = hf_model.config.head_dim
+  plain_inv_freq = 1.0 / (10_000.0 ** (np.arange(0, head_dim, 2) / head_dim))
+  factors = (plain_inv_freq / hf_model.model.rotary_emb.inv_freq.numpy()).astype(np.float32)
+  assert factors.max() > 2  # the scaling is active on the low frequencies
+  state = {k: v.numpy() for k, v in hf_model.state_dict().items()}
+  path = write_llama_gguf(tmp_path / "llama3.gguf", state, hf_model.config,
+                          extra={"rope_freqs.weight": factors})
+  model = weights.build_model(str(path))
+  assert model.cfg.rope_freq_factors is not None
+  tokens = np.random.RandomState(3).randint(0, 256, (1, 40)).astype(np.int32)
+  np.testing.assert_allclose(_jax_logits(model, tokens), _torch_logits(hf_model, tokens),
+                             atol=1e-4)
+
+
 def test_mesh_placement_and_preset(tiny_hf, tmp_path):
   from jaxicd.train.sharding import DEFAULT_RULES, logical_to_spec
   hf_model, _ = tiny_hf
@@ -149,7 +167,7 @@ sharded = weights.build_model(path, mesh=mesh, lora=dict(rank=4, alpha=8.0))
 kernel = sharded.layers.q.kernel.get_value()
 assert kernel.sharding.spec == logical_to_spec(("layers", "embed", "heads")), kernel.sharding
 assert len(kernel.addressable_shards) == 4
-assert kernel.addressable_shards[0].data.shape == (2, 32, 32), kernel.addressable_shards[0].data.shape
+assert kernel.addressable_shards[0].data.shape == (2, 32, 32), kernel.sharding
 assert sharded.embed.get_value().sharding.spec == logical_to_spec(("vocab", "embed"))
 assert sharded.layers.down.lora_b.get_value().sharding.spec == logical_to_spec(
     ("layers", "lora", "embed"))

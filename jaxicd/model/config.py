@@ -48,6 +48,9 @@ class LlamaConfig:
   rope_theta: float = 10_000.0
   # None, or llama3 scaling: a RopeScaling (a dict with its fields is converted).
   rope_scaling: RopeScaling | None = None
+  # Per-frequency divisors of the inverse frequencies ([head_dim // 2]), as llama.cpp stores
+  # llama3 scaling in GGUF files (tensor rope_freqs.weight). Applied after rope_scaling.
+  rope_freq_factors: tuple[float, ...] | None = None
   rms_norm_eps: float = 1e-5
   tie_word_embeddings: bool = False
   attention_bias: bool = False        # q/k/v bias (Qwen2)

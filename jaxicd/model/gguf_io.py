@@ -45,7 +45,8 @@ class GgufFile:
   """``metadata`` (scalars, strings, short arrays) and ``tensors`` of a GGUF file."""
 
   def __init__(self, path: str | pathlib.Path):
-    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType  # pylint: disable=g-import-not-at-top
+    # Imported here: `import gguf` is slowish and only loaders need it.
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
     self.path = pathlib.Path(path)
     self._map = np.memmap(self.path, np.uint8, "r")
     self._buf = memoryview(self._map)
@@ -172,8 +173,8 @@ _FAST = {2: (34 - 16, lambda b: _dequantize_q4(b, False)),   # Q4_0: 18-byte blo
 
 
 def dequantize(raw: np.ndarray, type_id: int) -> np.ndarray:
-  """float32 ``[*outer, row]`` from ``raw`` uint8 ``[*outer, row_bytes]`` of GGML type ``type_id``."""
-  import gguf  # pylint: disable=g-import-not-at-top
+  """float32 ``[*outer, row]`` from uint8 ``raw [*outer, row_bytes]`` of GGML type ``type_id``."""
+  import gguf
   if type_id in _FAST:
     block_bytes, fn = _FAST[type_id]
     blocks = np.ascontiguousarray(raw).reshape(-1, block_bytes)

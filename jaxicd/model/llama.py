@@ -170,10 +170,14 @@ def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
   return (scale.astype(x.dtype) * xf.astype(x.dtype))
 
 
-def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> np.ndarray:
-  """Inverse RoPE frequencies ``[head_dim // 2]`` (float32), with optional llama3 scaling."""
+def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None,
+                  freq_factors: tuple[float, ...] | None = None) -> np.ndarray:
+  """Inverse RoPE frequencies ``[head_dim // 2]`` (float32), with optional llama3 scaling
+  (``scaling``, transformers' form, or ``freq_factors``, llama.cpp's form)."""
   inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
   inv_freq = inv_freq.astype(np.float32)
+  if freq_factors is not None:
+    inv_freq = (inv_freq / np.asarray(freq_factors, np.float32)).astype(np.float32)
   if scaling is None:
     return inv_freq
   # Llama 3: long wavelengths are slowed down by `factor`, short ones kept, and the band in
@@ -266,8 +270,12 @@ class Llama(nnx.Module):
                                       jnp.float32).astype(pd), ("embed", "vocab"))
     # LoRA dropout is active unless `model.eval()` was called (NNX's train/eval convention).
     self.deterministic = False
-    self.dropout_rngs = (nnx.Rngs(dropout=rngs.dropout())
-                         if cfg.lora.rank and cfg.lora.dropout > 0 else None)
+    # XLA's RngBitGenerator ("rbg") compiles and runs much faster on CPU than threefry, and
+    # dropout masks need no cross-platform reproducibility.
+    self.dropout_rngs = (
+        nnx.Rngs(dropout=jax.random.key(jax.random.randint(rngs.dropout(), (), 0, 2**31 - 1),
+                                        impl="rbg"))
+        if cfg.lora.rank and cfg.lora.dropout > 0 else None)
 
   def __call__(self, tokens: jax.Array, *, positions: jax.Array | None = None,
                segment_ids: jax.Array | None = None, cache: KVCache | None = None):
@@ -301,7 +309,8 @@ class Llama(nnx.Module):
       key_slots = jnp.arange(cache.max_len, dtype=jnp.int32)
       mask = key_slots[None, None, :] <= slots[:, :, None]  # [B, T, S]
     cos, sin = rope_tables(positions,
-                           rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling))
+                           rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling,
+                                         cfg.rope_freq_factors))
 
     x = jnp.take(self.embed.get_value(), tokens, axis=0).astype(dtype)
     layer_params = self.layers.arrays()

@@ -147,9 +147,6 @@ class GgufTensors:
     if arch not in _GGUF_ARCHES:
       raise WeightsError(f"{self.path}: architecture {arch!r} is not supported "
                          f"(supported: {', '.join(_GGUF_ARCHES)})")
-    if "rope_freqs.weight" in self._file.tensors:
-      raise WeightsError(f"{self.path}: tensor 'rope_freqs.weight' (llama3 RoPE frequency "
-                         "factors) is not supported from GGUF; load the HF checkpoint instead")
     scaling = self._file.metadata.get(f"{arch}.rope.scaling.type", "none")
     if scaling != "none":
       raise WeightsError(f"{self.path}: RoPE scaling {scaling!r} is not supported")
@@ -159,6 +156,14 @@ class GgufTensors:
     embed = self._tensors.get("model.embed_tokens.weight")
     if embed is None:
       raise WeightsError(f"{self.path}: tensor 'token_embd.weight' is missing")
+    head_dim = int(self._field(f"{arch}.attention.key_length", hidden // heads))
+    freq_factors = None
+    if "rope_freqs.weight" in self._file.tensors:  # llama3 scaling, llama.cpp style
+      info = self._file.tensors["rope_freqs.weight"]
+      if info.type_id != 0 or info.shape != (head_dim // 2,):
+        raise WeightsError(f"{self.path}: tensor 'rope_freqs.weight' must be F32 "
+                           f"[{head_dim // 2}], got type {info.type_id} shape {info.shape}")
+      freq_factors = tuple(float(f) for f in gguf_io.dequantize(self._file.raw(info.name), 0))
     return LlamaConfig(
         vocab_size=int(embed.shape[0]),
         hidden_size=hidden,
@@ -166,8 +171,9 @@ class GgufTensors:
         num_layers=int(self._field(f"{arch}.block_count")),
         num_heads=heads,
         num_kv_heads=int(self._field(f"{arch}.attention.head_count_kv", heads)),
-        head_dim=int(self._field(f"{arch}.attention.key_length", hidden // heads)),
+        head_dim=head_dim,
         rope_theta=float(self._field(f"{arch}.rope.freq_base", 10_000.0)),
+        rope_freq_factors=freq_factors,
         rms_norm_eps=float(self._field(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
         tie_word_embeddings="lm_head.weight" not in self._tensors,
         attention_bias="model.layers.0.self_attn.q_proj.bias" in self._tensors,
@@ -274,7 +280,9 @@ class SafetensorsTensors:
     return list(self._entries)
 
   def describe(self, name: str) -> str:
-    return f"{self._entries[name][0]}: tensor {name!r}" if name in self else f"{self.path}: {name!r}"
+    if name in self:
+      return f"{self._entries[name][0]}: tensor {name!r}"
+    return f"{self.path}: tensor {name!r}"
 
   def get(self, name: str) -> np.ndarray:
     entry = self._entries.get(name)
