@@ -17,7 +17,6 @@ import json
 import os
 import pathlib
 import resource
-import time
 
 import numpy as np
 
@@ -42,7 +41,6 @@ def main() -> None:
                       help="code space for the constrained run ('' to skip)")
   args = parser.parse_args()
 
-  import jax
   import torch
   from jaxicd.data import prompts
   from jaxicd.infer import generate as gen

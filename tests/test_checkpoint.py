@@ -107,7 +107,15 @@ def test_saved_items(trained):
 
 
 def test_check_compatible_by_hand():
-  same = dict(base_fingerprint={"kind": "preset", "sha256": "a"}, lora_shapes={"x": [1, 2]})
+  same = dict(base_fingerprint={"kind": "gguf", "sha256": "a", "path": "/a/m.gguf", "mtime": 1},
+              lora_shapes={"x": [1, 2]})
   ckpt_lib.check_compatible(same, same, "dir")
+  # The same file copied elsewhere (new path and mtime) is the same base.
+  moved = dict(same, base_fingerprint={"kind": "gguf", "sha256": "a", "path": "/b/m.gguf",
+                                       "mtime": 2})
+  ckpt_lib.check_compatible(same, moved, "dir")
+  with pytest.raises(ckpt_lib.CheckpointMismatchError, match="base weights differ"):
+    ckpt_lib.check_compatible(same, dict(same, base_fingerprint={"kind": "gguf", "sha256": "b"}),
+                              "dir")
   with pytest.raises(ckpt_lib.CheckpointMismatchError, match="shape changed"):
     ckpt_lib.check_compatible(same, dict(same, lora_shapes={"x": [1, 3]}), "dir")

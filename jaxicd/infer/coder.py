@@ -168,8 +168,12 @@ class Coder:
         temperature=self.temperature, key=key, bucket=self.bucket, batch_size=self.batch_size)
 
   def code_documents(self, docs: Sequence[Document]) -> list[list[CodedEvidence]]:
-    """Codes each document; returns its evidence list (see `CodedEvidence`), in `docs` order."""
+    """Codes each document; returns its evidence list (see `CodedEvidence`), in `docs` order.
+
+    Resets `stats` to the counts of this call.
+    """
     t0 = time.perf_counter()
+    self.stats = collections.Counter()  # counts of this call only
     windows: list[tuple[int, pipeline.DocumentWindow]] = []
     for d, doc in enumerate(docs):
       for w in pipeline.inference_windows(doc, self.tokenizer, seq_len=self.seq_len,

@@ -235,13 +235,21 @@ def _attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax
   """
   B, T, H, D = q.shape
   kv_heads = k.shape[2]
-  q = q.reshape(B, T, kv_heads, H // kv_heads, D)
-  scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
-  scores = scores * (D ** -0.5)
-  scores = jnp.where(mask[:, None, None, :, :], scores, _NEG_INF)
+  if T == 1:
+    # One-token decode steps: group the query heads instead of copying the (long) cache.
+    q = q.reshape(B, T, kv_heads, H // kv_heads, D)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    scores = jnp.where(mask[:, None, None, :, :], scores * (D ** -0.5), _NEG_INF)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(B, T, H * D)
+  # Prefill/training: repeating k/v to all query heads makes plain [B, H]-batched matmuls, which
+  # XLA:CPU runs ~2.5x faster than the grouped 5-D contraction (measured on SmolLM2 shapes).
+  k = jnp.repeat(k, H // kv_heads, axis=2)
+  v = jnp.repeat(v, H // kv_heads, axis=2)
+  scores = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=jnp.float32)
+  scores = jnp.where(mask[:, None, :, :], scores * (D ** -0.5), _NEG_INF)
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
-  return out.reshape(B, T, H * D)
+  return jnp.einsum("bhts,bshd->bthd", probs, v).reshape(B, T, H * D)
 
 
 _REMAT_POLICIES = {

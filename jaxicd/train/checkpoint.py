@@ -105,7 +105,7 @@ def check_compatible(saved: Mapping[str, Any], current: Mapping[str, Any], direc
   """Raises ``CheckpointMismatchError`` if the base weights or LoRA shapes differ."""
   problems = []
   saved_fp, current_fp = saved.get("base_fingerprint"), _jsonable(current.get("base_fingerprint"))
-  if saved_fp != current_fp:
+  if _identity(saved_fp) != _identity(current_fp):
     problems.append(f"base weights differ: checkpoint was trained on {saved_fp}, "
                     f"the current source is {current_fp}")
   saved_shapes, current_shapes = saved.get("lora_shapes"), _jsonable(current.get("lora_shapes"))
@@ -119,6 +119,13 @@ def check_compatible(saved: Mapping[str, Any], current: Mapping[str, Any], direc
     raise CheckpointMismatchError(
         f"cannot resume from {directory}: " + "; ".join(problems)
         + ". Use a fresh --workdir, or restore the original base model / LoRA config.")
+
+
+def _identity(fingerprint) -> tuple | None:
+  """What identifies base weights: kind and content hash (paths and mtimes change on copies)."""
+  if not isinstance(fingerprint, dict):
+    return None
+  return (fingerprint.get("kind"), fingerprint.get("sha256"))
 
 
 def abstract_like(tree: Any, shardings: Any) -> Any:

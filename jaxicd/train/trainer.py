@@ -354,6 +354,7 @@ class Trainer:
       with jax.set_mesh(self.mesh):
         model, tokenizer = load_model_and_tokenizer(cfg, load_mesh, self.rules)
     self.tokenizer = tokenizer
+    self.base_fingerprint = base_fingerprint(cfg.model.source)
     self.parts = split_model(model, self.rules)
     del model
     self.tx = build_optimizer(cfg.train)
@@ -380,7 +381,7 @@ class Trainer:
   def meta(self) -> dict:
     return dict(config=self.cfg.to_dict() if hasattr(self.cfg, "to_dict") else dict(self.cfg),
                 base_source=str(self.cfg.model.source),
-                base_fingerprint=base_fingerprint(self.cfg.model.source),
+                base_fingerprint=self.base_fingerprint,
                 lora_shapes=self.parts.lora_shapes(),
                 mesh={k: int(v) for k, v in self.mesh.shape.items()})
 
