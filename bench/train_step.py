@@ -1,21 +1,24 @@
 """LoRA training throughput: jaxicd vs transformers + PEFT (torch CPU) on SmolLM2-135M.
 
 Same batch (8 x 256 tokens, loss on every token but the first of each row), same LoRA targets
-(q, k, v, o, gate, up, down) and rank (16, alpha 32), AdamW, float32, measured in one run:
+(q, k, v, o, gate, up, down) and rank (16, alpha 32), AdamW, measured in one run:
 
-  .venv/bin/python bench/train_step.py [--steps=3] [--batch=8] [--seq=256] [--threads=2]
+  .venv/bin/python bench/train_step.py [--steps=3] [--dtypes=bfloat16,float32] [--remat=dots]
 
-Prints training tokens/s of both and their ratio (target: jaxicd >= 1.5x), jaxicd's model-FLOPs
-utilisation against a matmul peak measured here (f32 2048^3, same threads), and jaxicd's peak
-RSS (target <= 4 GB; measured before torch is imported). The torch model has SmolLM2's exact
-architecture with random weights (throughput does not depend on the values); jaxicd loads the
-real embedded GGUF.
+jaxicd runs with the settings configs/mixed.py uses (oneDNN matmuls via XLA_FLAGS, remat
+"dots"), once per compute dtype: bfloat16 (its CPU default; adapters and Adam stay float32) and
+float32 (torch's dtype here). Prints training tokens/s and the ratio to torch for each (target:
+jaxicd >= 1.5x), model-FLOPs utilisation against a matmul peak measured here (2048^3, same
+dtype), and peak RSS after each variant (target <= 4 GB; all before torch is imported). The
+torch model has SmolLM2's exact architecture with random weights (throughput does not depend on
+the values); jaxicd loads the real embedded GGUF.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import sys
 import time
@@ -28,12 +31,16 @@ def _parse():
   p.add_argument("--seq", type=int, default=256)
   p.add_argument("--threads", type=int, default=2)
   p.add_argument("--rank", type=int, default=16)
-  p.add_argument("--remat", default="none", choices=["none", "full", "dots"])
+  p.add_argument("--remat", default="dots", choices=["none", "full", "dots"])
+  p.add_argument("--dtypes", default="bfloat16,float32")
+  p.add_argument("--no-onednn", action="store_true", help="XLA's default CPU matmuls")
   p.add_argument("--skip-torch", action="store_true")
   return p.parse_args()
 
 
 ARGS = _parse()
+if not ARGS.no_onednn:  # before JAX starts; the same flag configs/mixed.py sets
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_use_onednn=true").strip()
 
 import numpy as np  # noqa: E402
 
@@ -53,10 +60,10 @@ def model_flops_per_token(cfg, rank: int, seq: int) -> float:
   return float(forward + backward)
 
 
-def matmul_peak_gflops(n: int = 2048, reps: int = 5) -> float:
+def matmul_peak_gflops(dtype: str, n: int = 2048, reps: int = 5) -> float:
   import jax
   import jax.numpy as jnp
-  a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), jnp.float32)
+  a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), dtype)
   f = jax.jit(lambda x, y: x @ y)
   f(a, a).block_until_ready()
   best = float("inf")
@@ -73,7 +80,7 @@ def make_batch(vocab: int, batch: int, seq: int):
   return tokens
 
 
-def bench_jaxicd(tokens: np.ndarray) -> dict:
+def bench_jaxicd(tokens: np.ndarray, dtype: str) -> dict:
   import jax
   import ml_collections
   from jaxicd.model import weights
@@ -83,7 +90,7 @@ def bench_jaxicd(tokens: np.ndarray) -> dict:
 
   t0 = time.time()
   model = weights.build_model("smollm2", lora=LoraConfig(rank=ARGS.rank, alpha=2.0 * ARGS.rank),
-                              remat=ARGS.remat)
+                              remat=ARGS.remat, dtype=dtype)
   cfg = model.cfg
   load_s = time.time() - t0
   parts = trainer.split_model(model)
@@ -145,7 +152,7 @@ def bench_torch(tokens: np.ndarray) -> dict:
     torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
     opt.step()
     opt.zero_grad(set_to_none=True)
-    return float(loss)
+    return float(loss.detach())
 
   step()  # warm-up
   times = []
@@ -160,26 +167,30 @@ def bench_torch(tokens: np.ndarray) -> dict:
 
 def main() -> None:
   tokens = make_batch(49152, ARGS.batch, ARGS.seq)
-  peak = matmul_peak_gflops()
-  print(f"matmul peak (f32 2048^3, jax): {peak:.1f} GFLOP/s", flush=True)
-  jx = bench_jaxicd(tokens)
-  flops = model_flops_per_token(jx["cfg"], ARGS.rank, ARGS.seq)
-  mfu = jx["tokens_per_s"] * flops / (peak * 1e9)
-  print(f"jaxicd: load {jx['load_s']:.1f}s, first step (compile) {jx['first_step_s']:.1f}s, "
-        f"step {jx['step_s']:.2f}s -> {jx['tokens_per_s']:.1f} tokens/s, "
-        f"MFU {100 * mfu:.1f}% ({flops / 1e6:.0f} MFLOP/token), "
-        f"peak RSS {jx['peak_rss_gb']:.2f} GB (target <= 4)", flush=True)
   result = dict(batch=ARGS.batch, seq=ARGS.seq, rank=ARGS.rank, threads=ARGS.threads,
-                remat=ARGS.remat, matmul_peak_gflops=peak, jaxicd_tokens_per_s=jx["tokens_per_s"],
-                jaxicd_step_s=jx["step_s"], jaxicd_first_step_s=jx["first_step_s"],
-                jaxicd_mfu=mfu, jaxicd_peak_rss_gb=jx["peak_rss_gb"])
+                remat=ARGS.remat, onednn=not ARGS.no_onednn, jaxicd={})
+  for dtype in ARGS.dtypes.split(","):
+    peak = matmul_peak_gflops(dtype)
+    jx = bench_jaxicd(tokens, dtype)
+    flops = model_flops_per_token(jx["cfg"], ARGS.rank, ARGS.seq)
+    mfu = jx["tokens_per_s"] * flops / (peak * 1e9)
+    print(f"jaxicd {dtype}: load {jx['load_s']:.1f}s, first step (compile) "
+          f"{jx['first_step_s']:.1f}s, step {jx['step_s']:.2f}s -> {jx['tokens_per_s']:.1f} "
+          f"tokens/s, MFU {100 * mfu:.1f}% of a measured {dtype} matmul peak of {peak:.0f} "
+          f"GFLOP/s ({flops / 1e6:.0f} MFLOP/token), peak RSS so far {jx['peak_rss_gb']:.2f} GB "
+          f"(target <= 4)", flush=True)
+    result["jaxicd"][dtype] = dict(
+        tokens_per_s=jx["tokens_per_s"], step_s=jx["step_s"], first_step_s=jx["first_step_s"],
+        matmul_peak_gflops=peak, mfu=mfu, peak_rss_gb=jx["peak_rss_gb"], losses=jx["losses"])
   if not ARGS.skip_torch:
     th = bench_torch(tokens)
-    ratio = jx["tokens_per_s"] / th["tokens_per_s"]
-    print(f"transformers+PEFT (torch, {ARGS.threads} threads): step {th['step_s']:.2f}s -> "
-          f"{th['tokens_per_s']:.1f} tokens/s", flush=True)
-    print(f"ratio jaxicd / torch: {ratio:.2f}x (target >= 1.5x)", flush=True)
-    result.update(torch_tokens_per_s=th["tokens_per_s"], torch_step_s=th["step_s"], ratio=ratio)
+    print(f"transformers+PEFT (torch float32, {ARGS.threads} threads): step {th['step_s']:.2f}s "
+          f"-> {th['tokens_per_s']:.1f} tokens/s", flush=True)
+    result.update(torch_tokens_per_s=th["tokens_per_s"], torch_step_s=th["step_s"])
+    for dtype, jx in result["jaxicd"].items():
+      jx["ratio_to_torch"] = jx["tokens_per_s"] / th["tokens_per_s"]
+      print(f"ratio jaxicd {dtype} / torch float32: {jx['ratio_to_torch']:.2f}x "
+            f"(target >= 1.5x)", flush=True)
   print(json.dumps(result), flush=True)
 
 

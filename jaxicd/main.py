@@ -11,6 +11,7 @@ Training resumes from the newest checkpoint in ``--workdir``; metrics go to
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import sys
 
@@ -32,6 +33,21 @@ class NotAvailableYet(NotImplementedError):
   """A mode whose implementation lands with a later issue."""
 
 
+def _add_xla_flags(flags: str) -> None:
+  """Appends ``flags`` to $XLA_FLAGS; they only take effect if JAX has not started yet."""
+  if not flags:
+    return
+  if "jax" in sys.modules:
+    from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
+    if xla_bridge.backends_are_initialized():
+      print(f"note: JAX already started; config.cpu_xla_flags={flags!r} not applied",
+            file=sys.stderr)
+      return
+  current = os.environ.get("XLA_FLAGS", "")
+  missing = [f for f in flags.split() if f.split("=")[0] not in current]
+  os.environ["XLA_FLAGS"] = " ".join([current, *missing]).strip()
+
+
 def run(config, workdir: str) -> dict:
   """Runs ``config.mode`` in ``workdir``; returns a JSON-able summary."""
   mode = config.mode
@@ -42,6 +58,7 @@ def run(config, workdir: str) -> dict:
         f"mode {mode!r} is not implemented yet: it lands with the inference issue "
         "(jitted decode loop, document coder, merged HF / PEFT export). "
         "Use mode 'train' or 'eval' for now.")
+  _add_xla_flags(config.get("cpu_xla_flags", ""))
   pathlib.Path(workdir).mkdir(parents=True, exist_ok=True)
   # Keep the exact config of every invocation next to the run.
   (pathlib.Path(workdir) / f"config.{mode}.json").write_text(config.to_json_best_effort(indent=2))
