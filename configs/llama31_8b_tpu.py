@@ -18,9 +18,12 @@ def get_config():
   config.model.update(source="/mnt/models/Meta-Llama-3.1-8B-Instruct", tokenizer="",
                       dtype="bfloat16", param_dtype="bfloat16", remat="dots")
   config.lora.update(rank=16, alpha=32.0, dropout=0.05)
+  # The pipeline reads one document source per run: MIMIC-IV documents + code-system spans here.
+  # MDACE's evidence spans come in through `source="mdace"` (annotated_spans=True turns its gold
+  # evidence into span examples), e.g. as a second stage resumed from this run's adapters.
   config.data.update(
       source="mimic_iv", manual_dir="/mnt/data/mimic", code_space="all",
-      spans_per_code=8, negatives=True, annotated_spans=True,   # MDACE evidence -> spans
+      spans_per_code=8, negatives=True, annotated_spans=True,
       span_weight=0.8, doc_weight=0.2, mixture_unit="examples",
       seq_len=4096, window_overlap=256, batch_size=64, data_dir="/mnt/data/tfds",
       on_error="skip", num_threads=8)

@@ -14,6 +14,7 @@ from flax import nnx
 
 from conftest import random_hf_llama, write_llama_gguf
 from jaxicd.model import gguf_io
+from jaxicd.model import llama
 from jaxicd.model import weights
 from jaxicd.model.weights import WeightsError
 
@@ -153,6 +154,9 @@ def test_mesh_placement_and_preset(tiny_hf, tmp_path):
   np.testing.assert_allclose(_jax_logits(model), _torch_logits(hf_model), atol=1e-4)
   tiny, tokenizer = weights.load_model("tiny", mesh=mesh)
   assert tokenizer is None and tiny.embed.get_value().shape == (512, 64)
+  shardings = llama.param_shardings(model, mesh)
+  assert shardings["layers"]["down"]["kernel"].spec == logical_to_spec(("layers", "mlp", "embed"))
+  assert shardings["embed"].spec == logical_to_spec(("vocab", "embed"))
 
 
 _SHARDED_LOAD = """
