@@ -7,9 +7,12 @@ Same batch (8 x 256 tokens, loss on every token but the first of each row), same
 
 jaxicd runs with the settings configs/mixed.py uses (oneDNN matmuls via XLA_FLAGS, remat
 "dots"), once per compute dtype: bfloat16 (its CPU default; adapters and Adam stay float32) and
-float32 (torch's dtype here). Prints training tokens/s and the ratio to torch for each (target:
-jaxicd >= 1.5x), model-FLOPs utilisation against a matmul peak measured here (2048^3, same
-dtype), and peak RSS after each variant (target <= 4 GB; all before torch is imported). The
+float32 (torch's dtype here). Steps of all frameworks are interleaved,
+round after round, so that each sees the same load from other jobs on a shared machine. Prints
+training tokens/s (median step) and the ratio to torch for each (target: jaxicd >= 1.5x),
+model-FLOPs utilisation against a matmul peak measured here (2048^3, same dtype), and peak RSS
+after each jaxicd variant is set up and has run two steps (target <= 4 GB; before torch is
+imported; the bfloat16 variant runs first). The
 torch model has SmolLM2's exact architecture with random weights (throughput does not depend on
 the values); jaxicd loads the real embedded GGUF.
 """
@@ -80,7 +83,8 @@ def make_batch(vocab: int, batch: int, seq: int):
   return tokens
 
 
-def bench_jaxicd(tokens: np.ndarray, dtype: str) -> dict:
+def setup_jaxicd(tokens: np.ndarray, dtype: str) -> dict:
+  """Loads and compiles; returns a blocking ``step()`` and what setting up took."""
   import jax
   import ml_collections
   from jaxicd.model import weights
@@ -107,23 +111,23 @@ def bench_jaxicd(tokens: np.ndarray, dtype: str) -> dict:
                segment_ids=np.ones((B, T), np.int32),
                positions=np.tile(np.arange(T, dtype=np.int32), (B, 1)))
   gbatch = fns.place_batch(batch)
+  state = dict(params=params, opt_state=opt_state, rest=rest)
+
+  def step() -> float:
+    state["params"], state["opt_state"], state["rest"], m = fns.train_step(
+        state["params"], state["opt_state"], base, state["rest"], gbatch)
+    return float(m["loss"])  # blocks
+
   t0 = time.time()
-  params, opt_state, rest, m = fns.train_step(params, opt_state, base, rest, gbatch)
-  jax.block_until_ready(m)
+  step()
   compile_s = time.time() - t0
-  times, losses = [], []
-  for _ in range(ARGS.steps):
-    t0 = time.perf_counter()
-    params, opt_state, rest, m = fns.train_step(params, opt_state, base, rest, gbatch)
-    losses.append(float(m["loss"]))  # blocks
-    times.append(time.perf_counter() - t0)
-  step_s = float(np.median(times))
-  return dict(load_s=load_s, first_step_s=compile_s, step_s=step_s, tokens_per_s=B * T / step_s,
-              losses=losses, cfg=cfg,
+  step()  # a second step, so the peak RSS includes a steady-state step
+  return dict(step=step, load_s=load_s, first_step_s=compile_s, cfg=cfg,
               peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6)
 
 
-def bench_torch(tokens: np.ndarray) -> dict:
+def setup_torch(tokens: np.ndarray):
+  """transformers + PEFT; returns a blocking ``step()`` after one warm-up step."""
   import torch
   import transformers
   import peft
@@ -155,42 +159,51 @@ def bench_torch(tokens: np.ndarray) -> dict:
     return float(loss.detach())
 
   step()  # warm-up
-  times = []
-  for _ in range(ARGS.steps):
-    t0 = time.perf_counter()
-    step()
-    times.append(time.perf_counter() - t0)
-  step_s = float(np.median(times))
-  B, T = labels.shape
-  return dict(step_s=step_s, tokens_per_s=B * T / step_s)
+  return step
 
 
 def main() -> None:
   tokens = make_batch(49152, ARGS.batch, ARGS.seq)
-  result = dict(batch=ARGS.batch, seq=ARGS.seq, rank=ARGS.rank, threads=ARGS.threads,
-                remat=ARGS.remat, onednn=not ARGS.no_onednn, jaxicd={})
+  B, T = ARGS.batch, ARGS.seq
+  result = dict(batch=B, seq=T, rank=ARGS.rank, threads=ARGS.threads, remat=ARGS.remat,
+                onednn=not ARGS.no_onednn, jaxicd={})
+  runners, peaks = {}, {}
   for dtype in ARGS.dtypes.split(","):
-    peak = matmul_peak_gflops(dtype)
-    jx = bench_jaxicd(tokens, dtype)
-    flops = model_flops_per_token(jx["cfg"], ARGS.rank, ARGS.seq)
-    mfu = jx["tokens_per_s"] * flops / (peak * 1e9)
+    peaks[dtype] = matmul_peak_gflops(dtype)
+    jx = setup_jaxicd(tokens, dtype)
+    runners[f"jaxicd {dtype}"] = jx["step"]
+    result["jaxicd"][dtype] = dict(load_s=jx["load_s"], first_step_s=jx["first_step_s"],
+                                   matmul_peak_gflops=peaks[dtype],
+                                   peak_rss_gb_after_setup=jx["peak_rss_gb"])
     print(f"jaxicd {dtype}: load {jx['load_s']:.1f}s, first step (compile) "
-          f"{jx['first_step_s']:.1f}s, step {jx['step_s']:.2f}s -> {jx['tokens_per_s']:.1f} "
-          f"tokens/s, MFU {100 * mfu:.1f}% of a measured {dtype} matmul peak of {peak:.0f} "
-          f"GFLOP/s ({flops / 1e6:.0f} MFLOP/token), peak RSS so far {jx['peak_rss_gb']:.2f} GB "
+          f"{jx['first_step_s']:.1f}s, peak RSS so far {jx['peak_rss_gb']:.2f} GB "
           f"(target <= 4)", flush=True)
-    result["jaxicd"][dtype] = dict(
-        tokens_per_s=jx["tokens_per_s"], step_s=jx["step_s"], first_step_s=jx["first_step_s"],
-        matmul_peak_gflops=peak, mfu=mfu, peak_rss_gb=jx["peak_rss_gb"], losses=jx["losses"])
+    flops = model_flops_per_token(jx["cfg"], ARGS.rank, T)
   if not ARGS.skip_torch:
-    th = bench_torch(tokens)
-    print(f"transformers+PEFT (torch float32, {ARGS.threads} threads): step {th['step_s']:.2f}s "
-          f"-> {th['tokens_per_s']:.1f} tokens/s", flush=True)
-    result.update(torch_tokens_per_s=th["tokens_per_s"], torch_step_s=th["step_s"])
-    for dtype, jx in result["jaxicd"].items():
-      jx["ratio_to_torch"] = jx["tokens_per_s"] / th["tokens_per_s"]
-      print(f"ratio jaxicd {dtype} / torch float32: {jx['ratio_to_torch']:.2f}x "
-            f"(target >= 1.5x)", flush=True)
+    runners["torch float32"] = setup_torch(tokens)
+  # Interleaved rounds: each framework sees the same machine load (other jobs share the CPU).
+  times = {name: [] for name in runners}
+  for _ in range(ARGS.steps):
+    for name, step in runners.items():
+      t0 = time.perf_counter()
+      step()
+      times[name].append(time.perf_counter() - t0)
+  speed = {name: B * T / float(np.median(t)) for name, t in times.items()}
+  for name, tps in speed.items():
+    print(f"{name}: median step {float(np.median(times[name])):.2f}s -> {tps:.1f} tokens/s "
+          f"(steps {[round(t, 2) for t in times[name]]})", flush=True)
+  for dtype, jx in result["jaxicd"].items():
+    jx["tokens_per_s"] = speed[f"jaxicd {dtype}"]
+    jx["mfu"] = jx["tokens_per_s"] * flops / (peaks[dtype] * 1e9)
+    line = (f"jaxicd {dtype}: MFU {100 * jx['mfu']:.1f}% of a measured {dtype} matmul peak of "
+            f"{peaks[dtype]:.0f} GFLOP/s ({flops / 1e6:.0f} MFLOP/token)")
+    if "torch float32" in speed:
+      jx["ratio_to_torch"] = jx["tokens_per_s"] / speed["torch float32"]
+      line += f"; ratio to torch float32: {jx['ratio_to_torch']:.2f}x (target >= 1.5x)"
+    print(line, flush=True)
+  if "torch float32" in speed:
+    result["torch_tokens_per_s"] = speed["torch float32"]
+  result["peak_rss_gb_with_torch"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
   print(json.dumps(result), flush=True)
 
 
