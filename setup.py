@@ -29,8 +29,6 @@ setuptools.setup(
         "numpy>=1.26",
         "safetensors",
         "jinja2>=3.1.6",
-        "tensorboardX",
-        "psutil",
     ],
     extras_require={
         # Reference implementations for tests and baselines only; jaxicd never imports torch.
@@ -40,6 +38,7 @@ setuptools.setup(
             "accelerate",
             "peft",
             "scikit-learn",
+            "tensorboardX",  # reads our event files back in tests
         ],
         "tpu": ["jax[tpu]"],
     },

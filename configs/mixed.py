@@ -26,5 +26,7 @@ def get_config():
       seq_len=256, window_overlap=32, batch_size=4)
   config.train.update(steps=32, lr=1e-3, warmup_steps=2, final_lr_fraction=0.1, clip_norm=1.0,
                       log_every=4, eval_every=0, eval_batches=2, eval_at_start=True)
+  # After training, code a few held-out notes: micro/macro F1, F1 on codes no training note has.
+  config.eval_coding.update(documents=2, max_new_tokens=96, batch_size=8)
   config.checkpoint.update(every=16, keep=2)
   return config

@@ -108,3 +108,26 @@ def test_eval_mode_restores_the_checkpoint(cli_run):
   assert first["loss"] == second["loss"]  # deterministic
   records = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
   assert records[-1]["eval/loss"] == second["loss"]
+
+
+def test_eval_mode_codes_held_out_notes(cli_run):
+  from jaxicd import main
+  from jaxicd.data.demo import demo_corpus
+  workdir, tok, _ = cli_run
+  config = train_worker.tiny_config(tok, steps=3)
+  config.mode = "eval"
+  # The byte-level test tokenizer has no single " |" token, so decode unconstrained.
+  config.eval_coding.update(documents=2, max_new_tokens=6, batch_size=16, constrained=False)
+  result = main.run(config, str(workdir))
+  assert result["coding/documents"] == 2
+  for key in ("coding/micro_f1", "coding/macro_f1", "coding/unseen_micro_f1",
+              "coding/evidence_span_f1"):
+    assert 0.0 <= result[key] <= 1.0, key
+  records = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert records[-1]["eval/coding/micro_f1"] == result["coding/micro_f1"]
+  # "Unseen" is derived from the training split; the demo generator designed its own set.
+  from jaxicd.train.coding_eval import CodingEval
+  hook = CodingEval(config, None)
+  corpus = demo_corpus(seed=config.data.demo_seed)
+  val_codes = {c for d in corpus.split("val")[:2] for c in d.codes}
+  assert hook.unseen == val_codes & corpus.unseen_codes

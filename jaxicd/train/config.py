@@ -46,6 +46,12 @@ def base_config() -> ml_collections.ConfigDict:
       log_every=10, eval_every=0, eval_batches=4,
       eval_at_start=False))          # val loss before the first step of a fresh run
 
+  # Coding metrics (micro/macro/unseen-code F1, evidence F1) on the first `documents` notes of
+  # `split`, decoded with the current adapters at every evaluation; 0 turns it off.
+  config.eval_coding = ml_collections.ConfigDict(dict(
+      documents=0, split="val", max_new_tokens=96, batch_size=8, constrained=True,
+      at_start=False))               # also code before training (zero-shot)
+
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   # Multi-host: jax.distributed.initialize() (TPU pods discover the rest themselves).
   config.distributed = ml_collections.ConfigDict(dict(

@@ -576,7 +576,7 @@ class Trainer:
   def _run_eval(self, writer: MetricsWriter) -> dict[str, float]:
     t0 = time.time()
     result = self.evaluate()
-    for hook in self.eval_hooks:  # e.g. coding metrics once the inference loop exists
+    for hook in self.eval_hooks:  # coding metrics (jaxicd.train.coding_eval)
       result.update(hook(self, self.step))
     self.print(f"eval @ step {self.step}: val loss {result['loss']:.4f}  "
                f"acc {result['accuracy']:.3f}  ({result['batches']} batches, "
@@ -614,8 +614,17 @@ def _pad_rows(batch: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
           batch.items()}
 
 
+def _add_coding_eval(trainer: Trainer) -> None:
+  """Registers coding metrics on held-out notes when ``eval_coding.documents > 0``."""
+  ec = trainer.cfg.get("eval_coding")
+  if ec is not None and int(ec.get("documents", 0)) > 0:
+    from jaxicd.train.coding_eval import CodingEval  # pylint: disable=g-import-not-at-top
+    trainer.eval_hooks.append(CodingEval(trainer.cfg, trainer.tokenizer))
+
+
 def run_train(cfg, workdir: str) -> dict[str, Any]:
   trainer = Trainer(cfg, workdir)
+  _add_coding_eval(trainer)
   try:
     return trainer.train()
   finally:
@@ -627,6 +636,9 @@ def run_eval(cfg, workdir: str) -> dict[str, float]:
   try:
     step = trainer.restore_latest(with_data=False)
     result = trainer.evaluate()
+    _add_coding_eval(trainer)
+    for hook in trainer.eval_hooks:
+      result.update(hook(trainer, max(step or 0, 1)))  # coding runs even without a checkpoint
     result["step"] = step or 0
     where = (f"checkpoint step {step}" if step is not None
              else "no checkpoint in the workdir: base model, adapters untrained")
