@@ -223,9 +223,39 @@ def _linear(p: dict[str, jax.Array], x: jax.Array, lora_scale: float,
       rate, key = dropout
       keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
       xa = jnp.where(keep, x / (1.0 - rate), 0).astype(dtype)
-    a = jnp.einsum("btd,dr->btr", xa, p["lora_a"].astype(dtype))
-    y = y + lora_scale * jnp.einsum("btr,rf->btf", a, p["lora_b"].astype(dtype))
+    y = y + _lora_delta(xa, p["lora_a"].astype(dtype), p["lora_b"].astype(dtype), lora_scale)
   return y
+
+
+@jax.custom_vjp
+def _lora_delta(x: jax.Array, a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
+  """``scale * (x @ a) @ b`` for x ``[B, T, in]``, a ``[in, r]``, b ``[r, out]``."""
+  return scale * jnp.einsum("btr,rf->btf", jnp.einsum("btd,dr->btr", x, a), b)
+
+
+def _lora_delta_fwd(x, a, b, scale):
+  xa = jnp.einsum("btd,dr->btr", x, a)
+  return scale * jnp.einsum("btr,rf->btf", xa, b), (x, a, b, xa, scale)
+
+
+def _lora_delta_bwd(res, g):
+  # Written out so every matmul keeps its big operand in row-major [tokens, features] form: left
+  # to autodiff, the adapter weight gradients contract the [tokens, features] activations over
+  # their leading axis and XLA:CPU materialises a transpose of each big activation/cotangent per
+  # layer (measured ~40% of the SmolLM2 backward). Here only rank-r operands are transposed; the
+  # barrier keeps XLA from folding those transposes back into the dots.
+  x, a, b, xa, scale = res
+  n = x.shape[0] * x.shape[1]
+  x2, g2, xa2 = x.reshape(n, -1), g.reshape(n, -1) * jnp.asarray(scale, g.dtype), xa.reshape(n, -1)
+  gb = jnp.dot(g2, b.T)                                     # [n, r]
+  dx = jnp.dot(gb, a.T)                                     # [n, in]
+  xa_t, gb_t = jax.lax.optimization_barrier((xa2.T, gb.T))  # [r, n] each (small)
+  db = jnp.dot(xa_t, g2)                                    # [r, out]
+  da = jnp.dot(gb_t, x2).T                                  # [in, r]
+  return dx.reshape(x.shape), da.astype(a.dtype), db.astype(b.dtype), None
+
+
+_lora_delta.defvjp(_lora_delta_fwd, _lora_delta_bwd)
 
 
 def _attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
