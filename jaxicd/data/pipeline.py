@@ -638,7 +638,8 @@ def _close_at_exit(it: grain.DatasetIterator) -> None:
 # ----------------------------------------------------------------------------- evaluation
 
 
-def _pad_batch(batch: Mapping[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
+def pad_batch(batch: Mapping[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
+  """Pads a short batch to ``rows`` rows with all-padding rows (segment 0, weight 0)."""
   n = next(iter(batch.values())).shape[0]
   if n == rows:
     return dict(batch)
@@ -687,7 +688,7 @@ def make_eval_iterator(data_cfg: Any, tokenizer: Any, split: str = "val", *,
       ds, length_struct={k: seq_len for k in ("inputs", "targets", "loss_weights")},
       num_packing_bins=per_process_batch, shuffle_bins=False)
   batched = (packed.map(_rekey_packed).batch(per_process_batch)
-             .map(lambda b: _pad_batch(b, per_process_batch)))
+             .map(lambda b: pad_batch(b, per_process_batch)))
   it = iter(batched)
   it.stats = stats
   if num_batches is not None:

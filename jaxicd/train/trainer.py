@@ -452,7 +452,7 @@ class Trainer:
     for batch in it:
       if max_batches and n >= max_batches:
         break
-      batch = _pad_rows({k: np.asarray(batch[k]) for k in BATCH_FIELDS}, rows)
+      batch = pipeline.pad_batch({k: np.asarray(batch[k]) for k in BATCH_FIELDS}, rows)
       out = jax.device_get(self.fns.eval_step(
           self.params, self.base, self.rest, self.fns.place_batch(batch, accumulated=False)))
       ce_sum += float(out["ce_sum"])
@@ -603,15 +603,6 @@ def _token_kind_counts(batches: list[Mapping[str, np.ndarray]]) -> dict[str, flo
     out["span_target"] += float(np.sum(w * (sources == 1)))
     out["doc_target"] += float(np.sum(w * (sources == 2)))
   return out
-
-
-def _pad_rows(batch: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
-  """Pads a short final eval batch with all-padding rows (weight 0)."""
-  n = next(iter(batch.values())).shape[0]
-  if n >= rows:
-    return batch
-  return {k: np.concatenate([v, np.zeros((rows - n,) + v.shape[1:], v.dtype)]) for k, v in
-          batch.items()}
 
 
 def _add_coding_eval(trainer: Trainer) -> None:

@@ -71,6 +71,17 @@ def hash_split(key: str, fractions=HASH_SPLIT_FRACTIONS) -> str:
   return fractions[-1][0]
 
 
+def check_text(issues: "Issues", text: str, where: str, field: str) -> bool:
+  """Reports a CSV text field that is not valid UTF-8 or is empty; True when it is usable."""
+  if has_invalid_utf8(text):
+    issues.error("invalid UTF-8", where, f"in field {field!r}")
+    return False
+  if not text.strip():
+    issues.error("empty text", f"{where}: field {field!r}")
+    return False
+  return True
+
+
 def has_invalid_utf8(s: str) -> bool:
   """True when ``s`` was decoded with errors='surrogateescape' from bytes that are not UTF-8."""
   try:

@@ -217,11 +217,7 @@ def _read_noteevents(path: Path, wanted: dict[str, str], issues: common.Issues
                    f"ROW_ID {row_id}: {row['HADM_ID']!r} vs {wanted[row_id]}")
       continue
     text = row["TEXT"] or ""
-    if common.has_invalid_utf8(text):
-      issues.error("invalid UTF-8", where, "in field 'TEXT'")
-      continue
-    if not text.strip():
-      issues.error("empty text", f"{where}: field 'TEXT'")
+    if not common.check_text(issues, text, where, 'TEXT'):
       continue
     texts[row_id] = text
   return texts

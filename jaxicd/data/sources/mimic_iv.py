@@ -205,11 +205,7 @@ def _read_notes(path: Path, codes_by_hadm: dict, issues: common.Issues
       issues.filtered("discharge note of an admission without ICD-10 diagnoses", where)
       continue
     text = row["text"] or ""
-    if common.has_invalid_utf8(text):
-      issues.error("invalid UTF-8", where, "in field 'text'")
-      continue
-    if not text.strip():
-      issues.error("empty text", f"{where}: field 'text'")
+    if not common.check_text(issues, text, where, 'text'):
       continue
     seq = (row["note_seq"] or "").strip()
     out[hadm].append((int(seq) if seq.isdigit() else 10**9, row["note_id"], text,
