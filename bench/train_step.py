@@ -37,6 +37,8 @@ def _parse():
   p.add_argument("--remat", default="dots", choices=["none", "full", "dots"])
   p.add_argument("--dtypes", default="bfloat16,float32")
   p.add_argument("--no-onednn", action="store_true", help="XLA's default CPU matmuls")
+  p.add_argument("--torch-dtypes", default="float32,bfloat16",
+                 help="float32 is the baseline of the target; bfloat16 (autocast) for reference")
   p.add_argument("--skip-torch", action="store_true")
   return p.parse_args()
 
@@ -94,7 +96,7 @@ def setup_jaxicd(tokens: np.ndarray, dtype: str) -> dict:
 
   t0 = time.time()
   model = weights.build_model("smollm2", lora=LoraConfig(rank=ARGS.rank, alpha=2.0 * ARGS.rank),
-                              remat=ARGS.remat, dtype=dtype)
+                              remat=ARGS.remat, dtype=dtype, param_dtype=dtype)
   cfg = model.cfg
   load_s = time.time() - t0
   parts = trainer.split_model(model)
@@ -126,8 +128,9 @@ def setup_jaxicd(tokens: np.ndarray, dtype: str) -> dict:
               peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6)
 
 
-def setup_torch(tokens: np.ndarray):
-  """transformers + PEFT; returns a blocking ``step()`` after one warm-up step."""
+def setup_torch(tokens: np.ndarray, dtype: str):
+  """transformers + PEFT; returns a blocking ``step()`` after one warm-up step. ``bfloat16``
+  runs the step under CPU autocast (bf16 matmuls, float32 weights, adapters and AdamW)."""
   import torch
   import transformers
   import peft
@@ -149,7 +152,8 @@ def setup_torch(tokens: np.ndarray):
   labels = torch.from_numpy(tokens[:, 1:].astype(np.int64))
 
   def step():
-    logits = model(input_ids=inputs).logits
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
+      logits = model(input_ids=inputs).logits
     loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
                                              labels.reshape(-1))
     loss.backward()
@@ -180,7 +184,8 @@ def main() -> None:
           f"(target <= 4)", flush=True)
     flops = model_flops_per_token(jx["cfg"], ARGS.rank, T)
   if not ARGS.skip_torch:
-    runners["torch float32"] = setup_torch(tokens)
+    for dtype in ARGS.torch_dtypes.split(","):
+      runners[f"torch {dtype}"] = setup_torch(tokens, dtype)
   # Interleaved rounds: each framework sees the same machine load (other jobs share the CPU).
   times = {name: [] for name in runners}
   for _ in range(ARGS.steps):
@@ -200,9 +205,12 @@ def main() -> None:
     if "torch float32" in speed:
       jx["ratio_to_torch"] = jx["tokens_per_s"] / speed["torch float32"]
       line += f"; ratio to torch float32: {jx['ratio_to_torch']:.2f}x (target >= 1.5x)"
+    if f"torch {dtype}" in speed and dtype != "float32":
+      jx[f"ratio_to_torch_{dtype}"] = jx["tokens_per_s"] / speed[f"torch {dtype}"]
+      line += f"; to torch {dtype}: {jx[f'ratio_to_torch_{dtype}']:.2f}x"
     print(line, flush=True)
-  if "torch float32" in speed:
-    result["torch_tokens_per_s"] = speed["torch float32"]
+  result["torch_tokens_per_s"] = {name.split()[1]: tps for name, tps in speed.items()
+                                  if name.startswith("torch")}
   result["peak_rss_gb_with_torch"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
   print(json.dumps(result), flush=True)
 

@@ -149,3 +149,51 @@ def test_matches_peft(hf_dir):
     plain = hf_model(torch.tensor(tokens).long()).logits.numpy()
   assert np.abs(ref - plain).max() > 1e-3  # the adapters matter
   np.testing.assert_allclose(np.asarray(_forward(model, jnp.asarray(tokens))), ref, atol=1e-4)
+
+
+def test_training_grads_match_peft(hf_dir):
+  """Adapter gradients of the training loss (fused head cross-entropy, hand-written LoRA and
+  attention backward passes) equal torch autograd through transformers + PEFT."""
+  peft = pytest.importorskip("peft")
+  torch = pytest.importorskip("torch")
+  from jaxicd.train import losses
+  _, path = hf_dir
+  model = weights.build_model(str(path), lora=LORA)
+  _randomize_b(model, seed=4)
+  reference = peft.get_peft_model(
+      random_hf_llama(seed=3),
+      peft.LoraConfig(r=LORA.rank, lora_alpha=LORA.alpha, lora_dropout=0.0,
+                      target_modules=[p.split(".")[1] for p in PROJECTIONS.values()]))
+  params = dict(reference.named_parameters())
+  with torch.no_grad():
+    for short, long in PROJECTIONS.items():
+      b = np.asarray(getattr(model.layers, short).lora_b.get_value())
+      a = np.asarray(getattr(model.layers, short).lora_a.get_value())
+      for layer in range(a.shape[0]):
+        prefix = f"base_model.model.model.layers.{layer}.{long}"
+        params[f"{prefix}.lora_A.default.weight"].copy_(torch.from_numpy(a[layer].T.copy()))
+        params[f"{prefix}.lora_B.default.weight"].copy_(torch.from_numpy(b[layer].T.copy()))
+  rng = np.random.default_rng(5)
+  tokens = rng.integers(0, 256, (2, 13)).astype(np.int32)
+  targets = rng.integers(0, 256, (2, 13)).astype(np.int32)
+  loss_weights = (rng.random((2, 13)) > 0.4).astype(np.float32)
+
+  logits = reference(torch.tensor(tokens).long()).logits
+  ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                         torch.tensor(targets).long().reshape(-1), reduction="none")
+  (ce * torch.tensor(loss_weights).reshape(-1)).sum().backward()
+
+  batch = dict(inputs=jnp.asarray(tokens), targets=jnp.asarray(targets),
+               loss_weights=jnp.asarray(loss_weights),
+               positions=jnp.broadcast_to(jnp.arange(13, dtype=jnp.int32), (2, 13)),
+               segment_ids=jnp.ones((2, 13), jnp.int32))
+  grads = nnx.jit(nnx.grad(lambda m: losses.loss_sums(m, batch, chunk_tokens=8)[0],
+                           argnums=nnx.DiffState(0, nnx.LoRAParam)))(model)
+  for short, long in PROJECTIONS.items():
+    g = getattr(grads.layers, short)
+    for name, torch_name in (("lora_a", "lora_A"), ("lora_b", "lora_B")):
+      ours = np.asarray(getattr(g, name).get_value())
+      for layer in range(ours.shape[0]):
+        ref = params[f"base_model.model.model.layers.{layer}.{long}.{torch_name}.default.weight"]
+        np.testing.assert_allclose(ours[layer], ref.grad.numpy().T, atol=2e-5, rtol=1e-4,
+                                   err_msg=f"{short}.{name}[{layer}]")

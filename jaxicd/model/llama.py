@@ -250,8 +250,10 @@ def _lora_delta_bwd(res, g):
   gb = jnp.dot(g2, b.T)                                     # [n, r]
   dx = jnp.dot(gb, a.T)                                     # [n, in]
   xa_t, gb_t = jax.lax.optimization_barrier((xa2.T, gb.T))  # [r, n] each (small)
-  db = jnp.dot(xa_t, g2)                                    # [r, out]
-  da = jnp.dot(gb_t, x2).T                                  # [in, r]
+  # Adapter gradients accumulate over all tokens in float32 straight from the compute-dtype
+  # operands (a bf16 dot followed by a cast makes XLA:CPU upcast the big operand first).
+  db = jnp.dot(xa_t, g2, preferred_element_type=jnp.float32)    # [r, out]
+  da = jnp.dot(gb_t, x2, preferred_element_type=jnp.float32).T  # [in, r]
   return dx.reshape(x.shape), da.astype(a.dtype), db.astype(b.dtype), None
 
 
@@ -276,10 +278,62 @@ def _attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax
   # XLA:CPU runs ~2.5x faster than the grouped 5-D contraction (measured on SmolLM2 shapes).
   k = jnp.repeat(k, H // kv_heads, axis=2)
   v = jnp.repeat(v, H // kv_heads, axis=2)
+  return _multi_head_attention(q, k, v, mask).reshape(B, T, H * D)
+
+
+def _attention_scores(q, k, mask):
+  """Masked, scaled scores float32 ``[B, H, T, S]``."""
   scores = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=jnp.float32)
-  scores = jnp.where(mask[:, None, :, :], scores * (D ** -0.5), _NEG_INF)
-  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  return jnp.einsum("bhts,bshd->bthd", probs, v).reshape(B, T, H * D)
+  return jnp.where(mask[:, None, :, :], scores * (q.shape[-1] ** -0.5), _NEG_INF)
+
+
+def _softmax_stats(scores):
+  """Row max and log-sum-exp relative to it, ``[B, H, T]`` each: ``softmax = exp(s - m - l)``.
+  Kept apart because ``m + l`` loses ``l`` when a row is fully masked (``m = -1e30``)."""
+  m = jnp.max(scores, axis=-1)
+  return m, jnp.log(jnp.sum(jnp.exp(scores - m[..., None]), axis=-1))
+
+
+def _attention_forward(q, k, v, mask):
+  scores = _attention_scores(q, k, mask)
+  m, l = _softmax_stats(scores)
+  probs = jnp.exp(scores - m[..., None] - l[..., None])
+  out = jnp.einsum("bhts,bshd->bthd", probs.astype(v.dtype), v)
+  return out, (m, l)
+
+
+@jax.custom_vjp
+def _multi_head_attention(q, k, v, mask):
+  """softmax(q k^T / sqrt(D), masked) v for q ``[B,T,H,D]``, k/v ``[B,S,H,D]``."""
+  return _attention_forward(q, k, v, mask)[0]
+
+
+def _multi_head_attention_fwd(q, k, v, mask):
+  out, stats = _attention_forward(q, k, v, mask)
+  return out, (q, k, v, mask, out, stats)
+
+
+def _multi_head_attention_bwd(res, d_out):
+  # The softmax backward written out: probabilities are recomputed from the saved row
+  # statistics instead of being stored ([B, H, T, S] per layer), and each of the four matmuls
+  # takes compute-dtype operands (autodiff would run the score gradients in float32).
+  q, k, v, mask, out, (m, l) = res
+  dtype = q.dtype
+  probs = jnp.exp(_attention_scores(q, k, mask) - m[..., None] - l[..., None])
+  d_v = jnp.einsum("bhts,bthd->bshd", probs.astype(dtype), d_out,
+                   preferred_element_type=jnp.float32)
+  d_probs = jnp.einsum("bthd,bshd->bhts", d_out, v, preferred_element_type=jnp.float32)
+  row = jnp.einsum("bthd,bthd->bht", d_out.astype(jnp.float32), out.astype(jnp.float32))
+  d_scores = probs * (d_probs - row[..., None]) * (q.shape[-1] ** -0.5)
+  # Masked scores are constants (nonzero only in fully masked padding rows, where probs are
+  # uniform).
+  d_scores = jnp.where(mask[:, None, :, :], d_scores, 0).astype(dtype)
+  d_q = jnp.einsum("bhts,bshd->bthd", d_scores, k, preferred_element_type=jnp.float32)
+  d_k = jnp.einsum("bhts,bthd->bshd", d_scores, q, preferred_element_type=jnp.float32)
+  return d_q.astype(dtype), d_k.astype(k.dtype), d_v.astype(v.dtype), None
+
+
+_multi_head_attention.defvjp(_multi_head_attention_fwd, _multi_head_attention_bwd)
 
 
 _REMAT_POLICIES = {
@@ -319,6 +373,9 @@ class Llama(nnx.Module):
                segment_ids: jax.Array | None = None, cache: KVCache | None = None):
     """Logits float32 ``[B, T, vocab]``; with ``cache=``, returns ``(logits, new_cache)``.
 
+    ``logits(hidden_states(...))``; training computes its loss from ``hidden_states`` without
+    materialising the logits (``jaxicd.train.losses``).
+
     Args:
       tokens: int32 ``[B, T]``.
       positions: int32 ``[B, T]`` RoPE positions. Default: ``arange(T)`` without a cache,
@@ -328,6 +385,16 @@ class Llama(nnx.Module):
         must come first in each row (right padding); only they advance ``cache.lengths``.
       cache: a ``KVCache`` from ``init_cache``.
     """
+    x, new_cache = self.hidden_states(tokens, positions=positions, segment_ids=segment_ids,
+                                      cache=cache)
+    logits = self.logits(x)
+    return logits if cache is None else (logits, new_cache)
+
+  def hidden_states(self, tokens: jax.Array, *, positions: jax.Array | None = None,
+                    segment_ids: jax.Array | None = None, cache: KVCache | None = None
+                    ) -> tuple[jax.Array, KVCache | None]:
+    """The final-normed hidden states ``[B, T, hidden]`` (compute dtype) and the new cache
+    (None without ``cache=``). Arguments as for ``__call__``."""
     cfg = self.cfg
     dtype = jnp.dtype(cfg.dtype)
     B, T = tokens.shape
@@ -393,18 +460,30 @@ class Llama(nnx.Module):
     x, (new_k, new_v) = jax.lax.scan(block, x, xs)
 
     x = rms_norm(x, self.final_norm.get_value(), cfg.rms_norm_eps)
-    if self.lm_head is None:
-      logits = jnp.einsum("btd,vd->btv", x, self.embed.get_value().astype(dtype),
-                          preferred_element_type=jnp.float32)
-    else:
-      logits = jnp.einsum("btd,dv->btv", x, self.lm_head.get_value().astype(dtype),
-                          preferred_element_type=jnp.float32)
-    logits = logits.astype(jnp.float32)
     if cache is None:
-      return logits
+      return x, None
     real = (jnp.ones((B, T), jnp.int32) if segment_ids is None
             else (segment_ids != 0).astype(jnp.int32))
-    return logits, KVCache(new_k, new_v, cache.lengths + real.sum(axis=1))
+    return x, KVCache(new_k, new_v, cache.lengths + real.sum(axis=1))
+
+  def output_embedding(self) -> tuple[jax.Array, bool]:
+    """The output projection and its layout: ``(embed [vocab, hidden], True)`` when tied,
+    ``(lm_head [hidden, vocab], False)`` otherwise."""
+    if self.lm_head is None:
+      return self.embed.get_value(), True
+    return self.lm_head.get_value(), False
+
+  def logits(self, x: jax.Array) -> jax.Array:
+    """float32 logits ``[..., vocab]`` of hidden states ``x [..., hidden]``."""
+    w, vocab_major = self.output_embedding()
+    return project_to_vocab(x, w, vocab_major)
+
+
+def project_to_vocab(x: jax.Array, w: jax.Array, vocab_major: bool) -> jax.Array:
+  """``x [..., hidden] -> float32 [..., vocab]`` through ``w`` laid out as ``output_embedding``
+  says; matmul in x's dtype, accumulated in float32."""
+  spec = "...d,vd->...v" if vocab_major else "...d,dv->...v"
+  return jnp.einsum(spec, x, w.astype(x.dtype), preferred_element_type=jnp.float32)
 
 
 def create(cfg: LlamaConfig, *, seed: int = 0, lora: LoraConfig | None = None) -> Llama:

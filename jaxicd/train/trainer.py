@@ -28,6 +28,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jaxicd.train import losses
 from jaxicd.train import sharding as shd
 from jaxicd.train.checkpoint import Checkpointer, abstract_like, check_compatible
 from jaxicd.train.metrics_writer import MetricsWriter
@@ -125,19 +126,6 @@ def build_optimizer(train_cfg) -> optax.GradientTransformation:
   return optax.chain(*parts)
 
 
-# --- Loss ---------------------------------------------------------------------------------------
-
-
-def loss_sums(model, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
-  """(sum of token cross-entropy x loss weight, sum of weight x correct) over a [B, T] batch."""
-  logits = model(batch["inputs"], positions=batch["positions"], segment_ids=batch["segment_ids"])
-  logits = logits.astype(jnp.float32)
-  weights = batch["loss_weights"].astype(jnp.float32)
-  ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
-  correct = (jnp.argmax(logits, axis=-1) == batch["targets"]).astype(jnp.float32)
-  return jnp.sum(ce * weights), jnp.sum(correct * weights)
-
-
 # --- Steps --------------------------------------------------------------------------------------
 
 
@@ -192,7 +180,7 @@ class StepFunctions:
   def _micro_grads(self, params, base, rest, batch, total_weight):
     def loss_fn(p):
       model = nnx.merge(self.parts.graphdef, self.parts.lora_state(p), base, rest)
-      ce_sum, correct = loss_sums(model, batch)
+      ce_sum, correct = losses.loss_sums(model, batch)
       new_rest = nnx.split(model, nnx.LoRAParam, nnx.Param, ...)[3]
       return ce_sum / total_weight, (correct, new_rest)
     (loss, (correct, rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
@@ -238,7 +226,7 @@ class StepFunctions:
   def _eval_step(self, params, base, rest, batch):
     model = nnx.merge(self.parts.graphdef, self.parts.lora_state(params), base, rest)
     model.eval()  # no LoRA dropout
-    ce_sum, correct = loss_sums(model, batch)
+    ce_sum, correct = losses.loss_sums(model, batch)
     return dict(ce_sum=ce_sum, correct=correct,
                 weight=jnp.sum(batch["loss_weights"].astype(jnp.float32)))
 
