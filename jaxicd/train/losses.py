@@ -87,10 +87,13 @@ def _merge(x: jax.Array) -> jax.Array:
 def _chunk_loss(h, w, targets, weights, vocab_major, with_grad):
   """Loss sums of one chunk and, if ``with_grad``, d(ce sum)/d(h) ``[B, c, hidden]``."""
   logits = project_to_vocab(h, w, vocab_major)                     # float32 [B, c, V]
-  lse = jax.nn.logsumexp(logits, axis=-1)
+  top = jnp.max(logits, axis=-1)
+  lse = top + jnp.log(jnp.sum(jnp.exp(logits - top[..., None]), axis=-1))
   target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
   ce = jnp.sum((lse - target_logit) * weights)
-  correct = jnp.sum((jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32) * weights)
+  # "The target has the highest logit", from the max already at hand: an argmax would be one
+  # more pass over [B, c, V] (only exact ties count differently, as correct).
+  correct = jnp.sum((target_logit >= top).astype(jnp.float32) * weights)
   if not with_grad:
     return ce, correct, None
   # d ce / d logits = (softmax - one_hot(target)) * weight, one fused elementwise pass.
