@@ -59,10 +59,16 @@ def run(config, workdir: str) -> dict:
         "(jitted decode loop, document coder, merged HF / PEFT export). "
         "Use mode 'train' or 'eval' for now.")
   _add_xla_flags(config.get("cpu_xla_flags", ""))
+  # Imported here, not at the top: keeps --help fast.
+  import jax  # pylint: disable=g-import-not-at-top
+  from jaxicd.train import sharding, trainer  # pylint: disable=g-import-not-at-top
+  # Multi-host: before anything else touches JAX (CPU collectives use gloo, JAX's default).
+  sharding.maybe_initialize_distributed(config.get("distributed", None))
   pathlib.Path(workdir).mkdir(parents=True, exist_ok=True)
-  # Keep the exact config of every invocation next to the run.
-  (pathlib.Path(workdir) / f"config.{mode}.json").write_text(config.to_json_best_effort(indent=2))
-  from jaxicd.train import trainer  # pylint: disable=g-import-not-at-top  (keeps --help fast)
+  if jax.process_index() == 0:  # processes share the workdir; one copy is enough
+    # Keep the exact config of every invocation next to the run.
+    (pathlib.Path(workdir) / f"config.{mode}.json").write_text(
+        config.to_json_best_effort(indent=2))
   if mode == "train":
     summary = trainer.run_train(config, workdir)
     summary.pop("history", None)

@@ -207,7 +207,46 @@ def scenario_restore(args: dict[str, Any]) -> dict[str, Any]:
     t.close()
 
 
-SCENARIOS = {"parity": scenario_parity, "restore": scenario_restore}
+def scenario_process_shards(args: dict[str, Any]) -> dict[str, Any]:
+  """The reference of a multi-process run, in one process: the same global batches, no
+  ``jax.distributed``, no checkpoints.
+
+  Each step's global batch is the concatenation of the batches that processes
+  ``0..processes-1`` of a ``processes``-process run read from their own pipeline shards. Saves
+  the LoRA params after each step in ``save_steps`` to ``out`` (``step<N>.<param>``) and
+  returns the per-step losses.
+  """
+  import jax
+  import numpy as np
+  from jaxicd.data import pipeline
+  from jaxicd.train import trainer
+
+  config = tiny_config(args["tokenizer_dir"], steps=int(args["steps"]), eval_batches=0)
+  t = trainer.Trainer(config, args["workdir"], print_fn=lambda s: None)
+  n = int(args["processes"])
+  shards = [pipeline.make_train_iterator(config.data, t.tokenizer, process_index=i,
+                                         process_count=n, prefetch=0) for i in range(n)]
+  params, opt_state, rest = t.params, t.opt_state, t.rest
+  losses, saved = [], {}
+  try:
+    for step in range(1, int(args["steps"]) + 1):
+      local = [next(it) for it in shards]
+      batch = {k: np.concatenate([b[k] for b in local]) for k in trainer.BATCH_FIELDS}
+      params, opt_state, rest, metrics = t.fns.train_step(params, opt_state, t.base, rest,
+                                                          t.fns.place_batch(batch))
+      losses.append(float(metrics["loss"]))
+      if step in args["save_steps"]:
+        saved.update({f"step{step}.{k}": np.asarray(v)
+                      for k, v in jax.device_get(params).items()})
+    np.savez(args["out"], **saved)
+    return dict(losses=losses, devices=jax.device_count(), mesh=dict(t.mesh.shape),
+                processes=jax.process_count())
+  finally:
+    t.close()
+
+
+SCENARIOS = {"parity": scenario_parity, "restore": scenario_restore,
+             "process_shards": scenario_process_shards}
 
 if __name__ == "__main__":
   sys.path.insert(0, str(ROOT))

@@ -102,6 +102,8 @@ def maybe_initialize_distributed(cfg: Mapping[str, Any] | None) -> None:
   """
   if not cfg or not cfg.get("enabled", False):
     return
+  if jax.distributed.is_initialized():  # main initialises before the Trainer does
+    return
   kwargs = {k: cfg[k] for k in ("coordinator_address", "num_processes", "process_id")
             if cfg.get(k) not in (None, "", -1)}
   jax.distributed.initialize(**kwargs)
@@ -158,6 +160,33 @@ def named_shardings(mesh: Mesh, specs, arrays):
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
+
+
+def replicated_array(value, mesh: Mesh) -> jax.Array:
+  """A host value (the same on every process) as a global array replicated over ``mesh``.
+
+  Unlike ``jnp.asarray`` (one local device), it can be saved by Orbax in a multi-host run.
+  """
+  value = np.asarray(value)
+  return jax.make_array_from_callback(value.shape, replicated(mesh), lambda _: value)
+
+
+def to_host(tree):
+  """numpy copies of a pytree of arrays; arrays sharded over other processes are all-gathered."""
+  def get(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+  return jax.tree.map(get, tree)
+
+
+def any_process(flag: bool) -> bool:
+  """True if ``flag`` is true on any process (a collective: every process must call it)."""
+  if jax.process_count() == 1:
+    return bool(flag)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return bool(np.any(multihost_utils.process_allgather(np.int32(bool(flag)))))
 
 
 def batch_spec(leading_dims: int = 0) -> PartitionSpec:

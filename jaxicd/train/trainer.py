@@ -330,8 +330,11 @@ class Trainer:
     self.cfg = cfg
     self.workdir = pathlib.Path(workdir)
     self.workdir.mkdir(parents=True, exist_ok=True)
-    self.print = print_fn or (lambda s: print(s, flush=True))
     shd.maybe_initialize_distributed(cfg.get("distributed", None))
+    self.is_chief = jax.process_index() == 0
+    # Progress lines from process 0 only (the metrics are global, the same on every process).
+    self.print = print_fn or ((lambda s: print(s, flush=True)) if self.is_chief
+                              else (lambda s: None))
     self.mesh = mesh or shd.make_mesh(dict(cfg.mesh))
     self.rules = tuple(tuple(r) for r in cfg.get("rules", None) or shd.DEFAULT_RULES)
     t0 = time.time()
@@ -360,7 +363,6 @@ class Trainer:
                                      keep=int(cfg.checkpoint.get("keep", 3)),
                                      every=int(cfg.checkpoint.get("every", 0)),
                                      async_save=bool(cfg.checkpoint.get("async_save", True)))
-    self.is_chief = jax.process_index() == 0
     self._data_iter = None
     self.eval_hooks: list[Callable[["Trainer", int], Mapping[str, float]]] = []
 
@@ -374,11 +376,12 @@ class Trainer:
                 mesh={k: int(v) for k, v in self.mesh.shape.items()})
 
   def state_tree(self) -> dict:
+    # The step is a global (replicated) array: Orbax cannot save a single-device one multi-host.
     return dict(params=self.params, opt_state=self.opt_state,
-                step=jnp.asarray(self.step, jnp.int32))
+                step=shd.replicated_array(np.int32(self.step), self.mesh))
 
   def lora_params_host(self) -> dict[str, np.ndarray]:
-    return {k: np.asarray(jax.device_get(v)) for k, v in self.params.items()}
+    return shd.to_host(dict(self.params))
 
   def data_iterator(self):
     if self._data_iter is None:
@@ -430,15 +433,25 @@ class Trainer:
     from jaxicd.data import pipeline  # pylint: disable=g-import-not-at-top
     max_batches = max_batches if max_batches is not None else int(
         self.cfg.train.get("eval_batches", 0) or 0)
+    # Every process must run the same number of eval steps (each is a collective), though their
+    # shards may hold different numbers of batches: exactly max_batches (padded with empty
+    # batches), or, for all batches, until no process has any left.
+    multi = jax.process_count() > 1
     it = pipeline.make_eval_iterator(self.cfg.data, self.tokenizer, split=split,
                                      process_index=jax.process_index(),
-                                     process_count=jax.process_count())
+                                     process_count=jax.process_count(),
+                                     num_batches=(max_batches or None) if multi else None)
+    lockstep = multi and not max_batches
     ce_sum = correct = weight = 0.0
     n = 0
     rows = int(self.cfg.data.batch_size) // jax.process_count()
-    # Every process must run the same number of steps: stop at max_batches (eval_batches).
-    for batch in it:
-      if max_batches and n >= max_batches:
+    empty = {k: np.zeros((0, int(self.cfg.data.seq_len)),
+                         np.float32 if k == "loss_weights" else np.int32) for k in BATCH_FIELDS}
+    while not (max_batches and n >= max_batches):
+      batch = next(it, None)
+      if lockstep and shd.any_process(batch is not None):
+        batch = empty if batch is None else batch
+      if batch is None:
         break
       batch = pipeline.pad_batch({k: np.asarray(batch[k]) for k in BATCH_FIELDS}, rows)
       out = jax.device_get(self.fns.eval_step(
