@@ -4,14 +4,17 @@ Same weights (the embedded GGUF, f32, copied into transformers' PyTorch Llama), 
 `--prompt` tokens, exactly `--new` new tokens (no stop token), batches 1 and 8, in one process;
 warm-up calls (jit compilation) are excluded and calls alternate between the two (shared
 machine). Also reports the cost of the code trie over all billable ICD-10-CM codes and decode
-speed with that constraint on. Prints one JSON object per line.
+speed with that constraint on, with and without the unique-codes rule. Times are best of
+`--iters` calls. Prints one JSON object per line.
 
   .venv/bin/python bench/decode.py [--batches=1,8] [--prompt=256] [--new=64] [--iters=2]
+      [--skip_torch]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import os
@@ -39,21 +42,25 @@ def main() -> None:
   parser.add_argument("--torch_threads", type=int, default=min(2, os.cpu_count() or 1))
   parser.add_argument("--constrained", default="all",
                       help="code space for the constrained run ('' to skip)")
+  parser.add_argument("--skip_torch", action="store_true",
+                      help="only the constrained-decoding run (no transformers comparison)")
   args = parser.parse_args()
 
-  import torch
   from jaxicd.data import prompts
   from jaxicd.infer import generate as gen
   from jaxicd.model import weights
   fwd = _forward_bench()
-  torch.set_num_threads(args.torch_threads)
   model, tok = weights.load_model("smollm2", dtype="float32", param_dtype="float32")
-  hf = fwd._torch_model(model)  # pylint: disable=protected-access
   # Real prompt tokens: a chat prompt around a repeated clinical sentence, cut to length.
   text = "Patient admitted with acute on chronic systolic heart failure and AKI. " * 64
   base = prompts.encode_prompt(tok, text)[:args.prompt]
 
-  for batch in [int(b) for b in args.batches.split(",")]:
+  if not args.skip_torch:
+    import torch  # pylint: disable=import-outside-toplevel
+    torch.set_num_threads(args.torch_threads)
+    hf = fwd._torch_model(model)  # pylint: disable=protected-access
+
+  for batch in [] if args.skip_torch else [int(b) for b in args.batches.split(",")]:
     rows = np.stack([np.roll(base, i) for i in range(batch)]).astype(np.int32)
 
     def run_jax():
@@ -67,7 +74,8 @@ def main() -> None:
         return hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.new,
                            min_new_tokens=args.new, do_sample=False, pad_token_id=tok.pad_id)
 
-    jax_s, torch_s = fwd._time_interleaved([run_jax, run_torch], args.iters)  # pylint: disable=protected-access
+    jax_s, torch_s = map(min, fwd._time_interleaved(  # pylint: disable=protected-access
+        [run_jax, run_torch], args.iters))
     ours = run_jax().tokens
     theirs = run_torch()[:, args.prompt:].numpy()
     agree = float(np.mean([np.argmax(np.append(a != b, True)) for a, b in zip(ours, theirs)]))
@@ -93,8 +101,10 @@ def main() -> None:
       return gen.generate(model, rows, max_new_tokens=args.new, stop_ids=[], pad_id=tok.pad_id,
                           constraint=c, bucket=64)
 
-    free_s, constrained_s = fwd._time_interleaved(  # pylint: disable=protected-access
-        [lambda: run(None), lambda: run(constraint)], 1)
+    repeats = dataclasses.replace(constraint, unique_codes=False)
+    runs = [lambda: run(None), lambda: run(repeats), lambda: run(constraint)]
+    free_s, repeats_s, constrained_s = map(min, fwd._time_interleaved(  # pylint: disable=protected-access
+        runs, args.iters))
     print(json.dumps({
         "bench": "constrained_decode", "code_space": args.constrained, "codes": len(codes),
         "trie_states": constraint.num_states, "trie_edges": constraint.num_edges,
@@ -103,7 +113,9 @@ def main() -> None:
         "build_peak_rss_increase_mb": round((rss1 - rss0) / 1e3, 1), "batch": batch,
         "free_tokens_per_s": round(batch * args.new / free_s, 1),
         "constrained_tokens_per_s": round(batch * args.new / constrained_s, 1),
-        "constrained_overhead": round(constrained_s / free_s - 1, 3)}), flush=True)
+        "constrained_overhead": round(constrained_s / free_s - 1, 3),
+        "repeats_allowed_tokens_per_s": round(batch * args.new / repeats_s, 1),
+        "unique_codes_overhead": round(constrained_s / repeats_s - 1, 3)}), flush=True)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import jax
@@ -140,17 +141,31 @@ class CharTokenizer:
             for seq in ids]
 
 
-def _walk(constraint, tok, tokens):
-  """Feeds `tokens` through the grammar; returns the index of the first rejected token or -1."""
+def _walk(constraint, tok, tokens, *, unique=False, allowed_after=False):
+  """Feeds `tokens` through the grammar; returns the index of the first rejected token or -1.
+
+  With `unique`, codes already emitted are excluded (the `left` bookkeeping of the decode loop);
+  with `allowed_after`, returns the set of token texts allowed after all of `tokens` instead.
+  """
   ca = constraint.device_arrays(tok.vocab_size)
   state, first = jnp.array([gen.ROOT], jnp.int32), jnp.array([True])
+  left = gen.initial_left(ca, 1) if unique else None
   stops = jnp.array([tok.end_of_turn_id], jnp.int32)
   for i, t in enumerate(tokens):
     mask, toks, nxt, ok = gen._allowed_tokens(ca, constraint.max_fanout, state, first, stops,
-                                              tok.vocab_size)
+                                              tok.vocab_size, left)
     if not bool(mask[0, t]):
+      assert not allowed_after, f"token {i} rejected"
       return i
-    state, first = gen._advance(ca, state, first, jnp.array([t], jnp.int32), toks, nxt, ok)
+    t = jnp.array([t], jnp.int32)
+    if unique:
+      left = gen._use_codes(ca, constraint.max_depth, left, state, t, toks, nxt, ok,
+                            jnp.array([True]))
+    state, first = gen._advance(ca, state, first, t, toks, nxt, ok)
+  if allowed_after:
+    mask = gen._allowed_tokens(ca, constraint.max_fanout, state, first, stops, tok.vocab_size,
+                               left)[0]
+    return {tok.vocab[i] for i in np.flatnonzero(np.asarray(mask[0]))}
   return -1
 
 
@@ -216,7 +231,7 @@ def test_constrained_sampling_emits_only_valid_codes(smol_tok, demo_constraint):
                    key=jax.random.key(0), batch_size=4)
   space = set(demo_constraint.codes)
   line = re.compile(r"^([A-Z0-9.]+)( \|[^\n]*)?$")
-  n_codes = 0
+  n_codes, code_lines = 0, []
   for i in range(len(ps)):
     text = smol_tok.decode(g.row(i))
     lines = text.split("\n")
@@ -227,7 +242,9 @@ def test_constrained_sampling_emits_only_valid_codes(smol_tok, demo_constraint):
       assert m, (i, ln)
       assert m.group(1) in space or (m.group(1) == "NONE" and len(lines) == 1), ln
       n_codes += 1
+    code_lines.append([line.match(ln).group(1) for ln in lines])
   assert n_codes >= 4
+  assert code_lines and all(len(c) == len(set(c)) for c in code_lines)  # unique by default
 
 
 def test_trie_scales_to_all_billable_codes(smol_tok):
@@ -242,3 +259,135 @@ def test_trie_scales_to_all_billable_codes(smol_tok):
   assert _walk(c, smol_tok, ok) == -1
   assert _walk(c, smol_tok, smol_tok.encode("I50.2") + eot) == 5   # a category, not billable
   assert _walk(c, smol_tok, smol_tok.encode("I50.29") + eot) == 5  # no such code
+  # Unique codes over the full space: the used code's line is refused, its siblings are not.
+  assert int(c.arrays.codes_below[gen.ROOT]) == 74719
+  assert c.max_depth == max(len(prompts.code_token_ids(smol_tok, x)) for x in codes)
+  again = smol_tok.encode("I50.23\nI50.23") + eot
+  assert _walk(c, smol_tok, again) == -1
+  assert _walk(c, smol_tok, again, unique=True) == len(smol_tok.encode("I50.23\nI50.2"))
+  assert _walk(c, smol_tok, smol_tok.encode("I50.23\nI50.22") + eot, unique=True) == -1
+
+
+# ---------------------------------------------------------------------------- unique codes
+
+
+def test_unique_codes_block_only_the_exact_code_used():
+  # A1 prefixes A12 and A13; A12 and A13 share the path A-1. Allowed sets by hand.
+  tok = CharTokenizer()
+  c = gen.build_constraint(tok, ["A1", "A12", "A13", "B2"])
+  assert c.unique_codes and c.max_depth == 3
+  assert c.arrays.codes_below[gen.ROOT] == 4
+  after = lambda text: _walk(c, tok, tok.encode(text), unique=True, allowed_after=True)
+  ends = {" |", "\n", "<eot>"}
+  assert after("A1") == ends | {"2", "3"}        # nothing used yet
+  assert after("A1\nA") == {"1"}                 # A1 used: the path to A12/A13 stays open
+  assert after("A1\nA1") == {"2", "3"}           # ... but A1 cannot end a line again
+  assert after("A12 | x\nA1") == ends | {"3"}    # A12 used: A1 and A13 still allowed
+  assert after("A12\nA13\nA1") == ends          # both longer codes used: only A1 itself
+  assert after("A12\nA13\n") == {"A", "B"}       # A1 is left under A
+  assert after("A12\nA13\nA1 | y\n") == {"B"}   # every code under A used: A is closed
+  assert after("B2\nA1\nA12\nA13") == {" |", "<eot>"}  # the last code: no newline
+  last_quote = after("B2\nA1\nA12\nA13 | q")
+  assert "<eot>" in last_quote and not {"\n", ".\n"} & last_quote  # no line with nothing left
+  # Without the rule a code may repeat; with it the repeat is refused at its line end.
+  rep = tok.encode("A1\nA1\nB2") + [tok.end_of_turn_id]
+  assert _walk(c, tok, rep) == -1
+  assert _walk(c, tok, rep, unique=True) == 5
+
+
+class _Bigram(nnx.Module):
+  """A model whose next-token logits depend only on the last token (row `t` of a table), so
+  greedy decoding can be worked out by hand."""
+
+  def __init__(self, table: np.ndarray, cfg):
+    self.cfg = cfg
+    self.deterministic = True
+    self.table = nnx.Param(jnp.asarray(table, jnp.float32))
+
+  def hidden_states(self, tokens, *, positions=None, segment_ids=None, cache=None):
+    return jnp.zeros(tokens.shape + (1,)), cache
+
+  def __call__(self, tokens, *, positions=None, segment_ids=None, cache=None):
+    logits = self.table[...][tokens]
+    return logits if cache is None else (logits, cache)
+
+
+def test_unique_codes_greedy_stops_repeating_a_code():
+  tok = CharTokenizer()
+  c = gen.build_constraint(tok, ["A1", "A12", "B2"])
+  # Preferences after each token, best first: the model loves "A1\n" forever.
+  prefs = {"#": "A", "$": "B", "A": "1", "B": "2", "1": ["\n", "2"], "2": ["\n", "<eot>"],
+           "\n": ["A", "B"]}
+  table = np.zeros((tok.vocab_size, tok.vocab_size), np.float32)
+  for prev, nexts in prefs.items():
+    for rank, t in enumerate([nexts] if isinstance(nexts, str) else nexts):
+      table[tok.ids[prev], tok.ids[t]] = 10.0 - rank
+  cfg = preset("tiny").replace(vocab_size=tok.vocab_size, num_layers=1, num_kv_heads=1,
+                               head_dim=4)
+  model = _Bigram(table, cfg)
+  ps = [tok.encode("note #"), tok.encode("note $")]
+
+  def run(constraint):
+    g = gen.generate(model, ps, max_new_tokens=16, stop_ids=[tok.end_of_turn_id],
+                     constraint=constraint, bucket=8)
+    return ["".join(tok.vocab[t] for t in g.row(i)) for i in range(2)], g.stopped.tolist()
+
+  repeats = ["A1\nA1\nA1\nA1\nA1\nA", "B2\nA1\nA1\nA1\nA1\nA"]  # 16 tokens each
+  assert run(None) == (repeats, [False, False])
+  assert run(dataclasses.replace(c, unique_codes=False)) == (repeats, [False, False])
+  # Row 0: A1; A1 again is refused at its line end, so A12 (the model's second choice after
+  # "1"); A is closed, so B2, the last code: no newline, the model's next choice is a stop.
+  # Row 1 spends the same codes in another order: per-row state.
+  assert run(c) == (["A1\nA12\nB2", "B2\nA1\nA12"], [True, True])
+
+
+def test_unique_codes_allowed_set_is_never_empty():
+  # Random walks of many rows over a trie with prefixes, shared paths and NONE, biased to end
+  # lines often so that rows spend every code; the mask must never be empty and no row may
+  # complete a code twice.
+  tok = CharTokenizer()
+  codes = ["A1", "A12", "A13", "A2", "B1", "N1"]
+  c = gen.build_constraint(tok, codes)
+  ca = c.device_arrays(tok.vocab_size)
+  B, steps = 48, 160
+  stops = jnp.array([tok.end_of_turn_id], jnp.int32)
+  structural = np.zeros(tok.vocab_size, bool)
+  structural[[tok.ids[t] for t in (" |", "\n", ".\n")]] = True
+
+  @jax.jit
+  def step(state, first, left, done, u):
+    mask, toks, nxt, ok = gen._allowed_tokens(ca, c.max_fanout, state, first, stops,
+                                              tok.vocab_size, left)
+    # Prefer structural tokens (line ends), then anything allowed; the stop token rarely.
+    w = jnp.where(mask, 1.0 + 200.0 * structural, 0.0)
+    w = w.at[:, tok.end_of_turn_id].multiply(0.02)
+    tok_ = jax.random.categorical(u, jnp.log(w), axis=-1).astype(jnp.int32)
+    active = ~done
+    new_left = gen._use_codes(ca, c.max_depth, left, state, tok_, toks, nxt, ok, active)
+    new_state, new_first = gen._advance(ca, state, first, tok_, toks, nxt, ok)
+    return (mask.any(axis=1), tok_, jnp.where(done, state, new_state), new_first, new_left,
+            done | (tok_ == tok.end_of_turn_id))
+
+  state = jnp.full((B,), gen.ROOT, jnp.int32)
+  first, done = jnp.ones((B,), bool), jnp.zeros((B,), bool)
+  left = gen.initial_left(ca, B)
+  out = [[] for _ in range(B)]
+  key = jax.random.key(0)
+  for _ in range(steps):
+    key, u = jax.random.split(key)
+    nonempty, t, state, first, left, new_done = step(state, first, left, done, u)
+    assert bool(jnp.all(nonempty | done))
+    for r in np.flatnonzero(~np.asarray(done)):
+      out[r].append(int(t[r]))
+    done = new_done
+  line = re.compile(r"^(A1|A12|A13|A2|B1|N1|NONE)( \|[^\n]*)?$")
+  exhausted = 0
+  for r, ids in enumerate(out):
+    text = "".join(tok.vocab[i] for i in ids if i != tok.end_of_turn_id)
+    lines = text.split("\n")
+    if not done[r] and " |" not in lines[-1]:
+      lines = lines[:-1]  # cut inside a code
+    heads = [line.match(ln).group(1) for ln in lines]  # AttributeError: a malformed line
+    assert len(heads) == len(set(heads)), (r, heads)
+    exhausted += set(heads) == set(codes)
+  assert exhausted >= B // 2  # the walks really reached the state with nothing left

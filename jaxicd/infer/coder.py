@@ -131,6 +131,8 @@ class Coder:
     max_new_tokens: answer budget per window.
     batch_size: windows per generation call.
     constrained: decode with the code-space grammar (`generate.build_constraint`).
+    unique_codes: with `constrained`, each code at most once per window's answer (repeated code
+      lines would only spend the token budget: codes are merged per document anyway).
     bucket: prompt-length bucket (compilations are per bucket).
     temperature, seed: sampling (0 = greedy).
     generate_fn: replaces the model call (tests): prompts -> `Generation`.
@@ -138,8 +140,8 @@ class Coder:
 
   def __init__(self, model: Any, tokenizer: Any, *, code_space: Sequence[str] | str = "demo",
                seq_len: int = 1024, window_overlap: int = 128, max_new_tokens: int = 128,
-               batch_size: int = 8, constrained: bool = True, bucket: int = 64,
-               temperature: float = 0.0, seed: int = 0,
+               batch_size: int = 8, constrained: bool = True, unique_codes: bool = True,
+               bucket: int = 64, temperature: float = 0.0, seed: int = 0,
                generate_fn: GenerateFn | None = None):
     if isinstance(code_space, str):
       from jaxicd.ontology import get_ontology  # pylint: disable=import-outside-toplevel
@@ -149,7 +151,8 @@ class Coder:
     self._valid = frozenset(self.code_space)
     self.seq_len, self.window_overlap = seq_len, window_overlap
     self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
-    self.constraint = (generate_lib.build_constraint(tokenizer, self.code_space)
+    self.constraint = (generate_lib.build_constraint(tokenizer, self.code_space,
+                                                     unique_codes=unique_codes)
                        if constrained and generate_fn is None else None)
     self.stop_ids = sorted({i for i in (tokenizer.end_of_turn_id,
                                         getattr(tokenizer, "eos_id", None)) if i is not None})

@@ -22,6 +22,23 @@ as CSR arrays (per state a sorted slice of (token, next state) edges): a dense
 (5e9), and padding every state to the maximum fan-out (48) wastes most of the memory because few
 states fan out widely (the CSR arrays take 1.5 MB). Inside jit the edges of each row's state are read as a fixed window of
 ``max_fanout`` entries from the flat edge arrays and scattered into a ``[batch, vocab]`` mask.
+
+Unique codes (``build_constraint(..., unique_codes=True)``, the default): each code appears at
+most once per answer (a fine-tuned model otherwise tends to repeat one code line until the token
+budget runs out). Each row carries ``left[row, state]``, the number of its codes not yet emitted
+at or below a trie state (int32 ``[B, states]``, initialised from the static count per state). A
+code is emitted when its terminal state is left by a separator, newline or stop token; that
+decrements ``left`` along its path to the root (``max_depth`` parent hops). Then:
+
+* an edge into a state with ``left == 0`` is masked, so a row never enters a subtree whose codes
+  are all used (it could not finish a line there);
+* a code state's own code is unused iff ``left[state]`` exceeds the sum over its children (a code
+  that prefixes longer codes, like ``A1`` under ``A12``, blocks only its own line end, not the
+  path through it);
+* once the last code is spent (``left[ROOT] == 0``) no line break is allowed, so a row never
+  reaches a line start with nothing to write; it continues the quote or stops.
+
+So every reachable state keeps an allowed token, the mask is never empty.
 """
 
 from __future__ import annotations
@@ -60,6 +77,8 @@ class ConstraintArrays(NamedTuple):
   edge_next: jax.Array    # int32 [E + max_fanout]
   terminal: jax.Array     # int8 [S]: 0 inner state, 1 a code ends here, 2 NONE ends here
   none_only: jax.Array    # bool [S]: only NONE lies below (forbidden after the first line)
+  codes_below: jax.Array  # int32 [S]: codes ending at or below each state (NONE not counted)
+  parent: jax.Array       # int32 [S + 1]: parent state; the root's parent is S (a sink)
   free_mask: jax.Array    # bool [V]: tokens allowed inside a quote
   line_break: jax.Array   # bool [V]: tokens that end a quote line (text ends with one "\n")
   separator: jax.Array    # int32 []: the " |" token after a code
@@ -74,17 +93,22 @@ class CodeConstraint:
     codes: the code space (without NONE).
     arrays: numpy arrays (see `ConstraintArrays`); `device_arrays()` puts them on device.
     max_fanout: the widest state (the window read per row and step).
+    max_depth: tokens of the longest code (the parent hops that mark a code used).
     num_states, num_edges: trie size (state 0 is the free-text state, 1 the line root).
     build_seconds, nbytes: cost of building it (reported by bench/decode.py).
+    unique_codes: each code at most once per answer (see the module docstring);
+      ``dataclasses.replace(c, unique_codes=False)`` turns it off without rebuilding the trie.
   """
 
   codes: tuple[str, ...]
   arrays: ConstraintArrays
   max_fanout: int
+  max_depth: int
   num_states: int
   num_edges: int
   build_seconds: float
   nbytes: int
+  unique_codes: bool = True
   _device: ConstraintArrays | None = dataclasses.field(default=None, repr=False)
 
   def device_arrays(self, vocab_size: int) -> ConstraintArrays:
@@ -124,8 +148,8 @@ def _token_texts(tokenizer: Any) -> tuple[list[str], np.ndarray]:
   return texts, special
 
 
-def build_constraint(tokenizer: Any, codes: Iterable[str], *, allow_none: bool = True
-                     ) -> CodeConstraint:
+def build_constraint(tokenizer: Any, codes: Iterable[str], *, allow_none: bool = True,
+                     unique_codes: bool = True) -> CodeConstraint:
   """Builds the answer grammar for `codes` (e.g. ``ontology.code_space(spec)``).
 
   Args:
@@ -133,6 +157,7 @@ def build_constraint(tokenizer: Any, codes: Iterable[str], *, allow_none: bool =
       ``vocab_size``, ``backend.decode_batch`` and ``end_of_turn_id``).
     codes: the code space; each code is tokenized with `prompts.code_token_ids`.
     allow_none: whether ``NONE`` (alone, on the first line) may be answered.
+    unique_codes: forbid writing a code a second time in one answer.
 
   Raises:
     ValueError: an empty code space, or a separator / newline that is not one token.
@@ -153,6 +178,7 @@ def build_constraint(tokenizer: Any, codes: Iterable[str], *, allow_none: bool =
   children: list[dict[int, int]] = [{}, {}]
   terminal: list[int] = [_NOT_TERMINAL, _NOT_TERMINAL]
   has_code_below: list[bool] = [False, True]
+  parent: list[int] = [FREE, -1]  # the root's parent becomes the sink state S below
 
   def insert(seq: Sequence[int], kind: int) -> None:
     s = ROOT
@@ -164,6 +190,7 @@ def build_constraint(tokenizer: Any, codes: Iterable[str], *, allow_none: bool =
         children.append({})
         terminal.append(_NOT_TERMINAL)
         has_code_below.append(False)
+        parent.append(s)
       s = nxt
       if kind == _CODE:
         has_code_below[s] = True
@@ -175,6 +202,13 @@ def build_constraint(tokenizer: Any, codes: Iterable[str], *, allow_none: bool =
     insert(none_seq, _NONE)
 
   num_states = len(children)
+  # Codes at or below each state: children always have higher ids, so one reverse pass sums.
+  codes_below = np.array([int(t == _CODE) for t in terminal], np.int64)
+  for s in range(num_states - 1, ROOT, -1):
+    codes_below[parent[s]] += codes_below[s]
+  parent_arr = np.asarray(parent + [num_states], np.int32)
+  parent_arr[ROOT] = num_states
+  max_depth = max(len(seq) for seq in sequences)
   counts = np.array([len(c) for c in children], np.int64)
   edge_start = np.zeros(num_states + 1, np.int64)
   np.cumsum(counts, out=edge_start[1:])
@@ -204,34 +238,60 @@ def build_constraint(tokenizer: Any, codes: Iterable[str], *, allow_none: bool =
   arrays = ConstraintArrays(
       edge_start=edge_start.astype(np.int32), edge_token=edge_token, edge_next=edge_next,
       terminal=np.asarray(terminal, np.int8), none_only=~np.asarray(has_code_below),
-      free_mask=free_mask, line_break=line_break,
+      codes_below=codes_below.astype(np.int32), parent=parent_arr, free_mask=free_mask,
+      line_break=line_break,
       separator=np.int32(sep[0]), newline=np.int32(newline[0]))
   arrays.none_only[[FREE, ROOT]] = False
   nbytes = sum(np.asarray(x).nbytes for x in arrays)
   seconds = time.perf_counter() - t0
   log.info("code trie: %d codes, %d states, %d edges, max fan-out %d, %.1f MB, %.2f s",
            len(codes), num_states, num_edges, max_fanout, nbytes / 1e6, seconds)
-  return CodeConstraint(codes, arrays, max_fanout, num_states, num_edges, seconds, nbytes)
+  return CodeConstraint(codes, arrays, max_fanout, max_depth, num_states, num_edges, seconds,
+                        nbytes, unique_codes=unique_codes)
+
+
+def initial_left(ca: ConstraintArrays, batch: int) -> jax.Array:
+  """``left`` of rows that have emitted no code yet: int32 [B, S]."""
+  return jnp.broadcast_to(ca.codes_below[None, :], (batch, ca.codes_below.shape[0]))
 
 
 def _allowed_tokens(ca: ConstraintArrays, max_fanout: int, state: jax.Array, first: jax.Array,
-                    stop_ids: jax.Array, vocab: int):
-  """Mask bool [B, V] of tokens allowed next, and each row's trie edges (for the transition)."""
+                    stop_ids: jax.Array, vocab: int, left: jax.Array | None = None):
+  """Mask bool [B, V] of tokens allowed next, and each row's trie edges (for the transition).
+
+  With `left` (int32 [B, S], see the module docstring) codes already emitted are excluded.
+  """
   B = state.shape[0]
   start = ca.edge_start[state]
   count = ca.edge_start[state + 1] - start
   window = jnp.arange(max_fanout, dtype=jnp.int32)
   idx = start[:, None] + window[None, :]
   toks, nxt = ca.edge_token[idx], ca.edge_next[idx]
-  ok = (window[None, :] < count[:, None]) & ~(ca.none_only[nxt] & ~first[:, None])
-  rows = jnp.arange(B)[:, None]
-  mask = jnp.zeros((B, vocab), bool).at[rows, jnp.where(ok, toks, vocab)].set(True, mode="drop")
+  edge = window[None, :] < count[:, None]
+  ok = edge & ~(ca.none_only[nxt] & ~first[:, None])
   term = ca.terminal[state]
   code_end, any_end = term == _CODE, term != _NOT_TERMINAL
+  newline_ok, line_break_ok = code_end, jnp.ones((B,), bool)
+  if left is not None:
+    child_left = jnp.take_along_axis(left, nxt, axis=1)
+    # NONE-only states count no codes (and are reachable only on the first line, before any
+    # code is used), so they keep their own rule.
+    ok &= ca.none_only[nxt] | (child_left > 0)
+    state_left = jnp.take_along_axis(left, state[:, None], axis=1)[:, 0]
+    own_unused = state_left > jnp.sum(jnp.where(edge, child_left, 0), axis=1)
+    code_end &= own_unused
+    any_end = code_end | (term == _NONE)
+    # No line break that would reach a line start with every code spent.
+    root_left = left[:, ROOT]
+    newline_ok = code_end & (root_left > 1)
+    line_break_ok = root_left > 0
+  rows = jnp.arange(B)[:, None]
+  mask = jnp.zeros((B, vocab), bool).at[rows, jnp.where(ok, toks, vocab)].set(True, mode="drop")
   mask = mask.at[:, ca.separator].set(mask[:, ca.separator] | code_end)
-  mask = mask.at[:, ca.newline].set(mask[:, ca.newline] | code_end)
+  mask = mask.at[:, ca.newline].set(mask[:, ca.newline] | newline_ok)
   mask = mask.at[:, stop_ids].set(mask[:, stop_ids] | any_end[:, None])
-  mask = jnp.where((state == FREE)[:, None], ca.free_mask[None, :], mask)
+  free = ca.free_mask[None, :] & ~(ca.line_break[None, :] & ~line_break_ok[:, None])
+  mask = jnp.where((state == FREE)[:, None], free, mask)
   return mask, toks, nxt, ok
 
 
@@ -245,6 +305,21 @@ def _advance(ca: ConstraintArrays, state, first, tok, toks, nxt, ok):
                         jnp.where(tok == ca.separator, FREE, jnp.where(breaks, ROOT, state)))
   new_state = jnp.where(state == FREE, jnp.where(breaks, ROOT, FREE), trie_next)
   return new_state.astype(jnp.int32), first & ~breaks
+
+
+def _use_codes(ca: ConstraintArrays, max_depth: int, left, state, tok, toks, nxt, ok, active):
+  """`left` after emitting `tok`: a code is used when its state is left by a non-trie token."""
+  in_trie = (ok & (toks == tok[:, None])).any(axis=1)
+  used = active & (ca.terminal[state] == _CODE) & ~in_trie
+  sink = ca.codes_below.shape[0]
+  node = jnp.where(used, state, sink)
+  path = [node]
+  for _ in range(max_depth):  # the code's state and its ancestors up to the root
+    node = ca.parent[node]
+    path.append(node)
+  path = jnp.stack(path, axis=1)
+  rows = jnp.arange(state.shape[0])[:, None]
+  return left.at[rows, path].add(-1, mode="drop")
 
 
 # --------------------------------------------------------------------------------------------
@@ -262,13 +337,16 @@ class _LoopState(NamedTuple):
   done: jax.Array         # bool [B]
   grammar: jax.Array      # int32 [B]: trie state (FREE / ROOT / inside a code)
   first_line: jax.Array   # bool [B]
+  left: jax.Array         # int32 [B, S] unused codes per trie state ([B, 0] when not unique)
   key: jax.Array
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "sample",
-                                             "max_fanout"))
+                                             "max_fanout", "unique_depth"))
 def _generate_jit(graphdef, params, prompt_tokens, prompt_lengths, constraint, stop_ids, pad_id,
-                  temperature, key, *, max_new_tokens: int, sample: bool, max_fanout: int):
+                  temperature, key, *, max_new_tokens: int, sample: bool, max_fanout: int,
+                  unique_depth: int):
+  # unique_depth: the constraint's max_depth with unique codes on, 0 when off.
   model = nnx.merge(graphdef, params)
   model.deterministic = True  # no LoRA dropout while decoding
   cfg = model.cfg
@@ -288,7 +366,7 @@ def _generate_jit(graphdef, params, prompt_tokens, prompt_lengths, constraint, s
     key, sub = jax.random.split(s.key)
     if constraint is not None:
       mask, toks, nxt, ok = _allowed_tokens(constraint, max_fanout, s.grammar, s.first_line,
-                                            stop_ids, vocab)
+                                            stop_ids, vocab, s.left if unique_depth else None)
       masked = jnp.where(mask, logits, -jnp.inf)
     else:
       masked = logits
@@ -298,24 +376,27 @@ def _generate_jit(graphdef, params, prompt_tokens, prompt_lengths, constraint, s
       tok = jnp.argmax(masked, axis=-1).astype(jnp.int32)
     tok = jnp.where(s.done, pad_id, tok)
     logp = jnp.take_along_axis(jax.nn.log_softmax(logits), tok[:, None], axis=1)[:, 0]
-    grammar, first = s.grammar, s.first_line
+    grammar, first, left = s.grammar, s.first_line, s.left
+    active = ~s.done
     if constraint is not None:
       grammar, first = _advance(constraint, grammar, first, tok, toks, nxt, ok)
-    active = ~s.done
+      if unique_depth:
+        left = _use_codes(constraint, unique_depth, left, s.grammar, tok, toks, nxt, ok, active)
     return s._replace(
         step=s.step + 1, last=tok, key=key,
         tokens=s.tokens.at[:, s.step].set(tok),
         logprobs=s.logprobs.at[:, s.step].set(jnp.where(active, logp, 0.0)),
         lengths=s.lengths + active.astype(jnp.int32),
         done=s.done | jnp.isin(tok, stop_ids),
-        grammar=grammar, first_line=first)
+        grammar=grammar, first_line=first, left=left)
 
   state = _LoopState(
       step=jnp.int32(0), last=jnp.zeros((B,), jnp.int32), cache=cache,
       tokens=jnp.full((B, max_new_tokens), pad_id, jnp.int32),
       logprobs=jnp.zeros((B, max_new_tokens), jnp.float32),
       lengths=jnp.zeros((B,), jnp.int32), done=prompt_lengths <= 0,
-      grammar=jnp.full((B,), ROOT, jnp.int32), first_line=jnp.ones((B,), bool), key=key)
+      grammar=jnp.full((B,), ROOT, jnp.int32), first_line=jnp.ones((B,), bool), key=key,
+      left=(initial_left(constraint, B) if unique_depth else jnp.zeros((B, 0), jnp.int32)))
   state = emit(state, logits)
 
   def cond(s: _LoopState):
@@ -374,7 +455,8 @@ def generate(model: nnx.Module, prompts: Sequence[Sequence[int] | np.ndarray], *
     max_new_tokens: generation budget per row (the stop token counts).
     stop_ids: tokens that end a row (e.g. ``[tokenizer.end_of_turn_id, tokenizer.eos_id]``).
     pad_id: filler of `Generation.tokens` past each row's end.
-    constraint: a `CodeConstraint` for code-constrained answers, or None (free text).
+    constraint: a `CodeConstraint` for code-constrained answers (each code at most once per
+      answer when its ``unique_codes`` is set), or None (free text).
     temperature: 0 = greedy; > 0 samples from softmax(logits / temperature) (needs `key`).
     key: PRNG key for sampling.
     bucket: prompts are right-padded to a multiple of this (one compilation per bucket).
@@ -398,6 +480,7 @@ def generate(model: nnx.Module, prompts: Sequence[Sequence[int] | np.ndarray], *
   vocab = model.cfg.vocab_size
   arrays = constraint.device_arrays(vocab) if constraint is not None else None
   fanout = constraint.max_fanout if constraint is not None else 0
+  unique_depth = constraint.max_depth if constraint is not None and constraint.unique_codes else 0
   stops = jnp.asarray(sorted(set(int(i) for i in stop_ids)), jnp.int32)
   key = jax.random.key(0) if key is None else key
   rows = batch_size or len(prompts)
@@ -414,7 +497,7 @@ def generate(model: nnx.Module, prompts: Sequence[Sequence[int] | np.ndarray], *
     t, ln, lp = _generate_jit(graphdef, params, jnp.asarray(tokens), jnp.asarray(n), arrays,
                               stops, jnp.int32(pad_id), jnp.float32(max(temperature, 1e-6)), sub,
                               max_new_tokens=max_new_tokens, sample=temperature > 0,
-                              max_fanout=fanout)
+                              max_fanout=fanout, unique_depth=unique_depth)
     k = len(chunk)
     out_tokens.append(np.asarray(t)[:k])
     out_lengths.append(np.asarray(ln)[:k])

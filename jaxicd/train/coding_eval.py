@@ -43,7 +43,8 @@ class CodingEval:
       self._coder = Coder(model, self.tokenizer, code_space=data.code_space,
                           seq_len=int(data.seq_len), window_overlap=int(data.window_overlap),
                           max_new_tokens=int(ec.max_new_tokens), batch_size=int(ec.batch_size),
-                          constrained=bool(ec.constrained))
+                          constrained=bool(ec.constrained),
+                          unique_codes=bool(ec.get("unique_codes", True)))
     self._coder.model = model  # same graph, new adapter values: no recompilation
     return self._coder
 
