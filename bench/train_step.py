@@ -6,10 +6,12 @@ Same batch (8 x 256 tokens, loss on every token but the first of each row), same
   .venv/bin/python bench/train_step.py [--steps=3] [--dtypes=bfloat16,float32] [--remat=dots]
 
 jaxicd runs with the settings configs/mixed.py uses (oneDNN matmuls via XLA_FLAGS, remat
-"dots"), once per compute dtype: bfloat16 (its CPU default; adapters and Adam stay float32) and
-float32 (torch's dtype here). Steps of all frameworks are interleaved,
+"dots"), once per compute dtype, with the frozen base stored in that dtype: bfloat16 (its CPU
+default; adapters and Adam stay float32) and float32. torch runs in float32 (the target's
+baseline) and in bfloat16 under CPU autocast (for reference). Steps of all frameworks are interleaved,
 round after round, so that each sees the same load from other jobs on a shared machine. Prints
-training tokens/s (median step) and the ratio to torch for each (target: jaxicd >= 1.5x),
+training tokens/s (median step) and the ratio to torch float32 for each (target: jaxicd >= 1.5x;
+bfloat16 is also compared with torch bfloat16),
 model-FLOPs utilisation against a matmul peak measured here (2048^3, same dtype), and peak RSS
 after each jaxicd variant is set up and has run two steps (target <= 4 GB; before torch is
 imported; the bfloat16 variant runs first). The

@@ -47,6 +47,27 @@ def _randomize_b(model, seed=0):
       var.set_value(0.05 * jax.random.normal(next(keys), var.get_value().shape))
 
 
+def _peft_reference(model):
+  """transformers + PEFT on the same random base as ``hf_dir`` (seed 3), with ``model``'s
+  adapters copied in; returns the PEFT model and its named parameters."""
+  import peft
+  import torch
+  reference = peft.get_peft_model(
+      random_hf_llama(seed=3),
+      peft.LoraConfig(r=LORA.rank, lora_alpha=LORA.alpha, lora_dropout=0.0,
+                      target_modules=[p.split(".")[1] for p in PROJECTIONS.values()]))
+  params = dict(reference.named_parameters())
+  with torch.no_grad():
+    for short, long in PROJECTIONS.items():
+      linear = getattr(model.layers, short)
+      a, b = np.asarray(linear.lora_a.get_value()), np.asarray(linear.lora_b.get_value())
+      for layer in range(a.shape[0]):
+        prefix = f"base_model.model.model.layers.{layer}.{long}"
+        params[f"{prefix}.lora_A.default.weight"].copy_(torch.from_numpy(a[layer].T.copy()))
+        params[f"{prefix}.lora_B.default.weight"].copy_(torch.from_numpy(b[layer].T.copy()))
+  return reference, params
+
+
 def test_fresh_adapters_change_nothing(hf_dir):
   _, path = hf_dir
   base = weights.build_model(str(path))
@@ -125,24 +146,12 @@ def test_dropout_only_in_train_mode(hf_dir):
 
 
 def test_matches_peft(hf_dir):
-  peft = pytest.importorskip("peft")
+  pytest.importorskip("peft")
   torch = pytest.importorskip("torch")
   hf_model, path = hf_dir
   model = weights.build_model(str(path), lora=LORA)
   _randomize_b(model, seed=1)
-  reference = peft.get_peft_model(
-      random_hf_llama(seed=3),
-      peft.LoraConfig(r=LORA.rank, lora_alpha=LORA.alpha, lora_dropout=0.0,
-                      target_modules=[p.split(".")[1] for p in PROJECTIONS.values()]))
-  params = dict(reference.named_parameters())
-  with torch.no_grad():
-    for short, long in PROJECTIONS.items():
-      linear = getattr(model.layers, short)
-      a, b = np.asarray(linear.lora_a.get_value()), np.asarray(linear.lora_b.get_value())
-      for layer in range(a.shape[0]):
-        prefix = f"base_model.model.model.layers.{layer}.{long}"
-        params[f"{prefix}.lora_A.default.weight"].copy_(torch.from_numpy(a[layer].T.copy()))
-        params[f"{prefix}.lora_B.default.weight"].copy_(torch.from_numpy(b[layer].T.copy()))
+  reference, _ = _peft_reference(model)
   tokens = np.asarray(_tokens())
   with torch.inference_mode():
     ref = reference(torch.tensor(tokens).long()).logits.numpy()
@@ -154,25 +163,13 @@ def test_matches_peft(hf_dir):
 def test_training_grads_match_peft(hf_dir):
   """Adapter gradients of the training loss (fused head cross-entropy, hand-written LoRA and
   attention backward passes) equal torch autograd through transformers + PEFT."""
-  peft = pytest.importorskip("peft")
+  pytest.importorskip("peft")
   torch = pytest.importorskip("torch")
   from jaxicd.train import losses
   _, path = hf_dir
   model = weights.build_model(str(path), lora=LORA)
   _randomize_b(model, seed=4)
-  reference = peft.get_peft_model(
-      random_hf_llama(seed=3),
-      peft.LoraConfig(r=LORA.rank, lora_alpha=LORA.alpha, lora_dropout=0.0,
-                      target_modules=[p.split(".")[1] for p in PROJECTIONS.values()]))
-  params = dict(reference.named_parameters())
-  with torch.no_grad():
-    for short, long in PROJECTIONS.items():
-      b = np.asarray(getattr(model.layers, short).lora_b.get_value())
-      a = np.asarray(getattr(model.layers, short).lora_a.get_value())
-      for layer in range(a.shape[0]):
-        prefix = f"base_model.model.model.layers.{layer}.{long}"
-        params[f"{prefix}.lora_A.default.weight"].copy_(torch.from_numpy(a[layer].T.copy()))
-        params[f"{prefix}.lora_B.default.weight"].copy_(torch.from_numpy(b[layer].T.copy()))
+  reference, params = _peft_reference(model)
   rng = np.random.default_rng(5)
   tokens = rng.integers(0, 256, (2, 13)).astype(np.int32)
   targets = rng.integers(0, 256, (2, 13)).astype(np.int32)

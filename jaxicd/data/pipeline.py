@@ -638,6 +638,12 @@ def _close_at_exit(it: grain.DatasetIterator) -> None:
 # ----------------------------------------------------------------------------- evaluation
 
 
+def empty_batch(rows: int, seq_len: int) -> dict[str, np.ndarray]:
+  """An all-padding batch (segment 0, weight 0): a filler step that adds nothing."""
+  return {k: np.zeros((rows, seq_len), np.float32 if k == "loss_weights" else np.int32)
+          for k in BATCH_KEYS}
+
+
 def pad_batch(batch: Mapping[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
   """Pads a short batch to ``rows`` rows with all-padding rows (segment 0, weight 0)."""
   n = next(iter(batch.values())).shape[0]
@@ -692,9 +698,7 @@ def make_eval_iterator(data_cfg: Any, tokenizer: Any, split: str = "val", *,
   it = iter(batched)
   it.stats = stats
   if num_batches is not None:
-    empty = {k: np.zeros((per_process_batch, seq_len), np.float32 if k == "loss_weights"
-                         else np.int32) for k in BATCH_KEYS}
-    return _FixedLength(it, num_batches, empty, stats)
+    return _FixedLength(it, num_batches, empty_batch(per_process_batch, seq_len), stats)
   return it
 
 

@@ -230,7 +230,7 @@ def _linear(p: dict[str, jax.Array], x: jax.Array, lora_scale: float,
 @jax.custom_vjp
 def _lora_delta(x: jax.Array, a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
   """``scale * (x @ a) @ b`` for x ``[B, T, in]``, a ``[in, r]``, b ``[r, out]``."""
-  return scale * jnp.einsum("btr,rf->btf", jnp.einsum("btd,dr->btr", x, a), b)
+  return _lora_delta_fwd(x, a, b, scale)[0]
 
 
 def _lora_delta_fwd(x, a, b, scale):
@@ -291,16 +291,17 @@ def _attention_scores(q, k, mask):
   return jnp.where(mask[:, None, :, :], scores * (q.shape[-1] ** -0.5), _NEG_INF)
 
 
-def _softmax_stats(scores):
-  """Row max and log-sum-exp relative to it, ``[B, H, T]`` each: ``softmax = exp(s - m - l)``.
-  Kept apart because ``m + l`` loses ``l`` when a row is fully masked (``m = -1e30``)."""
+def softmax_stats(scores: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Max and log-sum-exp relative to it over the last axis: ``softmax = exp(s - m - l)``,
+  ``logsumexp = m + l``. Kept apart because ``m + l`` loses ``l`` when a row of attention
+  scores is fully masked (``m = -1e30``)."""
   m = jnp.max(scores, axis=-1)
   return m, jnp.log(jnp.sum(jnp.exp(scores - m[..., None]), axis=-1))
 
 
 def _attention_forward(q, k, v, mask):
   scores = _attention_scores(q, k, mask)
-  m, l = _softmax_stats(scores)
+  m, l = softmax_stats(scores)
   probs = jnp.exp(scores - m[..., None] - l[..., None])
   out = jnp.einsum("bhts,bshd->bthd", probs.astype(v.dtype), v)
   return out, (m, l)

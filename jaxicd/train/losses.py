@@ -21,7 +21,7 @@ from collections.abc import Mapping
 import jax
 import jax.numpy as jnp
 
-from jaxicd.model.llama import project_to_vocab
+from jaxicd.model.llama import project_to_vocab, softmax_stats
 
 # Tokens of the global batch per chunk: [chunk, vocab] float32 logits are ~200 MB for
 # SmolLM2's vocabulary, small next to the model, large enough to keep the matmul efficient.
@@ -87,8 +87,8 @@ def _merge(x: jax.Array) -> jax.Array:
 def _chunk_loss(h, w, targets, weights, vocab_major, with_grad):
   """Loss sums of one chunk and, if ``with_grad``, d(ce sum)/d(h) ``[B, c, hidden]``."""
   logits = project_to_vocab(h, w, vocab_major)                     # float32 [B, c, V]
-  top = jnp.max(logits, axis=-1)
-  lse = top + jnp.log(jnp.sum(jnp.exp(logits - top[..., None]), axis=-1))
+  top, rel_lse = softmax_stats(logits)
+  lse = top + rel_lse
   target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
   ce = jnp.sum((lse - target_logit) * weights)
   # "The target has the highest logit", from the max already at hand: an argmax would be one

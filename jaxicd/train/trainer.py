@@ -445,8 +445,7 @@ class Trainer:
     ce_sum = correct = weight = 0.0
     n = 0
     rows = int(self.cfg.data.batch_size) // jax.process_count()
-    empty = {k: np.zeros((0, int(self.cfg.data.seq_len)),
-                         np.float32 if k == "loss_weights" else np.int32) for k in BATCH_FIELDS}
+    empty = pipeline.empty_batch(rows, int(self.cfg.data.seq_len))
     while not (max_batches and n >= max_batches):
       batch = next(it, None)
       if lockstep and shd.any_process(batch is not None):
