@@ -3,20 +3,20 @@
 Same batch (8 x 256 tokens, loss on every token but the first of each row), same LoRA targets
 (q, k, v, o, gate, up, down) and rank (16, alpha 32), AdamW, measured in one run:
 
-  .venv/bin/python bench/train_step.py [--steps=3] [--dtypes=bfloat16,float32] [--remat=dots]
+  .venv/bin/python bench/train_step.py [--steps=5] [--dtypes=bfloat16,float32] [--remat=dots]
 
-jaxicd runs with the settings configs/mixed.py uses (oneDNN matmuls via XLA_FLAGS, remat
-"dots"), once per compute dtype, with the frozen base stored in that dtype: bfloat16 (its CPU
-default; adapters and Adam stay float32) and float32. torch runs in float32 (the target's
-baseline) and in bfloat16 under CPU autocast (for reference). Steps of all frameworks are interleaved,
-round after round, so that each sees the same load from other jobs on a shared machine. Prints
-training tokens/s (median step) and the ratio to torch float32 for each (target: jaxicd >= 1.5x;
-bfloat16 is also compared with torch bfloat16),
-model-FLOPs utilisation against a matmul peak measured here (2048^3, same dtype), and peak RSS
-after each jaxicd variant is set up and has run two steps (target <= 4 GB; before torch is
-imported; the bfloat16 variant runs first). The
-torch model has SmolLM2's exact architecture with random weights (throughput does not depend on
-the values); jaxicd loads the real embedded GGUF.
+jaxicd runs with the settings configs/mixed.py uses (XLA:CPU's default matmuls, remat "dots"),
+once per compute dtype, with the frozen base stored in that dtype: bfloat16 (its CPU default;
+adapters and Adam stay float32) and float32. ``--onednn`` adds XLA's oneDNN flag instead (it
+measured ~25% slower with jax 0.12 on this 2-core Sapphire Rapids). torch runs in float32 (the
+target's baseline) and in bfloat16 under CPU autocast (for reference). Steps of all frameworks
+are interleaved, round after round, so that each sees the same load from other jobs on a shared
+machine. Prints training tokens/s (median step) and the ratio to torch float32 for each (target:
+jaxicd >= 1.5x; bfloat16 is also compared with torch bfloat16), model-FLOPs utilisation against a
+matmul peak measured here (2048^3, same dtype), and peak RSS after each jaxicd variant is set up
+and has run two steps (target <= 4 GB; before torch is imported; the bfloat16 variant runs
+first). The torch model has SmolLM2's exact architecture with random weights (throughput does
+not depend on the values); jaxicd loads the real embedded GGUF.
 """
 
 from __future__ import annotations
@@ -31,14 +31,14 @@ import time
 
 def _parse():
   p = argparse.ArgumentParser()
-  p.add_argument("--steps", type=int, default=3)
+  p.add_argument("--steps", type=int, default=5)
   p.add_argument("--batch", type=int, default=8)
   p.add_argument("--seq", type=int, default=256)
   p.add_argument("--threads", type=int, default=2)
   p.add_argument("--rank", type=int, default=16)
   p.add_argument("--remat", default="dots", choices=["none", "full", "dots"])
   p.add_argument("--dtypes", default="bfloat16,float32")
-  p.add_argument("--no-onednn", action="store_true", help="XLA's default CPU matmuls")
+  p.add_argument("--onednn", action="store_true", help="XLA:CPU's oneDNN matmuls (A/B)")
   p.add_argument("--torch-dtypes", default="float32,bfloat16",
                  help="float32 is the baseline of the target; bfloat16 (autocast) for reference")
   p.add_argument("--skip-torch", action="store_true")
@@ -46,7 +46,7 @@ def _parse():
 
 
 ARGS = _parse()
-if not ARGS.no_onednn:  # before JAX starts; the same flag configs/mixed.py sets
+if ARGS.onednn:  # before JAX starts
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_use_onednn=true").strip()
 
 import numpy as np  # noqa: E402
@@ -172,7 +172,7 @@ def main() -> None:
   tokens = make_batch(49152, ARGS.batch, ARGS.seq)
   B, T = ARGS.batch, ARGS.seq
   result = dict(batch=B, seq=T, rank=ARGS.rank, threads=ARGS.threads, remat=ARGS.remat,
-                onednn=not ARGS.no_onednn, jaxicd={})
+                onednn=ARGS.onednn, jaxicd={})
   runners, peaks = {}, {}
   for dtype in ARGS.dtypes.split(","):
     peaks[dtype] = matmul_peak_gflops(dtype)

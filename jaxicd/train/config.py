@@ -16,7 +16,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.mode = "train"              # train | eval | predict | export
   config.seed = 0
   # Extra XLA flags for the CPU backend, added to $XLA_FLAGS by jaxicd.main before JAX starts
-  # (e.g. "--xla_cpu_use_onednn=true": oneDNN matmuls, ~1.3x faster bf16 training on x86).
+  # (e.g. "--xla_cpu_use_onednn=true"; with jax 0.12 it made SmolLM2's bf16 CPU training slower).
   config.cpu_xla_flags = ""
 
   # Base model: "smollm2" (embedded), a preset name (random init), a .gguf file or an HF dir.
