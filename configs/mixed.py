@@ -17,7 +17,7 @@ def get_config():
   # base is stored in bf16 too: it is cast to bf16 for every matmul anyway.
   config.model.dtype = "bfloat16"
   config.model.param_dtype = "bfloat16"
-  config.model.remat = "dots"        # keep matmul outputs only: ~1.6 GB of activations, not ~3
+  config.model.remat = "dots"        # keep only the projections' outputs for the backward pass
   config.lora.update(rank=16, alpha=32.0, dropout=0.0)
   config.data.update(
       source="demo", code_space="demo", spans_per_code=4, negatives=True, annotated_spans=True,

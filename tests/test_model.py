@@ -156,6 +156,30 @@ def test_remat_changes_neither_logits_nor_grads(tiny, tiny_grads, remat):
   assert max(float(jnp.abs(a).max()) for a in jax.tree.leaves(g_ref)) > 0
 
 
+def _saved_activations(cfg, tokens):
+  """Shapes of the per-layer, per-token arrays ``[layers, B, T, ...]`` a backward pass keeps."""
+  graphdef, state = nnx.split(llama.create(cfg, seed=1))
+  _, vjp = jax.vjp(lambda s: nnx.merge(graphdef, s).hidden_states(tokens)[0], state)
+  return [l.shape for l in jax.tree.leaves(vjp) if l.shape[:3] == (cfg.num_layers,) + tokens.shape]
+
+
+def test_remat_dots_keeps_projection_outputs_only():
+  """``dots`` keeps at most one array per projection (base + LoRA) plus the residual stream,
+  none of the rank-wide LoRA intermediates; ``full`` keeps only the residual stream."""
+  from jaxicd.model.config import LoraConfig
+  cfg = preset("tiny").replace(lora=LoraConfig(rank=4, alpha=8.0))
+  tokens = jnp.asarray(_REMAT_TOKENS)
+  full = _saved_activations(cfg.replace(remat="full"), tokens)
+  dots = _saved_activations(cfg.replace(remat="dots"), tokens)
+  none = _saved_activations(cfg.replace(remat="none"), tokens)
+  assert len(full) == 1
+  assert 1 < len(dots) <= 8 < len(none)
+  assert all(shape[-1] != cfg.lora.rank for shape in dots)
+  widths = {cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.hidden_size,
+            cfg.intermediate_size}
+  assert all(len(shape) == 4 and shape[-1] in widths for shape in dots)
+
+
 def test_bfloat16_policy(tiny):
   cfg = tiny.cfg.replace(param_dtype="bfloat16", dtype="bfloat16")
   model = llama.Llama(cfg, rngs=nnx.Rngs(0))

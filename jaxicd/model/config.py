@@ -57,7 +57,7 @@ class LlamaConfig:
   max_position_embeddings: int = 8192
   param_dtype: str = "float32"       # storage dtype of base weights
   dtype: str = "float32"             # compute dtype
-  remat: str = "none"                # none | full | dots (save matmul outputs)
+  remat: str = "none"                # none | full | dots (save the projections' outputs)
   lora: LoraConfig = LoraConfig()
 
   def __post_init__(self):

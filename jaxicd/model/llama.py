@@ -23,6 +23,7 @@ import math
 from typing import Any, NamedTuple
 
 import jax
+from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -224,7 +225,7 @@ def _linear(p: dict[str, jax.Array], x: jax.Array, lora_scale: float,
       keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
       xa = jnp.where(keep, x / (1.0 - rate), 0).astype(dtype)
     y = y + _lora_delta(xa, p["lora_a"].astype(dtype), p["lora_b"].astype(dtype), lora_scale)
-  return y
+  return checkpoint_name(y, "projection")
 
 
 @jax.custom_vjp
@@ -334,7 +335,10 @@ _multi_head_attention.defvjp(_multi_head_attention_fwd, _multi_head_attention_bw
 
 _REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # The 7 projections' outputs (base + LoRA, as `_linear` names them): saving every dot would
+    # also keep each LoRA delta's [B, T, out] product next to the base product it is added to,
+    # ~1.6x the activations (f32 SmolLM2 8 x 256 step: 4.1 -> 2.9 GB peak RSS, and ~10% faster).
+    "dots": jax.checkpoint_policies.save_only_these_names("projection"),
 }
 
 
