@@ -3,6 +3,7 @@
   python -m jaxicd.main --config=configs/mixed.py --workdir=runs/mixed
   python -m jaxicd.main --config=configs/mixed.py --workdir=runs/mixed --config.train.steps=50
   python -m jaxicd.main --config=configs/mixed.py --workdir=runs/mixed --config.mode=eval
+  python -m jaxicd.main --config=configs/predict.py --workdir=runs/mixed --config.input=note.txt
 
 Training resumes from the newest checkpoint in ``--workdir``; metrics go to
 ``<workdir>/metrics.jsonl`` and TensorBoard event files under ``<workdir>/tensorboard``.
@@ -53,11 +54,10 @@ def run(config, workdir: str) -> dict:
   mode = config.mode
   if mode not in MODES:
     raise ValueError(f"config.mode={mode!r}: choose one of {', '.join(MODES)}")
-  if mode in ("predict", "export"):
+  if mode == "export":
     raise NotAvailableYet(
-        f"mode {mode!r} is not implemented yet: it lands with the inference issue "
-        "(jitted decode loop, document coder, merged HF / PEFT export). "
-        "Use mode 'train' or 'eval' for now.")
+        f"mode {mode!r} is not implemented yet: it lands with the export issue "
+        "(merged HF / PEFT export). Use mode 'train', 'eval' or 'predict' for now.")
   _add_xla_flags(config.get("cpu_xla_flags", ""))
   # Imported here, not at the top: keeps --help fast.
   import jax  # pylint: disable=g-import-not-at-top
@@ -73,6 +73,9 @@ def run(config, workdir: str) -> dict:
     summary = trainer.run_train(config, workdir)
     summary.pop("history", None)
     return summary
+  if mode == "predict":
+    from jaxicd.infer import predict  # pylint: disable=g-import-not-at-top
+    return predict.run_predict(config, workdir)
   return trainer.run_eval(config, workdir)
 
 

@@ -242,3 +242,13 @@ class Coder:
         out.append(CodedEvidence(code, -1, -1, loose_quote[code], score))
     out.sort(key=lambda ev: (-ev.score, ev.code, ev.begin, ev.end))
     return out
+
+
+def build_coder(cfg: Any, model: Any, tokenizer: Any) -> Coder:
+  """The `Coder` a run config describes: windows as ``cfg.data`` (seq_len, window_overlap),
+  the code space ``cfg.data.code_space`` and decoding as ``cfg.eval_coding``."""
+  ec, data = cfg.eval_coding, cfg.data
+  return Coder(model, tokenizer, code_space=data.code_space, seq_len=int(data.seq_len),
+               window_overlap=int(data.window_overlap), max_new_tokens=int(ec.max_new_tokens),
+               batch_size=int(ec.batch_size), constrained=bool(ec.constrained),
+               unique_codes=bool(ec.get("unique_codes", True)))

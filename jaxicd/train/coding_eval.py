@@ -37,14 +37,9 @@ class CodingEval:
     self._coder = None
 
   def _get_coder(self, model):
-    from jaxicd.infer.coder import Coder  # pylint: disable=import-outside-toplevel
+    from jaxicd.infer.coder import build_coder  # pylint: disable=import-outside-toplevel
     if self._coder is None:
-      ec, data = self.cfg.eval_coding, self.cfg.data
-      self._coder = Coder(model, self.tokenizer, code_space=data.code_space,
-                          seq_len=int(data.seq_len), window_overlap=int(data.window_overlap),
-                          max_new_tokens=int(ec.max_new_tokens), batch_size=int(ec.batch_size),
-                          constrained=bool(ec.constrained),
-                          unique_codes=bool(ec.get("unique_codes", True)))
+      self._coder = build_coder(self.cfg, model, self.tokenizer)
     self._coder.model = model  # same graph, new adapter values: no recompilation
     return self._coder
 

@@ -18,6 +18,10 @@ def base_config() -> ml_collections.ConfigDict:
   # Extra XLA flags for the CPU backend, added to $XLA_FLAGS by jaxicd.main before JAX starts
   # (e.g. "--xla_cpu_use_onednn=true"; with jax 0.12 it made SmolLM2's bf16 CPU training slower).
   config.cpu_xla_flags = ""
+  # mode=predict: the notes to code (a .txt note, a .jsonl of documents or a directory of .txt
+  # notes) and the JSONL written ("" = <workdir>/predictions.jsonl); see jaxicd.infer.predict.
+  config.input = ""
+  config.output = ""
 
   # Base model: "smollm2" (embedded), a preset name (random init), a .gguf file or an HF dir.
   config.model = ml_collections.ConfigDict(dict(

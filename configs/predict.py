@@ -1,0 +1,23 @@
+"""Code notes with the adapters configs/mixed.py trained (the embedded default):
+
+  python -m jaxicd.main --config=configs/predict.py --workdir=runs/mixed --config.input=note.txt
+
+Writes <workdir>/predictions.jsonl (see jaxicd/infer/predict.py). For a run trained with another
+config, run that config with --config.mode=predict: the model and LoRA settings must match the
+checkpoint's.
+"""
+
+import importlib.util
+import pathlib
+
+
+def get_config():
+  spec = importlib.util.spec_from_file_location(
+      "_mixed_config", pathlib.Path(__file__).with_name("mixed.py"))
+  mixed = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mixed)
+  config = mixed.get_config()
+  config.mode = "predict"
+  # Whole notes rather than the 2 validation notes training codes: a larger answer budget.
+  config.eval_coding.update(max_new_tokens=128)
+  return config
