@@ -4,6 +4,7 @@
   python -m jaxicd.main --config=configs/mixed.py --workdir=runs/mixed --config.train.steps=50
   python -m jaxicd.main --config=configs/mixed.py --workdir=runs/mixed --config.mode=eval
   python -m jaxicd.main --config=configs/predict.py --workdir=runs/mixed --config.input=note.txt
+  python -m jaxicd.main --config=configs/mixed.py --workdir=runs/mixed --config.mode=export
 
 Training resumes from the newest checkpoint in ``--workdir``; metrics go to
 ``<workdir>/metrics.jsonl`` and TensorBoard event files under ``<workdir>/tensorboard``.
@@ -30,10 +31,6 @@ _MODE = flags.DEFINE_enum("mode", None, ["train", "eval", "predict", "export"],
 MODES = ("train", "eval", "predict", "export")
 
 
-class NotAvailableYet(NotImplementedError):
-  """A mode whose implementation lands with a later issue."""
-
-
 def _add_xla_flags(flags: str) -> None:
   """Appends ``flags`` to $XLA_FLAGS; they only take effect if JAX has not started yet."""
   if not flags:
@@ -54,10 +51,6 @@ def run(config, workdir: str) -> dict:
   mode = config.mode
   if mode not in MODES:
     raise ValueError(f"config.mode={mode!r}: choose one of {', '.join(MODES)}")
-  if mode == "export":
-    raise NotAvailableYet(
-        f"mode {mode!r} is not implemented yet: it lands with the export issue "
-        "(merged HF / PEFT export). Use mode 'train', 'eval' or 'predict' for now.")
   _add_xla_flags(config.get("cpu_xla_flags", ""))
   # Imported here, not at the top: keeps --help fast.
   import jax  # pylint: disable=g-import-not-at-top
@@ -76,6 +69,9 @@ def run(config, workdir: str) -> dict:
   if mode == "predict":
     from jaxicd.infer import predict  # pylint: disable=g-import-not-at-top
     return predict.run_predict(config, workdir)
+  if mode == "export":
+    from jaxicd.model import export  # pylint: disable=g-import-not-at-top
+    return export.run_export(config, workdir)
   return trainer.run_eval(config, workdir)
 
 
@@ -91,11 +87,7 @@ def main(argv) -> None:
   if _MODE.value:
     with config.unlocked():
       config.mode = _MODE.value
-  try:
-    summary = run(config, _WORKDIR.value)
-  except NotAvailableYet as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  summary = run(config, _WORKDIR.value)
   print(json.dumps({"mode": config.mode, **summary}, default=str), flush=True)
 
 

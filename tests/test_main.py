@@ -22,13 +22,6 @@ def _main(*args, timeout=300):
                         text=True, cwd=str(ROOT), env=env, timeout=timeout)
 
 
-def test_export_mode_fails_clearly(tmp_path):
-  proc = _main("--config=configs/tiny.py", f"--workdir={tmp_path}", "--config.mode=export")
-  assert proc.returncode == 2
-  assert "mode 'export' is not implemented yet" in proc.stderr
-  assert "lands with the export issue" in proc.stderr
-
-
 def test_unknown_mode_and_missing_flags(tmp_path):
   proc = _main("--config=configs/tiny.py", f"--workdir={tmp_path}", "--config.mode=serve")
   assert proc.returncode != 0 and "config.mode='serve'" in proc.stderr
@@ -130,3 +123,38 @@ def test_eval_mode_codes_held_out_notes(cli_run):
   corpus = demo_corpus(seed=config.data.demo_seed)
   val_codes = {c for d in corpus.split("val")[:2] for c in d.codes}
   assert hook.unseen == val_codes & corpus.unseen_codes
+
+
+def test_export_mode_writes_the_checkpoint_as_peft_and_merged_hf(cli_run, tmp_path):
+  """The merged export of the CLI run's checkpoint, loaded by transformers, gives the logits of
+  the jaxicd model with the checkpoint's adapters."""
+  import jax.numpy as jnp
+  import numpy as np
+  import torch
+  import transformers
+  from jaxicd import main
+  from jaxicd.train import trainer as trainer_lib
+  workdir, tok, _ = cli_run
+  config = train_worker.tiny_config(tok, steps=3)
+  config.mode, config.output = "export", str(tmp_path / "export")
+  result = main.run(config, str(workdir))
+  assert result["step"] == 3
+  assert sorted(result["peft"]["files"]) == ["adapter_config.json", "adapter_model.safetensors"]
+  adapter_config = json.loads((tmp_path / "export/peft/adapter_config.json").read_text())
+  assert adapter_config["r"] == config.lora.rank and adapter_config["base_model_name_or_path"]
+
+  restored = trainer_lib.Trainer(config, str(workdir))
+  assert restored.restore_latest(with_data=False) == 3
+  model = restored.parts.merge(restored.params, restored.base, restored.rest)
+  tokens = np.random.RandomState(0).randint(0, 256, (2, 12)).astype(np.int32)
+  ours = np.asarray(model(jnp.asarray(tokens)))
+  base = np.asarray(restored.parts.merge(restored.parts.params, restored.base,
+                                         restored.rest)(jnp.asarray(tokens)))
+  restored.close()
+  hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "export/merged")
+  with torch.no_grad():
+    theirs = hf(torch.from_numpy(tokens.astype(np.int64))).logits.numpy()
+  np.testing.assert_allclose(theirs, ours, atol=1e-4)
+  assert np.abs(ours - base).max() > 1e-4  # three steps of training moved the adapters
+  # Exporting again replaces the export files.
+  assert main.run(config, str(workdir))["step"] == 3

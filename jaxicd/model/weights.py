@@ -410,6 +410,25 @@ def fill_from_tensors(model: Llama, tensors, *, mesh=None, rules=sharding_lib.DE
   return model
 
 
+def hf_tensors(model: Llama) -> Iterator[tuple[str, np.ndarray]]:
+  """The inverse of ``fill_from_tensors``: every base parameter of ``model`` under its
+  transformers name and layout (``[out, in]`` projections), as host arrays of the parameter's
+  dtype. Stacked parameters are fetched one at a time, so host memory peaks at one of them."""
+  for var, names, transpose in _param_sources(model):
+    value = np.asarray(jax.device_get(var.get_value()))
+    if not isinstance(names, list):
+      yield names, value.T if transpose else value
+      continue
+    for i, name in enumerate(names):
+      yield name, value[i].T if transpose else value[i]
+
+
+def hf_projection_names(target: str, num_layers: int) -> list[str]:
+  """transformers' module path of projection ``target`` (a LoRA target: q, k, v, o, gate, up,
+  down) in each decoder layer, e.g. ``model.layers.0.self_attn.q_proj``."""
+  return [f"model.layers.{i}.{_PROJ[target]}" for i in range(num_layers)]
+
+
 def _normalize_lora(lora) -> LoraConfig | None:
   if lora is None or isinstance(lora, LoraConfig):
     return lora
