@@ -35,6 +35,7 @@ def get_config():
   config.train.update(steps=96, lr=3e-3, warmup_steps=4, final_lr_fraction=0.1, clip_norm=1.0,
                       log_every=8, eval_every=0, eval_batches=2, eval_at_start=True)
   # After training, code a few held-out notes: micro/macro F1, F1 on codes no training note has.
-  config.eval_coding.update(documents=2, max_new_tokens=96, batch_size=8)
+  # And 80 gold evidence spans of the validation notes, coded one by one (span top-1 accuracy).
+  config.eval_coding.update(documents=2, spans=80, max_new_tokens=96, batch_size=8)
   config.checkpoint.update(every=48, keep=2)
   return config

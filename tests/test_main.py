@@ -109,9 +109,11 @@ def test_eval_mode_codes_held_out_notes(cli_run):
   config = train_worker.tiny_config(tok, steps=3)
   config.mode = "eval"
   # The byte-level test tokenizer has no single " |" token, so decode unconstrained.
-  config.eval_coding.update(documents=2, max_new_tokens=6, batch_size=16, constrained=False)
+  config.eval_coding.update(documents=2, spans=3, max_new_tokens=6, batch_size=16,
+                            constrained=False)
   result = main.run(config, str(workdir))
-  assert result["coding/documents"] == 2
+  assert result["coding/documents"] == 2 and result["coding/span_count"] == 3
+  assert 0.0 <= result["coding/span_exact"] <= result["coding/span_category"] <= 1.0
   for key in ("coding/micro_f1", "coding/macro_f1", "coding/unseen_micro_f1",
               "coding/evidence_span_f1"):
     assert 0.0 <= result[key] <= 1.0, key

@@ -111,3 +111,34 @@ def test_evaluate_and_output_rates():
   assert got["valid_code_rate"] == 0.75
   assert got["grounded_evidence_rate"] == 0.5
   assert got["truncated_generation_rate"] == 0.5
+
+
+def test_span_accuracy_hand_case():
+  ev = lambda code, score: CodedEvidence(code, 0, 3, "x", score)
+  gold = ["I50.23", "N17.9", "E11.9", "J44.1"]
+  predictions = [
+      [ev("I50.9", 0.4), ev("I50.23", 0.7)],  # top-scored is right
+      [ev("N17.0", 0.9)],                     # right category only
+      [],                                     # no code: wrong
+      [ev("J44.1", 0.5)],                     # right (an unseen code)
+  ]
+  got = metrics.span_accuracy(gold, predictions, unseen_codes={"J44.1", "E11.9"})
+  assert got == {"span_exact": 2 / 4, "span_category": 3 / 4, "span_count": 4.0,
+                 "unseen_span_exact": 1 / 2, "unseen_span_category": 1 / 2,
+                 "unseen_span_count": 2.0}
+  assert "unseen_span_exact" not in metrics.span_accuracy(gold, predictions)
+  with pytest.raises(ValueError, match="4 spans but 1 predictions"):
+    metrics.span_accuracy(gold, predictions[:1])
+
+
+def test_evidence_span_documents_hand_case():
+  from jaxicd.train.coding_eval import evidence_span_documents
+  a = Document("a", "CHF and AKI. CHF.", ("I50.9", "N17.9"),
+               (Evidence("N17.9", 8, 11), Evidence("I50.9", 0, 3), Evidence("I50.9", 13, 16)),
+               split="val")
+  b = Document("b", "AKI again", ("N17.9",), (Evidence("N17.9", 0, 3),), split="val")
+  spans = evidence_span_documents([a, b], limit=5)
+  # Distinct (quote, code) pairs in evidence order; the repeated "CHF" and "AKI" are dropped.
+  assert [(s.id, s.text, s.codes) for s in spans] == [
+      ("a:8-11", "AKI", ("N17.9",)), ("a:0-3", "CHF", ("I50.9",))]
+  assert len(evidence_span_documents([a, b], limit=1)) == 1

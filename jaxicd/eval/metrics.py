@@ -17,6 +17,9 @@ Conventions (those of the ICD-coding literature, DESIGN.md):
   characters is), summed over documents and codes.
 * **valid-code rate**: accepted answer lines / lines that named a code (valid or not);
   **grounded-evidence rate**: quotes found in the note / lines with a quote (`output_rates`).
+* **span accuracy** (`span_accuracy`): gold evidence spans coded on their own, as the span
+  examples of Code-Centric Learning are: the share whose top-scored code is the gold code
+  (``exact``) or shares its 3-character category (``category``), overall and on unseen codes.
 """
 
 from __future__ import annotations
@@ -201,4 +204,31 @@ def evaluate(documents: Sequence[Any], predictions: Sequence[Sequence[Any]], *,
   if output_stats is not None:
     out.update(output_rates(output_stats))
   out["documents"] = float(len(documents))
+  return out
+
+
+def span_accuracy(gold: Sequence[str], predictions: Sequence[Sequence[Any]], *,
+                  unseen_codes: Collection[str] = ()) -> dict[str, float]:
+  """Top-1 accuracy of coding spans one by one (see the module docstring).
+
+  Args:
+    gold: the gold code of each span.
+    predictions: per span, items with ``code`` and ``score`` (a `Coder.code_documents` output);
+      the top-scored code counts (none: wrong).
+    unseen_codes: adds ``unseen_span_*`` over the spans whose gold code is in this set.
+  """
+  if len(gold) != len(predictions):
+    raise ValueError(f"{len(gold)} spans but {len(predictions)} predictions")
+  top = [max(ps, key=lambda p: p.score).code if ps else None for ps in predictions]
+  unseen = set(unseen_codes)
+  out: dict[str, float] = {}
+  for prefix, keep in (("span_", lambda c: True), ("unseen_span_", lambda c: c in unseen)):
+    pairs = [(g, t) for g, t in zip(gold, top) if keep(g)]
+    if prefix == "unseen_span_" and not unseen:
+      continue
+    n = len(pairs)
+    out[prefix + "exact"] = sum(g == t for g, t in pairs) / n if n else 0.0
+    out[prefix + "category"] = (sum(t is not None and g[:3] == t[:3] for g, t in pairs) / n
+                                if n else 0.0)
+    out[prefix + "count"] = float(n)
   return out

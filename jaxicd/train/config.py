@@ -55,6 +55,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.eval_coding = ml_collections.ConfigDict(dict(
       documents=0, split="val", max_new_tokens=96, batch_size=8, constrained=True,
       unique_codes=True,             # constrained: each code at most once per answer
+      spans=0,                       # also code N gold evidence spans of the split one by one
       at_start=False))               # also code before training (zero-shot)
 
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
