@@ -142,3 +142,4 @@ def test_evidence_span_documents_hand_case():
   assert [(s.id, s.text, s.codes) for s in spans] == [
       ("a:8-11", "AKI", ("N17.9",)), ("a:0-3", "CHF", ("I50.9",))]
   assert len(evidence_span_documents([a, b], limit=1)) == 1
+  assert evidence_span_documents([a, b], limit=0) == []  # eval_coding.spans=0: off

@@ -32,6 +32,8 @@ def evidence_span_documents(documents, limit: int) -> list[Document]:
   """The first ``limit`` distinct (quote, code) gold evidence spans of ``documents``, each as a
   one-code document whose text is the quote."""
   out, seen = [], set()
+  if limit <= 0:
+    return out
   for doc in documents:
     for ev in doc.evidence:
       key = (doc.text[ev.begin:ev.end], ev.code)
