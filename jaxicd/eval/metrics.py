@@ -222,10 +222,11 @@ def span_accuracy(gold: Sequence[str], predictions: Sequence[Sequence[Any]], *,
   top = [max(ps, key=lambda p: p.score).code if ps else None for ps in predictions]
   unseen = set(unseen_codes)
   out: dict[str, float] = {}
-  for prefix, keep in (("span_", lambda c: True), ("unseen_span_", lambda c: c in unseen)):
+  groups = [("span_", lambda c: True)]
+  if unseen:
+    groups.append(("unseen_span_", lambda c: c in unseen))
+  for prefix, keep in groups:
     pairs = [(g, t) for g, t in zip(gold, top) if keep(g)]
-    if prefix == "unseen_span_" and not unseen:
-      continue
     n = len(pairs)
     out[prefix + "exact"] = sum(g == t for g, t in pairs) / n if n else 0.0
     out[prefix + "category"] = (sum(t is not None and g[:3] == t[:3] for g, t in pairs) / n

@@ -383,7 +383,6 @@ def _write_weights(writer: _Writer, named: Iterable[tuple[str, np.ndarray]], dty
     count += 1
   if pending:
     flush()
-  pending = {}
 
   if len(parts) == 1:
     writer.publish(parts[0][0], MODEL_WEIGHTS)
