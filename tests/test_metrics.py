@@ -57,6 +57,72 @@ def test_unseen_code_f1_matches_sklearn_on_restricted_sets():
       f1_score(y_true, y_pred, average="macro", zero_division=0))
 
 
+def _coded(codes):
+  return [CodedEvidence(c, -1, -1, "", 0.5) for c in sorted(codes)]
+
+
+def test_unseen_metrics_are_strict_hand_case():
+  # Trained on A only. The note has A and B; the model predicts every code of the space.
+  space = ["A", "B", "C", "D", "E"]
+  doc = Document("d", "text", ("A", "B"), split="val")
+  preds = [_coded(space)]
+  unseen = metrics.unseen_in_training({"A"}, space, doc.codes)
+  assert unseen == {"B", "C", "D", "E"}
+  got = metrics.evaluate([doc], preds, code_space=space, unseen_codes=unseen, ks=())
+  # Over the unseen codes: gold {B}, predicted {B, C, D, E}: TP 1, FP 3, FN 0.
+  assert got["unseen_micro_precision"] == 0.25
+  assert got["unseen_micro_recall"] == 1.0
+  assert got["unseen_micro_f1"] == pytest.approx(1 / (1 + 0.5 * 3))  # 0.40
+  assert got["unseen_macro_f1"] == 1.0       # B, the only unseen code in gold
+  assert got["unseen_macro_f1_all"] == 0.25  # B 1; C, D, E 0
+  # The lenient set (unseen codes of the evaluated gold only) drops C, D, E and reads 1.0.
+  lenient = metrics.evaluate([doc], preds, code_space=space, unseen_codes={"B"}, ks=())
+  assert lenient["unseen_micro_f1"] == 1.0
+
+
+def test_unseen_in_training_keeps_gold_codes_outside_the_code_space():
+  assert metrics.unseen_in_training(["A"], ["A", "B"], ["B", "Z"]) == {"B", "Z"}
+  assert metrics.unseen_in_training(["A", "B"], ["A", "B"]) == frozenset()
+  # A missed gold code outside the code space is an unseen false negative.
+  doc = Document("d", "text", ("B", "Z"), split="val")
+  unseen = metrics.unseen_in_training(["A"], ["A", "B"], doc.codes)
+  got = metrics.evaluate([doc], [_coded({"B"})], unseen_codes=unseen, ks=())
+  assert got["unseen_micro_recall"] == 0.5 and got["unseen_micro_precision"] == 1.0
+
+
+@pytest.mark.parametrize("seed", [4, 5])
+def test_evaluate_unseen_metrics_match_sklearn(seed):
+  codes, gold, pred = _random_sets(seed)
+  train_gold, gold = gold[:8], gold[8:]  # a small training split leaves many codes unseen
+  # Some predict C29, a code of the space that no note has (no training note either).
+  pred = [p | ({codes[-1]} if i % 4 == 0 else set()) for i, p in enumerate(pred[8:])]
+  docs = [Document(f"d{i}", "text", tuple(sorted(g)), split="val") for i, g in enumerate(gold)]
+  unseen = metrics.unseen_in_training({c for g in train_gold for c in g}, codes,
+                                      (c for d in docs for c in d.codes))
+  got = metrics.evaluate(docs, [_coded(p) for p in pred], code_space=codes, unseen_codes=unseen,
+                         ks=())
+  labels = sorted(unseen)
+  mlb = MultiLabelBinarizer(classes=labels)
+  y_true = mlb.fit_transform([g & unseen for g in gold])
+  y_pred = mlb.transform([p & unseen for p in pred])
+  assert got["unseen_micro_f1"] == pytest.approx(f1_score(y_true, y_pred, average="micro"))
+  assert got["unseen_micro_precision"] == pytest.approx(
+      precision_score(y_true, y_pred, average="micro"))
+  assert got["unseen_micro_recall"] == pytest.approx(recall_score(y_true, y_pred, average="micro"))
+  # Per column (one column alone would read as a binary target, averaged over 0 and 1).
+  per_code = [f1_score(y_true[:, j], y_pred[:, j], zero_division=0) for j in range(len(labels))]
+  present = y_true.sum(0) > 0
+  assert present.sum() > 1
+  assert got["unseen_macro_f1"] == pytest.approx(np.mean(np.asarray(per_code)[present]))
+  assert got["unseen_macro_f1_all"] == pytest.approx(
+      f1_score(y_true, y_pred, average="macro", zero_division=0))
+  # The case the strict set exists for: false positives on unseen codes outside this gold.
+  lenient = set().union(*gold) & unseen
+  assert any((p & unseen) - lenient for p in pred)
+  assert metrics.evaluate(docs, [_coded(p) for p in pred], unseen_codes=lenient, ks=())[
+      "unseen_micro_precision"] > got["unseen_micro_precision"]
+
+
 def test_f1_hand_cases():
   # gold {A,B}, pred {A,C}: TP 1, FP 1, FN 1 -> F1 = 1 / (1 + 1) = 0.5.
   got = metrics.code_f1([{"A", "B"}], [{"A", "C"}], code_space=["A", "B", "C", "D"])
@@ -111,6 +177,21 @@ def test_evaluate_and_output_rates():
   assert got["valid_code_rate"] == 0.75
   assert got["grounded_evidence_rate"] == 0.5
   assert got["truncated_generation_rate"] == 0.5
+  assert got["truncated_line_rate"] == 0.0  # no `truncated_lines` counter: none counted
+
+
+def test_output_rates_count_truncated_lines_apart():
+  # 6 complete accepted lines, 1 malformed, 1 invalid, 1 duplicate, and 2 lines cut by
+  # max_new_tokens (the coder counts those in truncated_lines only).
+  stats = {"predicted_lines": 6, "rejected_malformed": 1, "rejected_invalid": 1,
+           "rejected_duplicate": 1, "truncated_lines": 2, "quoted_lines": 4,
+           "grounded_lines": 3, "windows": 4, "truncated_generations": 2}
+  got = metrics.output_rates(stats)
+  assert got == {"valid_code_rate": 6 / 8, "grounded_evidence_rate": 3 / 4,
+                 "truncated_line_rate": 2 / 11, "truncated_generation_rate": 2 / 4}
+  assert metrics.output_rates({}) == {"valid_code_rate": 0.0, "grounded_evidence_rate": 0.0,
+                                      "truncated_line_rate": 0.0,
+                                      "truncated_generation_rate": 0.0}
 
 
 def test_span_accuracy_hand_case():

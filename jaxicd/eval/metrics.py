@@ -9,14 +9,19 @@ Conventions (those of the ICD-coding literature, DESIGN.md):
   of the code space that neither gold nor predictions contain (their F1 counts as 0, like
   scikit-learn's ``zero_division=0``), plus any predicted code outside the space.
 * **P@k**: mean over documents of |top-k scored codes ∩ gold| / k.
-* **unseen-code F1**: micro/macro restricted to a code set (e.g. codes of no training document):
-  gold and predictions are both intersected with the set first.
+* **unseen-code F1** (strict): micro/macro restricted to the codes that no training document
+  contains, all of them (`unseen_in_training`): gold and predictions are both intersected with
+  that set first, so predicting an unseen code that the note does not have is a false positive
+  even when no evaluated note has that code. (Restricting to the unseen codes of the evaluated
+  notes' gold drops exactly those false positives and inflates the score.)
 * **evidence** (MDACE style; only documents with gold evidence count): micro P/R/F1 of
   (code, begin, end) spans matched exactly; and of overlap per code: characters, and tokens
   (maximal non-whitespace runs of the note; a token counts as covered when any of its
   characters is), summed over documents and codes.
-* **valid-code rate**: accepted answer lines / lines that named a code (valid or not);
-  **grounded-evidence rate**: quotes found in the note / lines with a quote (`output_rates`).
+* **valid-code rate**: accepted answer lines / complete lines that named a code (valid or
+  not); a line cut by ``max_new_tokens`` is no answer the model finished, so it is counted apart
+  (**truncated-line rate**); **grounded-evidence rate**: quotes found in the note / complete
+  lines with a quote (`output_rates`).
 * **span accuracy** (`span_accuracy`): gold evidence spans coded on their own, as the span
   examples of Code-Centric Learning are: the share whose top-scored code is the gold code
   (``exact``) or shares its 3-character category (``category``), overall and on unseen codes.
@@ -155,15 +160,47 @@ def _words_of(chars: set[int], words: list[tuple[int, int]], starts: np.ndarray)
 
 
 def output_rates(stats: Mapping[str, float]) -> dict[str, float]:
-  """Valid-code and grounded-evidence rates from `Coder.stats` counters."""
-  named = (stats.get("predicted_lines", 0) + stats.get("rejected_malformed", 0)
-           + stats.get("rejected_invalid", 0))
-  quoted = stats.get("quoted_lines", 0)
-  return {"valid_code_rate": float(stats.get("predicted_lines", 0) / named) if named else 0.0,
-          "grounded_evidence_rate": (float(stats.get("grounded_lines", 0) / quoted)
-                                     if quoted else 0.0),
-          "truncated_generation_rate": (float(stats.get("truncated_generations", 0)
-                                              / stats["windows"]) if stats.get("windows") else 0.0)}
+  """Valid-code, grounded-evidence and truncation rates from `Coder.stats` counters.
+
+  Keys read (absent: 0). Every answer line is counted once, in exactly one of:
+
+  * ``predicted_lines``: complete lines accepted as a prediction (of which ``quoted_lines`` had
+    a quote and ``grounded_lines`` a quote found in the note);
+  * ``rejected_malformed``, ``rejected_invalid`` (and ``rejected_duplicate``, which the
+    valid-code rate leaves out: it named a valid code): complete lines the parser refused;
+  * ``truncated_lines``: lines cut by ``max_new_tokens``, i.e. the unfinished last line of a
+    generation that stopped without its end-of-turn token; none of the other counters includes
+    them (a cut line may still parse, e.g. ``I50.2`` of ``I50.23``).
+
+  Also ``windows`` and ``truncated_generations`` (generations cut by ``max_new_tokens``).
+
+  Returns ``valid_code_rate`` = predicted / (predicted + malformed + invalid);
+  ``grounded_evidence_rate`` = grounded / quoted; ``truncated_line_rate`` = truncated lines / all
+  answer lines (complete and truncated); ``truncated_generation_rate`` = truncated generations /
+  windows. A rate without a denominator is 0.
+  """
+  get = lambda k: float(stats.get(k, 0))
+  rate = lambda a, b: a / b if b else 0.0
+  named = get("predicted_lines") + get("rejected_malformed") + get("rejected_invalid")
+  complete = named + get("rejected_duplicate")
+  return {"valid_code_rate": rate(get("predicted_lines"), named),
+          "grounded_evidence_rate": rate(get("grounded_lines"), get("quoted_lines")),
+          "truncated_line_rate": rate(get("truncated_lines"),
+                                      complete + get("truncated_lines")),
+          "truncated_generation_rate": rate(get("truncated_generations"), get("windows"))}
+
+
+def unseen_in_training(training_codes: Iterable[str], *code_sets: Iterable[str]
+                       ) -> frozenset[str]:
+  """The codes of ``code_sets`` that are not in ``training_codes``: what ``unseen_codes=`` of
+  `evaluate` wants.
+
+  Pass every code a note could be scored on: the coder's code space, and the evaluated notes'
+  gold codes (a gold code outside the code space is unseen too, and a missed one must count),
+  e.g. ``unseen_in_training(train_codes, coder.code_space, (c for d in docs for c in d.codes))``.
+  """
+  trained = set(training_codes)
+  return frozenset(c for codes in code_sets for c in codes if c not in trained)
 
 
 def evaluate(documents: Sequence[Any], predictions: Sequence[Sequence[Any]], *,
@@ -177,9 +214,16 @@ def evaluate(documents: Sequence[Any], predictions: Sequence[Sequence[Any]], *,
     predictions: per document, items with ``code``, ``begin``, ``end``, ``score`` (the
       `Coder.code_documents` output).
     code_space: for ``macro_f1_all``.
-    unseen_codes: adds ``unseen_*`` metrics restricted to these codes.
+    unseen_codes: adds strict ``unseen_*`` metrics (``unseen_micro_f1``, ``unseen_macro_f1``,
+      ...): the full set of codes that no training document contains, i.e. every code of the
+      code space (and of the evaluated gold) minus the codes of the training split; build it
+      with `unseen_in_training`. Gold and predictions are both restricted to it. Not just the
+      unseen codes of the evaluated notes' gold: a false positive on any other unseen code
+      would then be dropped.
     ks: P@k cut-offs.
-    output_stats: `Coder.stats`, for the valid-code and grounded-evidence rates.
+    output_stats: `Coder.stats`, for the valid-code, grounded-evidence and truncation rates
+      (the counters `output_rates` reads; lines cut by ``max_new_tokens`` as
+      ``truncated_lines``).
   """
   if len(documents) != len(predictions):
     raise ValueError(f"{len(documents)} documents but {len(predictions)} predictions")
@@ -215,7 +259,8 @@ def span_accuracy(gold: Sequence[str], predictions: Sequence[Sequence[Any]], *,
     gold: the gold code of each span.
     predictions: per span, items with ``code`` and ``score`` (a `Coder.code_documents` output);
       the top-scored code counts (none: wrong).
-    unseen_codes: adds ``unseen_span_*`` over the spans whose gold code is in this set.
+    unseen_codes: adds ``unseen_span_*`` over the spans whose gold code is in this set (the
+      full set of `evaluate` serves as well: only the spans' gold codes are looked up).
   """
   if len(gold) != len(predictions):
     raise ValueError(f"{len(gold)} spans but {len(predictions)} predictions")
