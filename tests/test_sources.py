@@ -201,6 +201,17 @@ def test_mimic_iv_missing_column_and_missing_files(tmp_path):
   assert str(tmp_path / "empty" / "note/discharge.csv.gz") in msg
 
 
+def test_mimic_iv_utf8_bom_and_empty_file(tmp_path):
+  root = _mimic_dir(tmp_path, "")
+  diag = root / "hosp/diagnoses_icd.csv"
+  diag.write_bytes(b"\xef\xbb\xbf" + diag.read_bytes())  # Excel's "CSV UTF-8"
+  docs, skips = _load("mimic_iv", root)
+  assert list(docs) == ["11"] and docs["11"].codes == ("I10",)
+  diag.write_bytes(b"")
+  with pytest.raises(RecordError, match=f"{re.escape(str(diag))}: empty file"):
+    sources.load_documents("mimic_iv", root, on_error="skip")
+
+
 # --------------------------------------------------------------------------- MDACE
 
 MDACE_501 = [("I50.23", 116, 155, "acute on chronic systolic heart failure"),
@@ -316,6 +327,35 @@ def test_mdace_bad_files(tmp_path):
     assert key.startswith(reason) and count == 1, skips.counts
 
 
+def test_mdace_text_errors_bom_and_empty_file(tmp_path):
+  body = lambda covered: json.dumps({"hadm_id": 300, "notes": [{"note_id": 7, "annotations": [
+      _ann(4, 10, "A41.51", covered_text=covered), GOOD_ANN]}]}, indent=1)
+  # A lone surrogate anywhere in the file: named by its field; the file is unusable.
+  root, path = _mdace_dir(tmp_path / "s", body("sepsis").replace('"sepsis"', '"\\ud800"'))
+  with pytest.raises(RecordError, match=(f"{re.escape(str(path))}: invalid text.*"
+                                         r"notes\[0\]\.annotations\[0\]\.covered_text")):
+    sources.load_documents("mdace", root)
+  docs, skips = _load("mdace", root, on_error="skip")
+  assert docs == {} and skips.counts == {"invalid text": 1}
+  # Too deeply nested to decode: malformed JSON, skippable.
+  root, path = _mdace_dir(tmp_path / "r", '{"hadm_id": 300, "notes": ' + "[" * 100_000)
+  with pytest.raises(RecordError, match=f"{re.escape(str(path))}.*malformed JSON"):
+    sources.load_documents("mdace", root)
+  assert _load("mdace", root, on_error="skip")[1].counts == {"malformed JSON": 1}
+  # A UTF-8 BOM is accepted, in the annotations and in the split lists.
+  root, path = _mdace_dir(tmp_path / "b", b"\xef\xbb\xbf" + body("sepsis").encode())
+  (root / "splits").mkdir()
+  (root / "splits/train.txt").write_bytes(b"\xef\xbb\xbf300\n")
+  docs, skips = _load("mdace", root)
+  assert _ev(docs["300/7"]) == [("A41.51", 4, 10, "sepsis"), ("N39.0", 26, 29, "UTI")]
+  assert docs["300/7"].split == "train" and skips.total == 0
+  # A 0-byte annotation file.
+  root, path = _mdace_dir(tmp_path / "e", b"")
+  with pytest.raises(RecordError, match=f"{re.escape(str(path))}: empty file"):
+    sources.load_documents("mdace", root)
+  assert _load("mdace", root, on_error="skip")[1].counts == {"empty file": 1}
+
+
 def test_mdace_missing_files(tmp_path):
   with pytest.raises(common.MissingDataError) as e:
     sources.load_documents("mdace", tmp_path)
@@ -408,6 +448,24 @@ def test_codiesp_bad_text_file_and_missing(tmp_path):
     sources.load_documents("codiesp", tmp_path / "nothing")
 
 
+def test_codiesp_utf8_bom_and_empty_files(tmp_path):
+  root = _codiesp_dir(tmp_path, "", "", text=b"\xef\xbb\xbf" + ES_TEXT.encode())
+  for name in ("trainD.tsv", "trainX.tsv"):
+    tsv = root / "train" / name
+    tsv.write_bytes(b"\xef\xbb\xbf" + tsv.read_bytes())
+  docs, skips = _load("codiesp", root)
+  assert skips.total == 0
+  assert docs[ART].text == ES_TEXT and docs[ART].codes == ("J18.9", "R51.9")
+  assert _ev(docs[ART]) == [("J18.9", 10, 18, "neumonía")]
+  d_tsv = root / "train/trainD.tsv"
+  d_tsv.write_bytes(b"")  # without it every article would silently have no codes
+  with pytest.raises(RecordError, match=f"{re.escape(str(d_tsv))}: empty file"):
+    sources.load_documents("codiesp", root)
+  docs, skips = _load("codiesp", root, on_error="skip")
+  assert skips.counts == {"empty file": 1}
+  assert docs[ART].codes == ("J18.9",)  # as without a D file: codes of the X file
+
+
 # --------------------------------------------------------------------------- JSONL
 
 
@@ -454,6 +512,16 @@ JSONL_BAD = [
      0),
     ('{"id": "b", "text": "HTN", "codes": ["I10"], "evidence": [{"code": "E11.9", "begin": 0, '
      '"end": 3}]}', "evidence code not among the document's codes", 0),
+    # A lone surrogate decodes from JSON but is no text: it crashed the tokenizer later.
+    ('{"id": "b", "text": "HTN \\ud800", "codes": ["I10"]}', "invalid text", None),
+    ('{"id": "b", "text": "HTN", "codes": ["I10"], "evidence": [{"code": "I10", "begin": 0, '
+     '"end": 3, "quote": "\\udfff"}]}', "invalid text", None),
+    ('{"id": "b", "text": "HTN", "\\ud83d": 1}', "invalid text", None),  # even in a key
+    ('{"id": "b", "text": "\\ud83d\\ude00 HTN", "codes": ["I10"]}', None, 0),  # a valid pair
+    # Nesting deeper than the recursion limit raised RecursionError past on_error="skip".
+    ("[" * 100_000 + "]" * 100_000, "malformed JSON", None),
+    ('{"id": "b", "text": "HTN", "x": ' + "[" * 100_000 + "]" * 100_000 + "}", "malformed JSON",
+     None),
 ]
 
 
@@ -466,7 +534,9 @@ def test_jsonl_bad_documents(tmp_path, line2, reason, evidence_left):
   path.write_bytes(data)
   if reason is None:  # a control: the well-formed variant loads in raise mode
     docs = jsonl.read_documents(path)
-    assert _ev(docs[1]) == [("I10", 0, 3, "HTN")]
+    assert len(docs[1].evidence) == evidence_left
+    if evidence_left:
+      assert _ev(docs[1]) == [("I10", 0, 3, "HTN")]
     return
   with pytest.raises(RecordError, match=f"{re.escape(str(path))}:2.*{reason}"):
     jsonl.read_documents(path)
@@ -499,6 +569,53 @@ def test_jsonl_bad_spans(tmp_path):
   assert skips.counts == {"bad span": 2, "empty text": 1, "unknown ICD-10-CM code": 1}
   assert skips.invalid_codes == {"X00.00": 1}
   assert [w.split(" ")[0] for w in skips.examples["bad span"]] == [f"{path}:2", f"{path}:5"]
+
+
+def test_jsonl_lone_surrogate_in_a_span_is_invalid_text(tmp_path):
+  path = tmp_path / "spans.jsonl"
+  path.write_text('{"text": "CHF", "code": "I50.9"}\n{"text": "CHF \\udc80", "code": "I50.9"}\n')
+  with pytest.raises(RecordError, match=f"{re.escape(str(path))}:2: invalid text.*'text'"):
+    sources.read_spans(path)
+  skips = SkipReport()
+  assert sources.read_spans(path, on_error="skip", skips=skips) == [
+      Span("CHF", "I50.9", "annotated")]
+  assert skips.counts == {"invalid text": 1}
+
+
+BOM = b"\xef\xbb\xbf"
+
+
+def test_jsonl_utf8_bom_keeps_the_first_record(tmp_path):
+  path = tmp_path / "notes.jsonl"
+  second = GOOD_LINE.replace('"id": "a"', '"id": "b"')
+  path.write_bytes(BOM + GOOD_LINE.encode() + b"\n" + second.encode() + b"\n")
+  docs = jsonl.read_documents(path)  # raise mode: the BOM is no malformed JSON
+  assert [d.id for d in docs] == ["a", "b"]
+  assert _ev(docs[0]) == [("I10", 4, 16, "hypertension")]  # offsets unmoved by the BOM
+  spans = tmp_path / "spans.jsonl"
+  spans.write_bytes(BOM + b'{"text": "CHF", "code": "I50.9"}\n')
+  assert sources.read_spans(spans) == [Span("CHF", "I50.9", "annotated")]
+
+
+def test_jsonl_empty_file_is_reported(tmp_path):
+  (tmp_path / "a.jsonl").write_text(GOOD_LINE + "\n")
+  empty = tmp_path / "b.jsonl"
+  empty.write_bytes(b"")
+  with pytest.raises(RecordError, match=f"{re.escape(str(empty))}: empty file"):
+    sources.load_documents("jsonl", tmp_path)
+  with pytest.raises(RecordError, match=f"{re.escape(str(empty))}: empty file"):
+    jsonl.read_documents(empty)
+  docs, skips = _load("jsonl", tmp_path, on_error="skip")
+  assert list(docs) == ["a"] and skips.counts == {"empty file": 1}
+  assert skips.examples["empty file"] == [str(empty)]
+  # Only blank lines: no records either.
+  empty.write_text("\n  \n")
+  with pytest.raises(RecordError, match=f"{re.escape(str(empty))}: empty file.*no records"):
+    jsonl.read_documents(empty)
+  spans = tmp_path / "spans.jsonl"
+  spans.write_bytes(b"")
+  with pytest.raises(RecordError, match=f"{re.escape(str(spans))}: empty file"):
+    sources.read_spans(spans)
 
 
 def test_jsonl_single_file_and_duplicates_across_files(tmp_path):

@@ -8,7 +8,7 @@ Public (CC BY 4.0), but jaxicd downloads nothing: unpack the release so that ``m
   Spanish edition, CIE-10-ES), no header;
 * ``<split>X.tsv`` (CodiEsp-X, optional): rows
   ``articleID<TAB>label<TAB>code<TAB>reference<TAB>start end[;start end]`` with half-open
-  character offsets into the ``.txt`` text.
+  character offsets into the ``.txt`` text (after a UTF-8 byte order mark, which is dropped).
 
 Splits: ``train`` -> train, ``dev`` -> val, ``test`` -> test; ``id`` = articleID. Codes come
 from the D file (from the X file's DIAGNOSTICO rows when there is no D file) and are checked
@@ -107,7 +107,8 @@ def _read_split(folder: Path, split_name: str, split: str, issues: common.Issues
   d_path, x_path = folder / f"{split_name}D.tsv", folder / f"{split_name}X.tsv"
   codes: dict[str, list[str]] = collections.defaultdict(list)
   evidence: dict[str, list[Evidence]] = collections.defaultdict(list)
-  has_d = d_path.is_file()
+  # An empty file is reported; skipped, it counts as absent (codes then come from the X file).
+  has_d = d_path.is_file() and common.check_nonempty(issues, d_path)
   if has_d:
     for where, (article, raw_code) in _tsv_rows(d_path, 2, issues):
       if article not in texts:
@@ -117,7 +118,7 @@ def _read_split(folder: Path, split_name: str, split: str, issues: common.Issues
       if code is not None and code not in codes[article]:
         codes[article].append(code)
 
-  if x_path.is_file():
+  if x_path.is_file() and common.check_nonempty(issues, x_path):
     for where, (article, label, raw_code, reference, positions) in _tsv_rows(x_path, 5, issues):
       if label == "PROCEDIMIENTO":
         issues.filtered("CodiEsp-X PROCEDIMIENTO row (ICD-10-PCS)", where)

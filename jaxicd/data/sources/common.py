@@ -6,11 +6,18 @@ file and line or field when ``on_error="raise"`` and is counted in the ``SkipRep
 ``on_error="skip"``; or a *filter* (data the reader deliberately leaves out by design: ICD-9
 rows, ICD-10-PCS annotations, CodiEsp procedures, rare codes), which is always counted under a
 reason that starts with ``"filtered: "`` and never raises.
+
+Text is strict UTF-8. A leading byte order mark (``EF BB BF``, which Windows tools write) is
+dropped, not read as text. Errors every reader shares: ``invalid UTF-8`` (bytes), ``invalid
+text`` (a JSON string that no UTF-8 text can hold: a lone surrogate such as ``"\\ud800"``),
+``malformed JSON`` (any decoding failure, nesting too deep included) and ``empty file`` (an
+input file without a single record).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 from typing import Callable, Iterable, Protocol
 
@@ -91,12 +98,73 @@ def has_invalid_utf8(s: str) -> bool:
   return False
 
 
+BOM = b"\xef\xbb\xbf"
+
+
 def decode_utf8(data: bytes) -> tuple[str | None, int]:
-  """Strict UTF-8 decoding: (text, 0), or (None, line of the first bad byte) when invalid."""
+  """Strict UTF-8 decoding: (text, 0), or (None, line of the first bad byte) when invalid.
+
+  A leading BOM is dropped: of a file, or of a line (files concatenated with one). Offsets into
+  the text then count from the first character after it.
+  """
+  data = data[len(BOM):] if data.startswith(BOM) else data
   try:
     return data.decode("utf-8"), 0
   except UnicodeDecodeError as e:
     return None, data[:e.start].count(b"\n") + 1
+
+
+def parse_json(text: str) -> tuple[object, str, int]:
+  """(object, "", 0), or (None, why it is malformed JSON, its line or 0 when unknown).
+
+  Every decoding failure is malformed input: JSONDecodeError, and RecursionError from nesting
+  deeper than the interpreter's recursion limit, which would otherwise escape on_error="skip".
+  """
+  try:
+    return json.loads(text), "", 0
+  except json.JSONDecodeError as e:
+    return None, f"{e.msg} at column {e.colno}", e.lineno
+  except RecursionError:
+    return None, "nested too deeply", 0
+
+
+def unencodable_field(obj: object) -> str | None:
+  """The path (``evidence[0].quote``) of the first string, key or value, that UTF-8 cannot
+  encode (JSON's ``"\\ud800"`` decodes to a lone surrogate), or None when all can."""
+  stack: list[tuple[str, object]] = [("", obj)]  # iterative: decoded JSON may nest deeply
+  while stack:
+    path, x = stack.pop()
+    if isinstance(x, str):
+      if has_invalid_utf8(x):
+        return path or "(the value)"
+    elif isinstance(x, dict):
+      items = [(f"{path}.{k}" if path else k, k, v) for k, v in x.items()]
+      for key, k, _ in items:
+        if has_invalid_utf8(k):  # named escaped: a message must stay printable
+          return key.encode("utf-8", "backslashreplace").decode("utf-8")
+      stack.extend((key, v) for key, _, v in reversed(items))
+    elif isinstance(x, list):
+      stack.extend((f"{path}[{i}]", v) for i, v in reversed(list(enumerate(x))))
+  return None
+
+
+def check_json_text(issues: "Issues", obj: object, where: str) -> bool:
+  """Reports a decoded JSON value holding text that is not text (see `unencodable_field`)."""
+  field = unencodable_field(obj)
+  if field is None:
+    return True
+  issues.error("invalid text", where, f"field {field!r} holds a lone surrogate, which no UTF-8 "
+               "text can hold")
+  return False
+
+
+def check_nonempty(issues: "Issues", path: Path) -> bool:
+  """Reports an input file of 0 bytes (a failed copy or download), which would read as no
+  records without a word; True when the file has content."""
+  if path.stat().st_size:
+    return True
+  issues.error("empty file", str(path), "0 bytes")
+  return False
 
 
 class Issues:

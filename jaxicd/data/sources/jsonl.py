@@ -18,13 +18,14 @@ Spans::
 spans and ``negative`` for the others.
 
 Granularity of ``on_error="skip"``: a problem with a whole line (invalid UTF-8, malformed JSON,
-empty text, bad id or split) skips the line; an unknown code drops that code (and its evidence);
-a bad evidence item (offsets, quote) drops that item only.
+invalid text such as a lone surrogate ``"\\ud800"`` in any field, empty text, bad id or split)
+skips the line; an unknown code drops that code (and its evidence); a bad evidence item
+(offsets, quote) drops that item only; a file without any record (0 bytes, or blank lines only)
+is an ``empty file``. A UTF-8 byte order mark is accepted.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -36,24 +37,31 @@ SOURCE = "jsonl"
 
 def _lines(path: Path, issues: common.Issues) -> Iterator[tuple[str, Any]]:
   """Yields (where, parsed object) for each non-blank line; reports undecodable lines."""
+  if not common.check_nonempty(issues, path):
+    return
+  records = 0
   with open(path, "rb") as f:
     for lineno, raw in enumerate(f, start=1):
       where = f"{path}:{lineno}"
       line, _ = common.decode_utf8(raw)
       if line is None:
+        records += 1
         issues.error("invalid UTF-8", where)
         continue
       if not line.strip():
         continue  # blank lines separate nothing and carry no record
-      try:
-        obj = json.loads(line)
-      except json.JSONDecodeError as e:
-        issues.error("malformed JSON", where, f"{e.msg} at column {e.colno}")
+      records += 1
+      obj, problem, _ = common.parse_json(line)
+      if problem:
+        issues.error("malformed JSON", where, problem)
         continue
       if not isinstance(obj, dict):
         issues.error("malformed JSON", where, f"expected an object, got {type(obj).__name__}")
         continue
-      yield where, obj
+      if common.check_json_text(issues, obj, where):
+        yield where, obj
+  if not records:
+    issues.error("empty file", str(path), "no records: only blank lines")
 
 
 def _is_int(x: Any) -> bool:

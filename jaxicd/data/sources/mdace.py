@@ -26,7 +26,6 @@ annotations are all filtered or invalid is counted and left out.
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -69,7 +68,7 @@ def read_split_dir(split_dir: Path, issues: common.Issues) -> dict[str, str]:
     if path is None:
       continue
     found = True
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for lineno, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
       value = line.split(",")[0].strip()
       if not value or (lineno == 1 and value.lower() in ("hadm_id", "_id", "id")):
         continue
@@ -90,14 +89,17 @@ def read_split_dir(split_dir: Path, issues: common.Issues) -> dict[str, str]:
 def _read_annotations(path: Path, issues: common.Issues):
   """Yields (hadm_id, note_id, where, [(begin, end, code, covered_text | None, where)])."""
   where = str(path)
+  if not common.check_nonempty(issues, path):
+    return
   text, line = common.decode_utf8(path.read_bytes())
   if text is None:
     issues.error("invalid UTF-8", f"{path}:{line}")
     return
-  try:
-    obj = json.loads(text)
-  except json.JSONDecodeError as e:
-    issues.error("malformed JSON", f"{path}:{e.lineno}", f"{e.msg} at column {e.colno}")
+  obj, problem, line = common.parse_json(text)
+  if problem:
+    issues.error("malformed JSON", f"{path}:{line}" if line else where, problem)
+    return
+  if not common.check_json_text(issues, obj, where):
     return
   if not isinstance(obj, dict) or not isinstance(obj.get("notes"), list):
     issues.error("malformed MDACE file", f"{where}: field 'notes'", "expected a list of notes")

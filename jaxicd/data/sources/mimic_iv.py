@@ -55,14 +55,18 @@ csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
 
 
 def _open_text(path: Path) -> io.TextIOBase:
-  # surrogateescape keeps reading past invalid UTF-8 so the record can be named and counted.
+  # surrogateescape keeps reading past invalid UTF-8 so the record can be named and counted;
+  # utf-8-sig drops a byte order mark, which would otherwise hide the first column's name.
   if path.suffix == ".gz":
-    return gzip.open(path, "rt", encoding="utf-8", errors="surrogateescape", newline="")
-  return open(path, "rt", encoding="utf-8", errors="surrogateescape", newline="")
+    return gzip.open(path, "rt", encoding="utf-8-sig", errors="surrogateescape", newline="")
+  return open(path, "rt", encoding="utf-8-sig", errors="surrogateescape", newline="")
 
 
 def read_csv_rows(path: Path, required: tuple[str, ...]) -> Iterator[tuple[int, dict[str, str]]]:
   """Yields (line where the record starts, row) from a CSV with a header; checks columns."""
+  if not path.stat().st_size:  # a required table: no skipping it
+    raise RecordError(f"{path}: empty file (0 bytes); expected a CSV with the header "
+                      f"{', '.join(required)}")
   line = 1
   try:
     with _open_text(path) as f:
