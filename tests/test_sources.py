@@ -58,6 +58,25 @@ def test_unknown_source_and_missing_manual_dir():
     sources.load_documents("jsonl", FIX / "jsonl", on_error="ignore")
 
 
+def test_input_files_are_the_files_each_reader_reads():
+  # What a TFDS cache of the documents is keyed on (tfds_builders.documents_config_name).
+  files = lambda source, root, **kw: sorted(
+      str(p.relative_to(FIX / root)) for p in sources.input_files(source, FIX / root, **kw))
+  assert [p.name for p in sources.input_files("jsonl", FIX / "jsonl")] == ["documents.jsonl"]
+  assert files("mimic_iv", "mimic_iv") == [
+      "hosp/diagnoses_icd.csv.gz", "mimiciv_icd10_split.csv", "note/discharge.csv.gz"]
+  assert files("mdace", "mdace") == [
+      "NOTEEVENTS.csv", "data/Inpatient/ICD-10/1.0/100001-ICD-10.json",
+      "data/Inpatient/ICD-10/1.0/100002-ICD-10.json", "splits/inpatient/MDace-ev-test.csv",
+      "splits/inpatient/MDace-ev-train.csv", "splits/inpatient/MDace-ev-val.csv"]
+  assert files("codiesp", "codiesp") == [
+      "dev/devD.tsv", "dev/devX.tsv", "dev/text_files/S1130-01082009000300012-1.txt",
+      "test/testD.tsv", "test/text_files/S0365-66912004001000011-1.txt",
+      "train/text_files/S0004-06142005000100011-1.txt",
+      "train/text_files/S0210-48062007000500012-1.txt", "train/trainD.tsv", "train/trainX.tsv"]
+  assert sources.input_files("demo") == [] and sources.input_files("codiesp", FIX / "none") == []
+
+
 # --------------------------------------------------------------------------- MIMIC-IV
 
 NOTE_20000001 = (

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+
 import pytest
 
 from jaxicd.data import pipeline
 from jaxicd.data import tfds_builders as tb
-from jaxicd.data.records import Document, Evidence, Span
+from jaxicd.data.records import Document, Evidence, RecordError, Span
 
 FIXTURE_JSONL = "tests/fixtures/jsonl/documents.jsonl"
 
@@ -99,3 +103,78 @@ def test_demo_and_expansion_build_from_code(tmp_path):
   assert [s.text for s in own[len(direct_spans):]][:2] == [
       "acute on chronic diastolic heart failure", "no evidence of pneumonia"]
   assert (tmp_path / "jaxicd_documents" / "demo-seed0").is_dir()
+
+
+def _line(i: int) -> str:
+  return json.dumps({"id": f"n{i}", "text": f"Note {i}: hypertension.", "codes": ["I10"]})
+
+
+def test_cache_follows_the_source_files_contents(tmp_path):
+  src = tmp_path / "notes.jsonl"
+  src.write_text(_line(1) + "\n")
+  data_dir = str(tmp_path / "tfds")
+  load = lambda **kw: [d.id for d in tb.load_documents("jsonl", data_dir=data_dir,
+                                                       manual_dir=str(src), **kw)]
+  assert load() == ["n1"]
+  with open(src, "a", encoding="utf-8") as f:  # appending documents: served stale before
+    f.write(_line(2) + "\n")
+  assert load() == ["n1", "n2"]
+  with open(src, "a", encoding="utf-8") as f:  # appending a malformed line: no error before
+    f.write('{"id": "n3", \n')
+  with pytest.raises(RecordError, match="notes.jsonl:3.*malformed JSON"):
+    load()
+  # The reader options are part of the key: a skip-mode build is not served in raise mode.
+  assert load(on_error="skip") == ["n1", "n2"]
+  with pytest.raises(RecordError, match="notes.jsonl:3.*malformed JSON"):
+    load()
+
+
+def test_config_name_keys_on_size_mtime_hash_and_options(tmp_path):
+  src = tmp_path / "notes.jsonl"
+  src.write_text(_line(1) + "\n")
+  name = lambda **kw: tb.documents_config_name("jsonl", manual_dir=str(src), **kw)
+  first = name()
+  assert name() == first  # stable while nothing changes
+  st = os.stat(src)
+  src.write_text(_line(2) + "\n")  # same size, other bytes, mtime put back: the hash differs
+  os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns))
+  assert os.stat(src).st_size == st.st_size
+  second = name()
+  assert second != first
+  os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # touched only: mtime differs
+  assert name() not in (first, second)
+  assert name(on_error="skip") != name()
+  # A folder: a file added, or an option's file (e.g. a split file) changed, is a new key.
+  folder = tmp_path / "folder"
+  folder.mkdir()
+  shutil.copy(src, folder / "a.jsonl")
+  before = tb.documents_config_name("jsonl", manual_dir=str(folder))
+  (folder / "b.jsonl").write_text(_line(3) + "\n")
+  assert tb.documents_config_name("jsonl", manual_dir=str(folder)) != before
+  # Reader options, and the files they name.
+  mimic = tmp_path / "mimic"
+  shutil.copytree("tests/fixtures/mimic_iv", mimic)
+  name = lambda **options: tb.documents_config_name("mimic_iv", manual_dir=str(mimic),
+                                                    options=options)
+  assert name(min_code_count=2) != name() and name(min_code_count=2) == name(min_code_count=2)
+  split = tmp_path / "split.csv"
+  split.write_text("hadm_id,split\n20000001,train\n")
+  first = name(split_file=str(split))
+  split.write_text("hadm_id,split\n20000001,test\n")
+  assert name(split_file=str(split)) != first
+  default_split = mimic / "mimiciv_icd10_split.csv"  # found in manual_dir: keyed as well
+  first = name()
+  default_split.write_text(default_split.read_text() + "20000005,test\n")
+  assert name() != first
+
+
+def test_input_changed_while_building_is_refused(tmp_path):
+  src = tmp_path / "notes.jsonl"
+  src.write_text(_line(1) + "\n")
+  builder = tb.JaxicdDocuments(source="jsonl", manual_dir=str(src),
+                               data_dir=str(tmp_path / "tfds"))
+  with open(src, "a", encoding="utf-8") as f:  # after the key was computed, before the build
+    f.write(_line(2) + "\n")
+  with pytest.raises(RecordError, match="changed while"):
+    tb.prepare(builder, str(src))
+  assert not builder.is_prepared()

@@ -11,22 +11,27 @@ Two builders, both readable without TensorFlow through ``builder.as_data_source(
 
 What a build depends on (source, seed, manual_dir, code space and its contents, expansion
 settings) is encoded in the builder config name, so different settings never collide in one
-``data_dir``. Records go in and come back as ``jaxicd.data.records`` dataclasses.
+``data_dir``. For a source read from files that includes the files themselves: each input
+file's path, size, modification time and SHA-256, and the reader options (``on_error``,
+``split_file``, ...). Appending documents to a source file, or fixing one, is a new config and
+a new build, never the old dataset served again; a file that changes while it is being read
+fails the build. Records go in and come back as ``jaxicd.data.records`` dataclasses.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core import utils as tfds_utils
 
-from jaxicd.data.records import Document, Evidence, SkipReport, Span
+from jaxicd.data.records import Document, Evidence, RecordError, SkipReport, Span
 
 DOCUMENT_SOURCES = ("demo", "mimic_iv", "mdace", "codiesp", "jsonl")
 CREDENTIALED_SOURCES = ("mimic_iv", "mdace")
@@ -96,13 +101,51 @@ def span_from_example(ex: dict[str, Any]) -> Span:
 # ----------------------------------------------------------------------------- config names
 
 
-def documents_config_name(source: str, demo_seed: int = 0, manual_dir: str = "") -> str:
-  """``demo-seed0``; sources read from files name their folder by a digest of its path."""
+FileState = tuple[str, int, int]  # (path, size, mtime_ns)
+
+
+def _file_states(source: str, manual_dir: str, options: Mapping[str, Any]) -> list[FileState]:
+  from jaxicd.data.sources import input_files  # pylint: disable=g-import-not-at-top
+  out = []
+  for p in input_files(source, manual_dir, **options):
+    st = os.stat(p)
+    out.append((os.path.abspath(p), st.st_size, st.st_mtime_ns))
+  return out
+
+
+def _sha256(path: str) -> str:
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      h.update(block)
+  return h.hexdigest()
+
+
+def _documents_key(source: str, demo_seed: int, manual_dir: str, on_error: str,
+                   options: Mapping[str, Any] | None) -> tuple[str, list[FileState]]:
+  """(config name, the input files' states the name was computed from)."""
   if source not in DOCUMENT_SOURCES:
     raise ValueError(f"unknown document source {source!r}; expected one of {DOCUMENT_SOURCES}")
   if source == "demo":
-    return f"demo-seed{int(demo_seed)}"
-  return f"{source}-{_digest(os.path.abspath(manual_dir or '.'))}"
+    return f"demo-seed{int(demo_seed)}", []
+  options = dict(options or {})
+  # States are taken before hashing: a file written meanwhile fails the build's own check.
+  states = _file_states(source, manual_dir, options)
+  key = {"manual_dir": os.path.abspath(manual_dir or "."), "on_error": on_error,
+         "options": {k: str(v) for k, v in sorted(options.items())},
+         "files": [[p, size, mtime, _sha256(p)] for p, size, mtime in states]}
+  return f"{source}-{_digest(json.dumps(key, sort_keys=True))}", states
+
+
+def documents_config_name(source: str, demo_seed: int = 0, manual_dir: str = "", *,
+                          on_error: str = "raise",
+                          options: Mapping[str, Any] | None = None) -> str:
+  """``demo-seed0``; a source read from files: ``<source>-<digest>`` of its path, reader
+  options and the contents of its input files (see the module docstring).
+
+  Reads every input file once to hash it (about a second per GB).
+  """
+  return _documents_key(source, demo_seed, manual_dir, on_error, options)[0]
 
 
 def code_space_tag(spec: str) -> str:
@@ -144,20 +187,26 @@ class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 class JaxicdDocuments(_Builder):
   """Canonical documents of one source, split by document split."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Document records: id, text, codes, evidence offsets, split."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {
+      "1.0.0": "Document records: id, text, codes, evidence offsets, split.",
+      "1.1.0": "Keyed on the input files' contents and the reader options; readers accept a "
+               "UTF-8 BOM and refuse lone surrogates.",
+  }
   MANUAL_DOWNLOAD_INSTRUCTIONS = _MANUAL_INSTRUCTIONS
 
   def __init__(self, *, source: str = "demo", demo_seed: int = 0, manual_dir: str = "",
-               on_error: str = "raise", data_dir: str | None = None,
+               on_error: str = "raise", options: Mapping[str, Any] | None = None,
+               data_dir: str | None = None,
                loader: Callable[[], Sequence[Document]] | None = None, **kwargs):
-    """``loader`` replaces ``sources.load_documents`` (e.g. records built in memory)."""
+    """``options``: reader options (``split_file``, ``min_code_count``, ``split_dir``, ...).
+    ``loader`` replaces ``sources.load_documents`` (e.g. records built in memory)."""
     self._source, self._demo_seed, self._manual_dir = source, int(demo_seed), manual_dir
-    self._on_error, self._loader = on_error, loader
+    self._on_error, self._options, self._loader = on_error, dict(options or {}), loader
     self.skips = SkipReport()
-    config = tfds.core.BuilderConfig(
-        name=documents_config_name(source, demo_seed, manual_dir), version=self.VERSION,
-        description=f"documents of source {source!r}")
+    name, self._inputs = _documents_key(source, demo_seed, manual_dir, on_error, self._options)
+    config = tfds.core.BuilderConfig(name=name, version=self.VERSION,
+                                     description=f"documents of source {source!r}")
     super().__init__(data_dir=data_dir, config=config, file_format="array_record", **kwargs)
 
   def _info(self) -> tfds.core.DatasetInfo:
@@ -182,8 +231,16 @@ class JaxicdDocuments(_Builder):
       # Raises TFDS's error quoting MANUAL_DOWNLOAD_INSTRUCTIONS. (A jsonl manual_dir may be
       # one file, which TFDS's own check rejects, so existing paths are used as given.)
       manual_dir = os.fspath(dl_manager.manual_dir)
-    return load_documents(self._source, manual_dir, on_error=self._on_error,
-                          skips=self.skips, demo_seed=self._demo_seed)
+    docs = load_documents(self._source, manual_dir, on_error=self._on_error,
+                          skips=self.skips, demo_seed=self._demo_seed, **self._options)
+    now = _file_states(self._source, self._manual_dir, self._options)
+    if now != self._inputs:
+      # The config name hashes the files as they were before: refuse to file other contents
+      # under it.
+      changed = sorted({p for p, *_ in set(now) ^ set(self._inputs)})
+      raise RecordError(f"{self._source}: input files changed while the dataset was being built "
+                        f"({', '.join(changed[:3])}); run again once they are complete")
+    return docs
 
   def _split_generators(self, dl_manager):
     docs = self._load(dl_manager)
@@ -303,10 +360,15 @@ def read_spans(builder: JaxicdSpans) -> RecordSource:
 
 
 def load_documents(source: str, *, data_dir: str, manual_dir: str = "", demo_seed: int = 0,
-                   on_error: str = "raise") -> list[Document]:
-  """Builds (if needed) and reads back all documents of ``source`` from ``data_dir``."""
+                   on_error: str = "raise", options: Mapping[str, Any] | None = None
+                   ) -> list[Document]:
+  """Builds (if needed) and reads back all documents of ``source`` from ``data_dir``.
+
+  A build is reused while the input files and reader options are unchanged (see the module
+  docstring); ``options`` are the reader options of ``sources.load_documents``.
+  """
   builder = JaxicdDocuments(source=source, demo_seed=demo_seed, manual_dir=manual_dir,
-                            on_error=on_error, data_dir=data_dir)
+                            on_error=on_error, options=options, data_dir=data_dir)
   prepare(builder, manual_dir if source != "demo" else "")
   return read_documents(builder)
 

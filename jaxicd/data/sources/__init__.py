@@ -27,8 +27,31 @@ from jaxicd.data.sources.common import FILTERED, MissingDataError
 
 SOURCES = ("demo", "mimic_iv", "mdace", "codiesp", "jsonl")
 
-__all__ = ["SOURCES", "load_documents", "read_spans", "MissingDataError", "RecordError",
-           "FILTERED"]
+__all__ = ["SOURCES", "load_documents", "input_files", "read_spans", "MissingDataError",
+           "RecordError", "FILTERED"]
+
+
+def _reader(source: str):
+  # Imported on use: each reader pulls in only what its format needs.
+  if source == "mimic_iv":
+    from jaxicd.data.sources import mimic_iv as reader  # pylint: disable=g-import-not-at-top
+  elif source == "mdace":
+    from jaxicd.data.sources import mdace as reader  # pylint: disable=g-import-not-at-top
+  elif source == "codiesp":
+    from jaxicd.data.sources import codiesp as reader  # pylint: disable=g-import-not-at-top
+  else:
+    from jaxicd.data.sources import jsonl as reader  # pylint: disable=g-import-not-at-top
+  return reader
+
+
+def input_files(source: str, manual_dir: str | Path = "", **options) -> list[Path]:
+  """The files that ``load_documents(source, manual_dir, **options)`` would read, those that
+  exist (none for ``demo``): what a cache of its documents must be keyed on."""
+  if source not in SOURCES:
+    raise ValueError(f"unknown source {source!r}; expected one of {', '.join(SOURCES)}")
+  if source == "demo" or not manual_dir:
+    return []
+  return _reader(source).input_files(manual_dir, **options)
 
 
 def load_documents(source: str, manual_dir: str | Path = "", *, on_error: str = "raise",
@@ -59,15 +82,7 @@ def load_documents(source: str, manual_dir: str | Path = "", *, on_error: str = 
     raise ValueError(f"source {source!r} needs manual_dir (--manual_dir / "
                      "config.data.manual_dir): the folder where its files were placed")
   issues = common.Issues(on_error, skips, ontology)
-  if source == "mimic_iv":
-    from jaxicd.data.sources import mimic_iv as reader  # pylint: disable=g-import-not-at-top
-  elif source == "mdace":
-    from jaxicd.data.sources import mdace as reader  # pylint: disable=g-import-not-at-top
-  elif source == "codiesp":
-    from jaxicd.data.sources import codiesp as reader  # pylint: disable=g-import-not-at-top
-  else:
-    from jaxicd.data.sources import jsonl as reader  # pylint: disable=g-import-not-at-top
-  docs = reader.load(manual_dir, issues=issues, **options)
+  docs = _reader(source).load(manual_dir, issues=issues, **options)
   if skips.total:
     logging.info("%s: read %d documents; skipped or filtered %d records: %s", source,
                  len(docs), skips.total, skips.counts)

@@ -164,6 +164,20 @@ def _read_split(folder: Path, split_name: str, split: str, issues: common.Issues
   return docs
 
 
+def input_files(manual_dir: str | Path) -> list[Path]:
+  """The files `load` reads (what a cache of its documents is keyed on)."""
+  root = _root(Path(manual_dir))
+  if root is None:
+    return []
+  files = []
+  for name, _ in SPLIT_DIRS:
+    if (root / name / "text_files").is_dir():
+      files += sorted((root / name / "text_files").glob("*.txt"))
+      files += [p for p in (root / name / f"{name}D.tsv", root / name / f"{name}X.tsv")
+                if p.is_file()]
+  return files
+
+
 def load(manual_dir: str | Path, *, issues: common.Issues) -> list[Document]:
   manual_dir = Path(manual_dir)
   root = _root(manual_dir)

@@ -204,6 +204,11 @@ def span_files(path: str | Path) -> list[Path]:
   return sorted(path.glob("spans*.jsonl")) if path.is_dir() else []
 
 
+def input_files(manual_dir: str | Path) -> list[Path]:
+  """The files `load` reads (what a cache of its documents is keyed on)."""
+  return document_files(manual_dir)
+
+
 def load(manual_dir: str | Path, *, issues: common.Issues) -> list[Document]:
   """All document files under ``manual_dir`` (a ``.jsonl`` file or a folder of them)."""
   files = document_files(manual_dir)

@@ -135,23 +135,39 @@ def _read_annotations(path: Path, issues: common.Issues):
     yield hadm, note_id, at, anns
 
 
-def load(manual_dir: str | Path, *, issues: common.Issues, split_dir: str | Path | None = None,
-         annotation_dir: str | Path | None = None) -> list[Document]:
-  manual_dir = Path(manual_dir)
+def _inputs(manual_dir: Path, split_dir: str | Path | None, annotation_dir: str | Path | None
+            ) -> tuple[list[Path], Path | None, Path | None]:
+  """(annotation files, NOTEEVENTS or None, split list folder or None)."""
   ann_dir = (Path(annotation_dir) if annotation_dir else
              common.first_existing(*(manual_dir / d for d in ANNOTATION_DIRS)))
   notes_path = common.first_existing(*(manual_dir / n for n in NOTEEVENTS))
   ann_files = sorted(ann_dir.glob("*.json")) if ann_dir and ann_dir.is_dir() else []
+  if split_dir is None:
+    split_dir = next((manual_dir / d for d in SPLIT_DIRS
+                      if any((manual_dir / d / n).is_file()
+                             for names in _SPLIT_LISTS.values() for n in names)), None)
+  return ann_files, notes_path, Path(split_dir) if split_dir else None
+
+
+def input_files(manual_dir: str | Path, *, split_dir: str | Path | None = None,
+                annotation_dir: str | Path | None = None) -> list[Path]:
+  """The files `load` reads (what a cache of its documents is keyed on)."""
+  ann_files, notes_path, split_dir = _inputs(Path(manual_dir), split_dir, annotation_dir)
+  lists = ([split_dir / n for names in _SPLIT_LISTS.values() for n in names
+            if (split_dir / n).is_file()] if split_dir else [])
+  return ann_files + ([notes_path] if notes_path else []) + lists
+
+
+def load(manual_dir: str | Path, *, issues: common.Issues, split_dir: str | Path | None = None,
+         annotation_dir: str | Path | None = None) -> list[Document]:
+  manual_dir = Path(manual_dir)
+  ann_files, notes_path, split_dir = _inputs(manual_dir, split_dir, annotation_dir)
   if not ann_files or notes_path is None:
     missing = ([] if ann_files else [manual_dir / ANNOTATION_DIRS[0] / "<hadm_id>-ICD-10.json"])
     missing += [] if notes_path else [manual_dir / NOTEEVENTS[1]]
     raise common.missing_data("MDACE", missing,
                               INSTRUCTIONS.replace("MANUAL_DIR", str(manual_dir)))
-  if split_dir is None:
-    split_dir = next((manual_dir / d for d in SPLIT_DIRS
-                      if any((manual_dir / d / n).is_file()
-                             for names in _SPLIT_LISTS.values() for n in names)), None)
-  splits = read_split_dir(Path(split_dir), issues) if split_dir else None
+  splits = read_split_dir(split_dir, issues) if split_dir else None
 
   notes = []  # (hadm, note_id, where, annotations)
   for path in ann_files:

@@ -124,6 +124,17 @@ def read_split_file(path: Path, issues: common.Issues) -> dict[str, str]:
   return splits
 
 
+def input_files(manual_dir: str | Path, *, split_file: str | Path | None = None,
+                min_code_count: int = 0) -> list[Path]:
+  """The files `load` reads (what a cache of its documents is keyed on)."""
+  del min_code_count  # an option, not a file
+  manual_dir = Path(manual_dir)
+  split = (Path(split_file) if split_file
+           else common.first_existing(*(manual_dir / name for name in SPLIT_FILES)))
+  return [p for p in (_locate(manual_dir, DIAGNOSES), _locate(manual_dir, NOTES), split)
+          if p is not None and p.is_file()]
+
+
 def load(manual_dir: str | Path, *, issues: common.Issues, split_file: str | Path | None = None,
          min_code_count: int = 0) -> list[Document]:
   manual_dir = Path(manual_dir)
