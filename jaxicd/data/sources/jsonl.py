@@ -58,8 +58,7 @@ def _lines(path: Path, issues: common.Issues) -> Iterator[tuple[str, Any]]:
       if not isinstance(obj, dict):
         issues.error("malformed JSON", where, f"expected an object, got {type(obj).__name__}")
         continue
-      if common.check_json_text(issues, obj, where):
-        yield where, obj
+      yield where, obj
   if not records:
     issues.error("empty file", str(path), "no records: only blank lines")
 
@@ -70,6 +69,8 @@ def _is_int(x: Any) -> bool:
 
 def _document(where: str, obj: dict, path: Path, issues: common.Issues,
               seen_ids: set[str]) -> Document | None:
+  if not common.check_json_text(issues, obj, where):  # any field: the line is unusable
+    return None
   text = obj.get("text")
   if not isinstance(text, str) or not text.strip():
     issues.error("empty text", f"{where}: field 'text'",
@@ -163,6 +164,8 @@ def read_spans(path: str | Path, *, on_error: str = "raise", skips: SkipReport |
   issues = issues or common.Issues(on_error, skips, ontology)
   spans = []
   for where, obj in _lines(path, issues):
+    if not common.check_json_text(issues, obj, where):
+      continue
     text = obj.get("text")
     if not isinstance(text, str) or not text.strip():
       issues.error("empty text", f"{where}: field 'text'")
