@@ -143,7 +143,7 @@ def documents_config_name(source: str, demo_seed: int = 0, manual_dir: str = "",
   """``demo-seed0``; a source read from files: ``<source>-<digest>`` of its path, reader
   options and the contents of its input files (see the module docstring).
 
-  Reads every input file once to hash it (about a second per GB).
+  Reads every input file once to hash it, on each call.
   """
   return _documents_key(source, demo_seed, manual_dir, on_error, options)[0]
 
