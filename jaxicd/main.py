@@ -57,6 +57,10 @@ def run(config, workdir: str) -> dict:
   from jaxicd.train import sharding, trainer  # pylint: disable=g-import-not-at-top
   # Multi-host: before anything else touches JAX (CPU collectives use gloo, JAX's default).
   sharding.maybe_initialize_distributed(config.get("distributed", None))
+  plan = None
+  if mode == "predict":  # input, output paths and checkpoint, before the workdir is touched
+    from jaxicd.infer import predict  # pylint: disable=g-import-not-at-top
+    plan = predict.preflight(config, workdir)
   pathlib.Path(workdir).mkdir(parents=True, exist_ok=True)
   if jax.process_index() == 0:  # processes share the workdir; one copy is enough
     # Keep the exact config of every invocation next to the run.
@@ -67,8 +71,7 @@ def run(config, workdir: str) -> dict:
     summary.pop("history", None)
     return summary
   if mode == "predict":
-    from jaxicd.infer import predict  # pylint: disable=g-import-not-at-top
-    return predict.run_predict(config, workdir)
+    return predict.run_predict(config, workdir, plan)
   if mode == "export":
     from jaxicd.model import export  # pylint: disable=g-import-not-at-top
     return export.run_export(config, workdir)

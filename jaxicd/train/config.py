@@ -22,6 +22,9 @@ def base_config() -> ml_collections.ConfigDict:
   # notes) and the JSONL written ("" = <workdir>/predictions.jsonl); see jaxicd.infer.predict.
   config.input = ""
   config.output = ""
+  config.report = ""                 # HTML report: "" = report.html beside the output; "none"
+  config.allow_untrained = False     # predict without a checkpoint (base model, untrained adapters)
+  config.max_note_chars = 200_000    # predict refuses longer notes (0 = no limit)
 
   # Base model: "smollm2" (embedded), a preset name (random init), a .gguf file or an HF dir.
   config.model = ml_collections.ConfigDict(dict(
