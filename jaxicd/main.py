@@ -8,6 +8,10 @@
 
 Training resumes from the newest checkpoint in ``--workdir``; metrics go to
 ``<workdir>/metrics.jsonl`` and TensorBoard event files under ``<workdir>/tensorboard``.
+
+Expected failures (bad input or config, missing files, a refused resume; `jaxicd.errors`) print
+one message naming the file, line or key and exit with status 2, without a traceback
+(``--verbose`` shows it); anything else keeps its traceback.
 """
 
 from __future__ import annotations
@@ -15,11 +19,15 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 import sys
+from typing import NoReturn
 
 from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
+
+from jaxicd import errors
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Path to a config file in configs/ (any key overridable: --config.train.lr=1e-4).",
@@ -27,6 +35,8 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, logs.")
 _MODE = flags.DEFINE_enum("mode", None, ["train", "eval", "predict", "export"],
                           "Shortcut for --config.mode.")
+_VERBOSE = flags.DEFINE_bool("verbose", False,
+                             "Show the traceback of expected errors (bad input, config, files).")
 
 MODES = ("train", "eval", "predict", "export")
 
@@ -50,7 +60,7 @@ def run(config, workdir: str) -> dict:
   """Runs ``config.mode`` in ``workdir``; returns a JSON-able summary."""
   mode = config.mode
   if mode not in MODES:
-    raise ValueError(f"config.mode={mode!r}: choose one of {', '.join(MODES)}")
+    raise errors.ConfigError(f"config.mode={mode!r}: choose one of {', '.join(MODES)}")
   _add_xla_flags(config.get("cpu_xla_flags", ""))
   # Imported here, not at the top: keeps --help fast.
   import jax  # pylint: disable=g-import-not-at-top
@@ -78,7 +88,53 @@ def run(config, workdir: str) -> dict:
   return trainer.run_eval(config, workdir)
 
 
+def _fail(message: str) -> NoReturn:
+  print(f"error: {message}", file=sys.stderr, flush=True)
+  sys.exit(errors.EXIT_STATUS)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing; an override of a key the config lacks (ml_collections raises a
+  KeyError/AttributeError from inside the parser) becomes one line naming the flag."""
+  try:
+    return app.parse_flags_with_usage(argv)
+  except SyntaxError as e:  # in the config file
+    if "--verbose" in argv:
+      raise
+    _fail(f"{e.filename}:{e.lineno}: {e.msg} (--config)")
+  except (AttributeError, KeyError) as e:
+    if "--verbose" in argv:
+      raise
+    lines = str(e.args[0] if e.args else e).strip("'\"").replace("\\n", "\n").splitlines()
+    key = lines[0].strip("'\"\\") if lines else ""
+    given = [a.split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")]
+    named = [a for a in given if key and key in re.split(r"[.\[\]]", a)] or given
+    hint = " ".join(lines[1:])
+    _fail(f"{' '.join(named) or '--config'}: the config has no key {key!r}"
+          + (f" ({hint})" if hint else ""))
+
+
 def main(argv) -> None:
+  try:
+    _main(argv)
+  except Exception as e:  # pylint: disable=broad-except
+    if not errors.is_expected(e) or _VERBOSE.value:
+      raise
+    _fail(errors.message(e))
+
+
+def _load_config():
+  """The parsed --config; a config file that failed to load is an expected failure."""
+  config = _CONFIG.value
+  try:
+    config.mode  # pylint: disable=pointless-statement
+  except OSError as e:  # ml_collections defers a load failure to the first attribute access
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    raise errors.ConfigError(f"--config: {lines[-1] if lines else e}") from e
+  return config
+
+
+def _main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if _CONFIG.value is None or _WORKDIR.value is None:
@@ -86,7 +142,7 @@ def main(argv) -> None:
   if not flags.FLAGS["verbosity"].present:
     # Orbax and grain log every file operation at INFO; progress lines are printed instead.
     absl_logging.set_verbosity(absl_logging.WARNING)
-  config = _CONFIG.value
+  config = _load_config()
   if _MODE.value:
     with config.unlocked():
       config.mode = _MODE.value
@@ -95,4 +151,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

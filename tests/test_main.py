@@ -160,3 +160,31 @@ def test_export_mode_writes_the_checkpoint_as_peft_and_merged_hf(cli_run, tmp_pa
   assert np.abs(ours - base).max() > 1e-4  # three steps of training moved the adapters
   # Exporting again replaces the export files.
   assert main.run(config, str(workdir))["step"] == 3
+
+
+def test_expected_errors_print_one_line_without_traceback(tmp_path):
+  """Bad input, config and missing files used to end in a Python traceback (the message on its
+  last line) and, for a mistyped override, before any check of the rest."""
+  note = tmp_path / "n.txt"
+  note.write_text("Essential hypertension.")
+  predict = ["--config=configs/tiny.py", "--config.mode=predict", "--config.allow_untrained=True"]
+  cases = [
+      ([*predict, f"--config.input={tmp_path / 'missing.txt'}"],
+       f"{tmp_path / 'missing.txt'}: no such file or folder (config.input)"),
+      ([*predict, f"--config.input={note}", f"--config.output={note}"],
+       f"{note} is the input note file {note}: writing it would overwrite the notes"),
+      (["--config=configs/tiny.py", "--config.train.stepz=3"],
+       "--config.train.stepz: the config has no key 'stepz' (Did you mean \"steps\""),
+      (["--config=configs/missing.py"],
+       "--config: [Errno 2] No such file or directory: 'configs/missing.py'"),
+  ]
+  workdir = tmp_path / "run"
+  for args, message in cases:
+    proc = _main(*args, f"--workdir={workdir}")
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: {message}"), proc.stderr
+    assert not workdir.exists()
+  proc = _main(*cases[0][0], f"--workdir={workdir}", "--verbose")
+  assert proc.returncode != 0 and "Traceback" in proc.stderr and "FileNotFoundError" in proc.stderr
