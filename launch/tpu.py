@@ -115,8 +115,9 @@ def run_commands(args) -> list[list[str]]:
 
 
 def logs_commands(args) -> list[list[str]]:
-  return [ssh(args, f"tail -n 200 -F ~/{REMOTE_DIR}/{args.workdir}/worker.log",
-              worker=str(args.worker))]
+  # ~ stays outside the quotes: the remote shell expands it.
+  log = shlex.quote(f"{args.workdir}/worker.log")
+  return [ssh(args, f"tail -n 200 -F ~/{REMOTE_DIR}/{log}", worker=str(args.worker))]
 
 
 def stop_commands(args) -> list[list[str]]:

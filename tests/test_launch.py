@@ -98,3 +98,18 @@ def test_configs_load(config):
     assert cfg.data.span_weight == 0 and cfg.data.doc_weight > 0
   if config == "span_only":
     assert cfg.data.doc_weight == 0 and cfg.data.span_weight > 0
+
+
+def test_user_values_are_quoted_in_remote_commands():
+  """`logs` used to put --workdir into the remote shell command unquoted."""
+  nasty = "runs/x y; touch ~/pwned $(id)"
+  (logs,) = dry_run("logs", f"--workdir={nasty}")
+  remote = logs[-1].removeprefix("--command=")
+  assert shlex.split(remote) == ["tail", "-n", "200", "-F", f"~/jaxicd/{nasty}/worker.log"]
+  assert remote.startswith("tail -n 200 -F ~/jaxicd/'")  # ~ outside the quotes: expanded
+  (run,) = dry_run("run", f"--workdir={nasty}", "--config=configs/a b.py",
+                   overrides=("--config.input=notes; rm -rf ~",))
+  words = shlex.split(run[-1].removeprefix("--command="))
+  for value in (nasty, "--config=configs/a b.py", f"--workdir={nasty}",
+                "--config.input=notes; rm -rf ~", f"{nasty}/worker.log"):
+    assert value in words, value
