@@ -459,8 +459,8 @@ def run_predict(cfg: Any, workdir: str, plan: Plan | None = None) -> dict[str, A
                          guess)
     generate = coder._generate  # pylint: disable=protected-access
 
-    def counted(batch):  # a progress line can come inside a long note's windows too
-      out = generate(batch)
+    def counted(batch, *args, **kwargs):  # progress lines inside a long note's windows too
+      out = generate(batch, *args, **kwargs)
       progress.batch(len(batch))
       return out
     coder._generate = counted  # pylint: disable=protected-access
