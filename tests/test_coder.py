@@ -168,3 +168,108 @@ def test_coder_with_a_tiny_random_model_end_to_end(tok):
       assert e.code in space and 0.0 < e.score <= 1.0
       if e.grounded:
         assert d.text[e.begin:e.end] == e.quote
+
+
+def test_line_scores_evidence_first_use_the_code_after_the_bar():
+  pieces = [" chest", " pain", " |", " I", "1", "0", "\n", "AK", "I", " |", " N", "1", "7",
+            ".", "9", "\n", " |", " E", "7", "8"]
+  lps = ([math.log(0.01)] * 3 + [math.log(0.5)] * 3 + [0.0] + [math.log(0.01)] * 3
+         + [math.log(0.25)] * 5 + [0.0, math.log(0.01), math.log(0.9), math.log(0.9),
+                                   math.log(0.9)])
+  lines = coder_lib.line_scores(pieces, lps, prompts.EVIDENCE_FIRST)
+  assert [(ln.code, round(ln.score, 6)) for ln in lines] == [
+      ("I10", 0.5), ("N17.9", 0.25), ("E78", 0.9)]
+
+
+class SpanModel:
+  """Re-codes a span prompt (code-first, code only): a fixed code and probability per text."""
+
+  def __init__(self, tok, table):
+    self.tok, self.table, self.texts = tok, table, []
+
+  def __call__(self, batch, note_ranges=None, code_only=False):
+    assert code_only and note_ranges is None
+    width = 8
+    tokens = np.zeros((len(batch), width), np.int32)
+    logprobs = np.zeros((len(batch), width), np.float32)
+    lengths = np.zeros(len(batch), np.int32)
+    for r, ids in enumerate(batch):
+      text = _window_text(self.tok, ids)
+      self.texts.append(text)
+      code, p = self.table.get(text.lower(), (prompts.NONE, 0.5))
+      out = self.tok.encode(code) + [self.tok.end_of_turn_id]
+      tokens[r, :len(out)], lengths[r] = out, len(out)
+      logprobs[r, :len(out) - 1] = math.log(p)
+    return Generation(tokens, lengths, logprobs, np.ones(len(batch), bool))
+
+
+def test_recoding_replaces_codes_and_scores_then_the_threshold_decides(tok, doc):
+  docs_model = ScriptedModel(tok, max_new=96)
+  spans = SpanModel(tok, {"hypertension": ("I10", 0.9),
+                          "type 2 diabetes mellitus": ("E11.8", 0.7)})
+
+  def fake(batch, note_ranges=None, code_only=False):
+    return spans(batch, note_ranges, code_only) if code_only else docs_model(batch)
+
+  kwargs = dict(code_space=("I10", "E11.9", "E11.8", "J45.909"), seq_len=256, window_overlap=32,
+                max_new_tokens=96, batch_size=2, generate_fn=fake, recode=True)
+  [out] = coder_lib.Coder(None, tok, **kwargs).code_documents([doc])
+  got = sorted((e.code, e.begin, round(e.score, 5)) for e in out)
+  lower = doc.text.lower()
+  first = lower.index("hypertension")
+  second = lower.index("hypertension", first + 1)
+  diab = doc.text.index("Type 2 diabetes mellitus")
+  # Each grounded span re-coded once: both I10 mentions at the span prompt's 0.9; the diabetes
+  # span's code replaced by the span prompt's E11.8 at 0.7; the ungrounded J45.909 line kept
+  # with its document-pass score.
+  j45 = [e for e in out if e.code == "J45.909"][0]
+  assert got == sorted([("I10", first, 0.9), ("I10", second, 0.9), ("E11.8", diab, 0.7),
+                        ("J45.909", -1, round(j45.score, 5))])
+  assert sorted(spans.texts) == sorted(["hypertension", "Hypertension",
+                                        "Type 2 diabetes mellitus"])
+  coder = coder_lib.Coder(None, tok, **kwargs, threshold=0.8)
+  [kept] = coder.code_documents([doc])
+  assert {e.code for e in kept} == {"I10"} | ({"J45.909"} if j45.score >= 0.8 else set())
+  assert coder.stats["below_threshold"] == 3 - len({e.code for e in kept})
+
+
+def test_a_line_cut_by_max_new_tokens_is_counted_apart(tok):
+  cut = tok.encode("I10 | hypertension\nE11.9 | type 2 diab")
+
+  def fake(batch):
+    tokens = np.zeros((len(batch), len(cut)), np.int32)
+    tokens[:] = cut
+    return Generation(tokens, np.full(len(batch), len(cut), np.int32),
+                      np.zeros(tokens.shape, np.float32), np.zeros(len(batch), bool))
+
+  coder = coder_lib.Coder(None, tok, code_space=("I10", "E11.9"), seq_len=128, window_overlap=0,
+                          max_new_tokens=len(cut), generate_fn=fake)
+  [out] = coder.code_documents([Document("a", "Known hypertension, type 2 diabetes.", ())])
+  assert [e.code for e in out] == ["I10"]
+  assert coder.stats["truncated_lines"] == 1 and coder.stats["truncated_generations"] == 1
+  assert coder.stats["predicted_lines"] == 1
+
+
+def test_evidence_first_coder_with_a_tiny_random_model_grounds_every_quote(tok):
+  # Integration: the real decode loop; evidence-first quotes are copied from the note, so every
+  # quoted line is grounded, at offsets whose text is the quote.
+  from jaxicd.model import llama
+  from jaxicd.model.config import preset
+  cfg = preset("tiny").replace(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
+                               num_layers=1, num_heads=2, num_kv_heads=1, head_dim=16)
+  model = llama.create(cfg, seed=0)
+  space = ("I10", "E11.9", "N17.9", "I50.23")
+  coder = coder_lib.Coder(model, tok, code_space=space, seq_len=192, window_overlap=16,
+                          max_new_tokens=24, batch_size=2, temperature=1.0,
+                          answer_format=prompts.EVIDENCE_FIRST, recode=True)
+  docs = [Document("x", "Hypertension and AKI. " * 40, ("I10",)),
+          Document("y", "AKI noted.", ("N17.9",))]
+  out = coder.code_documents(docs)
+  assert coder.stats["quoted_lines"] > 0
+  assert coder.stats["grounded_lines"] == coder.stats["quoted_lines"]
+  assert coder.stats["recoded_spans"] > 0
+  for d, evs in zip(docs, out):
+    for e in evs:
+      assert e.code in space and 0.0 < e.score <= 1.0
+      if e.grounded:
+        assert d.text[e.begin:e.end] == e.quote and e.quote.strip()

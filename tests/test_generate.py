@@ -391,3 +391,120 @@ def test_unique_codes_allowed_set_is_never_empty():
     assert len(heads) == len(set(heads)), (r, heads)
     exhausted += set(heads) == set(codes)
   assert exhausted >= B // 2  # the walks really reached the state with nothing left
+
+
+# --- evidence-first decoding: quotes copied from the note, then a code --------------------------
+
+
+def _evidence_first_allowed(tok, prompt, lo, hi, emitted, codes, stop):
+  """Reference grammar, written from the format's definition (host side, no trie): the set of
+  tokens allowed after `emitted` in an evidence-first answer with unique codes."""
+  sep, newline = tok.encode(" |")[0], tok.encode("\n")[0]
+  seqs = {c: tuple(prompts.code_token_ids(tok, c, prompts.EVIDENCE_FIRST)) for c in codes}
+
+  def copyable(t):
+    text = tok.decode([t])
+    return t != sep and "\n" not in text and tok.decode([t], skip_special_tokens=True) == text
+
+  used, quote, code, in_code = set(), [], [], False
+  for t in emitted:
+    if in_code and t == newline:
+      used.add(next(c for c, s in seqs.items() if s == tuple(code)))
+      quote, code, in_code = [], [], False
+    elif in_code:
+      code.append(t)
+    elif t == sep:
+      in_code = True
+    else:
+      quote.append(t)
+  unused = {c: s for c, s in seqs.items() if c not in used}
+  if in_code:
+    allowed = {s[len(code)] for s in unused.values()
+               if s[:len(code)] == tuple(code) and len(s) > len(code)}
+    if tuple(code) in unused.values():
+      allowed.add(stop)
+      if len(unused) > 1:
+        allowed.add(newline)
+    return allowed
+  k = len(quote)
+  allowed = {sep}
+  for j in range(lo, hi - k):
+    if list(prompt[j:j + k]) == quote and copyable(int(prompt[j + k])):
+      allowed.add(int(prompt[j + k]))
+  if k == 0:
+    allowed.add(stop)
+  return allowed
+
+
+@pytest.fixture(scope="module")
+def narrow_smol_model(smol_tok):
+  cfg = preset("tiny").replace(vocab_size=smol_tok.vocab_size, hidden_size=32,
+                               intermediate_size=64, num_layers=1, num_heads=2, num_kv_heads=1,
+                               head_dim=16)
+  return llama.create(cfg, seed=0)
+
+
+def test_evidence_first_greedy_matches_a_reference_grammar_loop(smol_tok, narrow_smol_model):
+  codes = ["A1", "A12", "B2", "I10"]
+  c = gen.build_constraint(smol_tok, codes, answer_format=prompts.EVIDENCE_FIRST)
+  stop = smol_tok.end_of_turn_id
+  model = narrow_smol_model
+  for text in ("Hypertension, on lisinopril. A1 and B2 noted.", "No complaints today."):
+    enc = prompts.encode_prompt_with_note(smol_tok, text)
+    g = gen.generate(model, [enc.tokens], max_new_tokens=24, stop_ids=[stop], constraint=c,
+                     note_ranges=[(enc.note_lo, enc.note_hi)], bucket=16)
+    # Reference: full forward each step, argmax over the reference grammar's tokens.
+    seq, out = list(enc.tokens), []
+    for _ in range(24):
+      padded = np.zeros((1, 96), np.int32)
+      padded[0, :len(seq)] = seq
+      logits = np.asarray(_full_forward(model, jnp.asarray(padded)))[0, len(seq) - 1]
+      allowed = sorted(_evidence_first_allowed(smol_tok, enc.tokens, enc.note_lo, enc.note_hi,
+                                               out, codes, stop))
+      t = allowed[int(np.argmax(logits[allowed]))]
+      out.append(t)
+      seq.append(t)
+      if t == stop:
+        break
+    assert g.row(0, strip_stop=False) == out
+
+
+def test_evidence_first_sampling_stays_in_the_grammar(smol_tok, narrow_smol_model):
+  from jaxicd.ontology import get_ontology
+  codes = get_ontology().code_space("demo")
+  c = gen.build_constraint(smol_tok, codes, answer_format=prompts.EVIDENCE_FIRST)
+  assert c.sequences() == {tuple(prompts.code_token_ids(smol_tok, x, prompts.EVIDENCE_FIRST))
+                           for x in codes}  # no NONE line: an empty answer says it
+  stop = smol_tok.end_of_turn_id
+  texts = ("Patient with hypertension | on lisinopril.\nCHF exacerbation, AKI.",
+           "No complaints.", "Afib on apixaban; T2DM; CKD stage 3.")
+  encs = [prompts.encode_prompt_with_note(smol_tok, t) for t in texts]
+  g = gen.generate(narrow_smol_model, [e.tokens for e in encs], max_new_tokens=48,
+                   stop_ids=[stop], constraint=c, temperature=1.0, key=jax.random.key(1),
+                   note_ranges=[(e.note_lo, e.note_hi) for e in encs], batch_size=3)
+  lines = 0
+  for i, e in enumerate(encs):
+    out = g.row(i, strip_stop=False)
+    for k in range(len(out)):
+      assert out[k] in _evidence_first_allowed(smol_tok, e.tokens, e.note_lo, e.note_hi,
+                                               out[:k], codes, stop), (i, k)
+    lines += smol_tok.decode(out).count(" |")
+  assert lines >= 2  # the sampler wrote lines (not only empty answers)
+
+
+def test_code_only_decodes_one_code_after_the_prompt(smol_tok, narrow_smol_model):
+  codes = ["A1", "A12", "B2", "I10"]
+  for fmt in prompts.ANSWER_FORMATS:
+    c = gen.build_constraint(smol_tok, codes, answer_format=fmt)
+    g = gen.generate(narrow_smol_model, [prompts.encode_prompt(smol_tok, "HTN")],
+                     max_new_tokens=c.max_depth + 1, stop_ids=[smol_tok.end_of_turn_id],
+                     constraint=c, code_only=True, temperature=1.0, key=jax.random.key(2))
+    out = g.row(0, strip_stop=False)
+    heads = {tuple(prompts.code_token_ids(smol_tok, x, fmt)) for x in codes}
+    if fmt == prompts.CODE_FIRST:
+      heads.add(tuple(prompts.code_token_ids(smol_tok, prompts.NONE)))
+    assert any(tuple(out[:len(h)]) == h for h in heads), smol_tok.decode(out)
+  with pytest.raises(ValueError, match="note_ranges"):
+    gen.generate(narrow_smol_model, [[1, 2]], max_new_tokens=2, stop_ids=[0],
+                 constraint=gen.build_constraint(smol_tok, codes,
+                                                 answer_format=prompts.EVIDENCE_FIRST))

@@ -220,3 +220,100 @@ def test_parse_output_maps_folded_unicode_back():
   assert "İ".lower() == "i\u0307"  # lower-casing expands this character to two
   [p] = prompts.parse_output("K56.7 | i\u0307leus, resolved", doc).predictions
   assert (p.begin, p.end) == (4, 20) and doc[p.begin:p.end] == "İleus,\n\tresolved"
+
+
+# --- evidence-first answers ---------------------------------------------------------------------
+
+
+def test_evidence_first_document_answer_by_hand(tok):
+  ex = prompts.encode_evidence_example(tok, TEXT, prompts.target_lines(DOC))
+  answer = ex["tokens"][ex["loss_mask"] == 1]
+  # Reading order; each quote is the note's own tokens (leading space included), the multi-line
+  # evidence is cut at its newline, and the code without evidence has an empty quote.
+  assert tok.decode(answer) == (" hypertension | I10\n CHF exacerbation | I50.23\n"
+                                "AKI   on | N17.9\n | E78.5<|im_end|>")
+  prompt = ex["tokens"][ex["loss_mask"] == 0]
+  np.testing.assert_array_equal(prompt, prompts.encode_prompt(tok, TEXT))
+  # The quote tokens are a contiguous copy of the prompt's tokens.
+  first_line = list(answer[:list(answer).index(tok.encode(" |")[0])])
+  p = list(prompt)
+  assert any(p[i:i + len(first_line)] == first_line for i in range(len(p)))
+
+
+def test_evidence_first_spans_and_windows(tok):
+  ex = prompts.encode_target(tok, "Hypertension", prompts.span_lines(Span("Hypertension", "I10",
+                                                                          "x")),
+                             prompts.EVIDENCE_FIRST)
+  assert tok.decode(ex["tokens"][ex["loss_mask"] == 1]) == "Hypertension | I10<|im_end|>"
+  negative = prompts.encode_target(tok, "no chest pain", prompts.span_lines(
+      Span("no chest pain", None, "negative")), prompts.EVIDENCE_FIRST)
+  assert tok.decode(negative["tokens"][negative["loss_mask"] == 1]) == "<|im_end|>"
+  # A window: offsets are window-relative; evidence cut by the window edge is not quoted.
+  course = TEXT.index("Hospital course")
+  lines = prompts.target_lines(DOC, course)
+  assert [(ln.code, TEXT[course + ln.begin:course + ln.end] if ln.begin >= 0 else None)
+          for ln in lines] == [("I50.23", "CHF exacerbation"), ("N17.9", "AKI   on\nCKD stage 3"),
+                               ("I10", "HTN"), ("E78.5", None)]
+  # Code-first text of the same lines is the document target.
+  cf = prompts.encode_target(tok, TEXT[course:], lines, prompts.CODE_FIRST)
+  assert tok.decode(cf["tokens"][cf["loss_mask"] == 1]) == (
+      prompts.document_target(DOC, course) + "<|im_end|>")
+  with pytest.raises(ValueError, match="answer_format"):
+    prompts.encode_target(tok, "x", [], "quote_last")
+
+
+def test_evidence_first_quotes_ground_at_the_gold_evidence_on_the_demo_corpus(tok):
+  from jaxicd.data import pipeline
+  from jaxicd.data.demo import demo_corpus
+  checked = 0
+  for doc in demo_corpus(seed=0).split("train")[:6]:
+    for w in pipeline.document_windows(doc, tok, seq_len=256, window_overlap=32,
+                                       answer_format=prompts.EVIDENCE_FIRST):
+      answer = tok.decode(w.tokens[w.loss_mask == 1]).removesuffix("<|im_end|>")
+      window = doc.text[w.begin:w.end]
+      parsed = prompts.parse_output(answer, window, answer_format=prompts.EVIDENCE_FIRST)
+      expected = prompts.target_lines(doc, w.begin, w.end)
+      assert [p.code for p in parsed.predictions] == [ln.code for ln in expected]
+      for p, ln in zip(parsed.predictions, expected):
+        if ln.begin >= 0 and "\n" not in window[ln.begin:ln.end]:
+          assert p.quote == window[ln.begin:ln.end]
+          assert (p.begin, p.end) == (ln.begin, ln.end)
+          checked += 1
+      assert parsed.none == (not expected)
+  assert checked > 20
+
+
+def test_code_token_ids_after_the_separator(any_tok):
+  # Evidence-first codes follow " |": their tokens are those of " CODE" inside any line.
+  for code in ("I50.23", "E11.9", "Z79.01", "A41.01"):
+    line = any_tok.encode(f"chest pain | {code}")
+    ids = prompts.code_token_ids(any_tok, code, prompts.EVIDENCE_FIRST)
+    assert line[-len(ids):] == ids
+    assert ids == any_tok.encode(" " + code)
+
+
+def test_split_line_and_read_code():
+  assert prompts.split_line("I10 | HTN") == ("I10", "HTN")
+  assert prompts.split_line("E11.9: diabetes") == ("E11.9", "diabetes")
+  assert prompts.split_line("HTN | I10", prompts.EVIDENCE_FIRST) == ("I10", "HTN")
+  # The code is after the last bar; a quote may hold one.
+  assert prompts.split_line("a | b | I10.", prompts.EVIDENCE_FIRST) == ("I10", "a | b")
+  assert prompts.split_line(" | E78.5", prompts.EVIDENCE_FIRST) == ("E78.5", "")
+  assert prompts.split_line("E78.5", prompts.EVIDENCE_FIRST) == ("E78.5", "")
+  assert prompts.read_code("i5023") == "I50.23"
+  for bad in ("NONE", "THE", "1", ""):
+    with pytest.raises(ValueError):
+      prompts.read_code(bad)
+
+
+def test_parse_evidence_first_output():
+  text = "Pt with HTN and CHF. No DM."
+  out = " HTN | I10\n CHF | i50.9\nNo DM | E11.9\nHTN | I10\n | E78.5\nnot a code | XYZ"
+  r = prompts.parse_output(out, text, is_valid_code={"I10", "I50.9", "E78.5"},
+                           answer_format=prompts.EVIDENCE_FIRST)
+  assert [(p.code, p.quote, p.begin, p.end) for p in r.predictions] == [
+      ("I10", "HTN", 8, 11), ("I50.9", "CHF", 16, 19), ("E78.5", "", -1, -1)]
+  assert [reason.split()[0] for _, reason in r.rejected] == ["invalid", "duplicate", "malformed"]
+  assert not r.none
+  empty = prompts.parse_output("", text, answer_format=prompts.EVIDENCE_FIRST)
+  assert empty.none and empty.predictions == []

@@ -107,10 +107,12 @@ def _truncate(example: dict[str, np.ndarray], budget: int,
 
 
 def encode_span(tokenizer: Any, span: Span, seq_len: int,
-                stats: PipelineStats | None = None) -> dict[str, np.ndarray]:
+                stats: PipelineStats | None = None, *,
+                answer_format: str = "code_first") -> dict[str, np.ndarray]:
   """Encodes one span example; the shifted example fits ``seq_len`` (truncated if not)."""
   prompts = _prompts()
-  example = _as_example(prompts.encode_example(tokenizer, span.text, prompts.span_target(span)))
+  example = _as_example(prompts.encode_target(tokenizer, span.text, prompts.span_lines(span),
+                                              answer_format))
   if stats is not None:
     stats.add(spans_encoded=1)
   return _truncate(example, seq_len + 1, stats)
@@ -220,6 +222,10 @@ class DocumentWindow:
   tokens: np.ndarray              # full training example, or the prompt for inference
   loss_mask: np.ndarray | None    # None for inference prompts
   fits: bool                      # False: truncated to fit
+  # Inference prompts: tokens[note_lo:note_hi] lie inside the note (evidence-first quotes copy
+  # them); 0, 0 when not computed.
+  note_lo: int = 0
+  note_hi: int = 0
 
 
 def _overlap_chars(tokenizer: Any, text: str, overlap_tokens: int) -> int:
@@ -231,15 +237,16 @@ def _overlap_chars(tokenizer: Any, text: str, overlap_tokens: int) -> int:
 
 
 def document_windows(doc: Document, tokenizer: Any, *, seq_len: int, window_overlap: int,
-                     stats: PipelineStats | None = None) -> list[DocumentWindow]:
+                     stats: PipelineStats | None = None,
+                     answer_format: str = "code_first") -> list[DocumentWindow]:
   """Training examples of a document: one per window, each fitting ``seq_len`` once shifted."""
   prompts = _prompts()
   cache: dict[tuple[int, int], dict[str, np.ndarray]] = {}
 
   def encode(b: int, e: int) -> dict[str, np.ndarray]:
     if (b, e) not in cache:
-      cache[(b, e)] = _as_example(prompts.encode_example(
-          tokenizer, doc.text[b:e], prompts.document_target(doc, b, e)))
+      cache[(b, e)] = _as_example(prompts.encode_target(
+          tokenizer, doc.text[b:e], prompts.target_lines(doc, b, e), answer_format))
     return cache[(b, e)]
 
   budget = seq_len + 1  # the shift drops one token
@@ -259,32 +266,38 @@ def document_windows(doc: Document, tokenizer: Any, *, seq_len: int, window_over
 
 
 def inference_windows(doc: Document, tokenizer: Any, *, seq_len: int, window_overlap: int,
-                      max_new_tokens: int) -> list[DocumentWindow]:
+                      max_new_tokens: int, note_range: bool = False) -> list[DocumentWindow]:
   """Prompts for the inference loop: windows whose prompt + ``max_new_tokens`` fit seq_len.
 
   ``tokens`` holds ``prompts.encode_prompt`` of the window text (it ends with the assistant
-  header); ``begin``/``end`` map quotes found in the window back to the note.
+  header); ``begin``/``end`` map quotes found in the window back to the note. With
+  `note_range`, ``note_lo``/``note_hi`` give the note's tokens in the prompt.
   """
   prompts = _prompts()
   budget = seq_len - max_new_tokens
   if budget <= 0:
     raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in "
                      f"seq_len={seq_len}")
-  cache: dict[tuple[int, int], np.ndarray] = {}
+  cache: dict[tuple[int, int], tuple[np.ndarray, int, int]] = {}
 
-  def encode(b: int, e: int) -> np.ndarray:
+  def encode(b: int, e: int) -> tuple[np.ndarray, int, int]:
     if (b, e) not in cache:
-      cache[(b, e)] = np.asarray(prompts.encode_prompt(tokenizer, doc.text[b:e]), np.int32)
+      if note_range:
+        enc = prompts.encode_prompt_with_note(tokenizer, doc.text[b:e])
+        cache[(b, e)] = (enc.tokens, enc.note_lo, enc.note_hi)
+      else:
+        cache[(b, e)] = (np.asarray(prompts.encode_prompt(tokenizer, doc.text[b:e]), np.int32),
+                         0, 0)
     return cache[(b, e)]
 
-  spans = plan_windows(doc.text, lambda b, e: len(encode(b, e)), budget,
+  spans = plan_windows(doc.text, lambda b, e: len(encode(b, e)[0]), budget,
                        overlap_chars=_overlap_chars(tokenizer, doc.text, window_overlap))
   for b, e, fits in spans:
     if not fits:  # a cut prompt would lose the assistant header: refuse instead
       raise ValueError(f"document {doc.id!r}: the prompt of window [{b}, {e}) needs "
-                       f"{len(encode(b, e))} tokens; seq_len={seq_len} minus max_new_tokens="
+                       f"{len(encode(b, e)[0])} tokens; seq_len={seq_len} minus max_new_tokens="
                        f"{max_new_tokens} leaves {budget}")
-  return [DocumentWindow(doc.id, i, b, e, encode(b, e), None, True)
+  return [DocumentWindow(doc.id, i, b, e, encode(b, e)[0], None, True, *encode(b, e)[1:])
           for i, (b, e, _) in enumerate(spans)]
 
 
@@ -446,21 +459,24 @@ def _read_options(data_cfg: Any) -> grain.ReadOptions:
 
 def _span_examples(spans: Sequence[Span], tokenizer: Any, seq_len: int, seed: int,
                    shard: grain.MapDataset, stats: PipelineStats, cache: _ExampleCache,
-                   shuffle: bool = True, repeat: bool = True) -> grain.MapDataset:
+                   shuffle: bool = True, repeat: bool = True,
+                   answer_format: str = "code_first") -> grain.MapDataset:
   ds = shard
   if shuffle:
     ds = ds.shuffle(seed=seed)
   if repeat:
     ds = ds.repeat()
   return ds.map(lambda i: cache.get(
-      int(i), lambda: encode_span(tokenizer, spans[int(i)], seq_len, stats),
+      int(i), lambda: encode_span(tokenizer, spans[int(i)], seq_len, stats,
+                                  answer_format=answer_format),
       lambda ex: len(ex["tokens"])))
 
 
 def _document_examples(documents: Sequence[Document], tokenizer: Any, seq_len: int,
                        window_overlap: int, seed: int, shard: grain.MapDataset,
                        stats: PipelineStats, cache: _ExampleCache, shuffle: bool = True,
-                       repeat: bool = True) -> grain.MapDataset:
+                       repeat: bool = True, answer_format: str = "code_first"
+                       ) -> grain.MapDataset:
   ds = shard
   if shuffle:
     ds = ds.shuffle(seed=seed)
@@ -469,7 +485,8 @@ def _document_examples(documents: Sequence[Document], tokenizer: Any, seq_len: i
 
   def encode(i: int) -> list[dict[str, np.ndarray]]:
     windows = document_windows(documents[i], tokenizer, seq_len=seq_len,
-                               window_overlap=window_overlap, stats=stats)
+                               window_overlap=window_overlap, stats=stats,
+                               answer_format=answer_format)
     return [{"tokens": w.tokens, "loss_mask": w.loss_mask} for w in windows]
 
   return ds.map(lambda i: cache.get(int(i), lambda: encode(int(i)),
@@ -514,6 +531,7 @@ def build_train_dataset(data_cfg: Any, tokenizer: Any, *, process_index: int = 0
   """
   seq_len = int(cfg_get(data_cfg, "seq_len", 1024))
   overlap = int(cfg_get(data_cfg, "window_overlap", 128))
+  answer_format = cfg_get(data_cfg, "answer_format", "code_first")
   seed = int(cfg_get(data_cfg, "shuffle_seed", 0))
   per_process_batch = _per_process_batch(data_cfg, process_count)
   if documents is None:
@@ -538,14 +556,15 @@ def build_train_dataset(data_cfg: Any, tokenizer: Any, *, process_index: int = 0
   if weights["spans"] > 0:
     maps["spans"] = _span_examples(
         spans, tokenizer, seq_len, seed,
-        _shard(len(spans), process_index, process_count, "spans"), stats, cache)
+        _shard(len(spans), process_index, process_count, "spans"), stats, cache,
+        answer_format=answer_format)
   if weights["documents"] > 0:
     # Document indices are offset so that the two sources share one cache.
     doc_cache = _OffsetCache(cache, offset=len(spans))
     maps["documents"] = _document_examples(
         train_docs, tokenizer, seq_len, overlap, seed + 1,
         _shard(len(train_docs), process_index, process_count, "training documents"), stats,
-        doc_cache)
+        doc_cache, answer_format=answer_format)
 
   unit = cfg_get(data_cfg, "mixture_unit", "examples")
   example_weights = {k: weights[k] for k in maps}
@@ -667,6 +686,7 @@ def make_eval_iterator(data_cfg: Any, tokenizer: Any, split: str = "val", *,
   """
   seq_len = int(cfg_get(data_cfg, "seq_len", 1024))
   overlap = int(cfg_get(data_cfg, "window_overlap", 128))
+  answer_format = cfg_get(data_cfg, "answer_format", "code_first")
   per_process_batch = _per_process_batch(data_cfg, process_count)
   if documents is None:
     documents = load_documents(data_cfg)
@@ -681,11 +701,13 @@ def make_eval_iterator(data_cfg: Any, tokenizer: Any, split: str = "val", *,
   if docs:
     shard = grain.MapDataset.range(len(docs))[process_index::process_count]
     parts.append(_document_examples(docs, tokenizer, seq_len, overlap, 0, shard, stats,
-                                    cache, shuffle=False, repeat=False))
+                                    cache, shuffle=False, repeat=False,
+                                    answer_format=answer_format))
   if spans:
     shard = grain.MapDataset.range(len(spans))[process_index::process_count]
     parts.append(_span_examples(spans, tokenizer, seq_len, 0, shard, stats, cache,
-                                shuffle=False, repeat=False).map(lambda ex: [ex]))
+                                shuffle=False, repeat=False,
+                                answer_format=answer_format).map(lambda ex: [ex]))
   items = parts[0] if len(parts) == 1 else grain.MapDataset.concatenate(parts)
   ds = grain.experimental.FlatMapIterDataset(
       items.to_iter_dataset(grain.ReadOptions(num_threads=0)), _Flatten())

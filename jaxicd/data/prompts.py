@@ -1,7 +1,24 @@
 """Prompt and target format, loss masks, and the parser that reads model output back.
 
 One instruction serves spans and documents (a span is a tiny document: that is what lets span
-skill transfer to notes). The answer is one line per code, code first:
+skill transfer to notes). Two answer formats exist (``data.answer_format``):
+
+**evidence_first** (the default): one line per code, the evidence first, copied token for token
+from the note, then the code it supports::
+
+     acute on chronic CHF | I50.23
+     AKI | N17.9
+
+so the model reads (and writes) the evidence before it commits to a code: the task the span
+examples teach, where the whole span is the quote. The answer is built at the token level
+(`encode_evidence_example`): the quote is the slice of the prompt's own tokens that covers the
+evidence (cut at the first token holding a newline), then the `` |`` token, then
+``code_token_ids(code, EVIDENCE_FIRST)`` (the tokens of `` CODE``), lines joined by the ``\n``
+token. Decoding can therefore copy quotes from the prompt's note tokens (every quote grounded by
+construction) and walk a code trie after the separator. A code without evidence is the line
+`` | CODE`` (empty quote); no code at all is the empty answer (only the end-of-turn token).
+
+**code_first** (the format of earlier releases): the code, then its quote:
 
     I50.23 | acute on chronic systolic heart failure
     N17.9 | AKI
@@ -24,7 +41,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import re
-from typing import Any, Callable, Collection
+from typing import Any, Callable, Collection, Sequence
 
 import numpy as np
 
@@ -35,6 +52,14 @@ SYSTEM_PROMPT = "You are a clinical coder."
 INSTRUCTION = "Assign ICD-10-CM codes. One line per code: CODE | evidence quote, or NONE."
 NONE = "NONE"
 SEPARATOR = " | "
+CODE_FIRST, EVIDENCE_FIRST = "code_first", "evidence_first"
+ANSWER_FORMATS = (CODE_FIRST, EVIDENCE_FIRST)
+
+
+def check_answer_format(answer_format: str) -> str:
+  if answer_format not in ANSWER_FORMATS:
+    raise ValueError(f"answer_format must be one of {ANSWER_FORMATS}, got {answer_format!r}")
+  return answer_format
 
 
 # ---------------------------------------------------------------------------------------------
@@ -55,8 +80,18 @@ def _format_lines(lines: list[str]) -> str:
   return "\n".join(lines) if lines else NONE
 
 
-def document_target(doc: Document, begin: int = 0, end: int | None = None) -> str:
-  """The answer for the window ``doc.text[begin:end]`` of a document.
+@dataclasses.dataclass(frozen=True)
+class TargetLine:
+  """One answer line of a window: a code and its evidence (window-relative half-open character
+  offsets; -1/-1 for a code without evidence)."""
+
+  code: str
+  begin: int = -1
+  end: int = -1
+
+
+def target_lines(doc: Document, begin: int = 0, end: int | None = None) -> list[TargetLine]:
+  """The answer lines for the window ``doc.text[begin:end]`` of a document (any format).
 
   Window semantics (half-open character offsets into ``doc.text``):
     * A code with evidence is listed iff at least one of its evidence spans lies entirely inside
@@ -65,11 +100,8 @@ def document_target(doc: Document, begin: int = 0, end: int | None = None) -> st
       overlapping windows give such evidence a whole appearance in the next window.
     * Codes with evidence are ordered by where that quote begins (reading order; ties by code),
       which is also the order the parser grounds quotes in.
-    * Codes of the document without any evidence get a bare ``CODE`` line in every window (we
+    * Codes of the document without any evidence get a line without quote in every window (we
       cannot tell where they are supported), after the quoted ones, in ``doc.codes`` order.
-    * No line: ``NONE``.
-  Quotes are ``one_line(doc.text[ev.begin:ev.end])``; they are substrings of the window text up to
-  whitespace, so ``parse_output(target, window_text)`` grounds every one of them.
   """
   n = len(doc.text)
   end = n if end is None else end
@@ -84,13 +116,29 @@ def document_target(doc: Document, begin: int = 0, end: int | None = None) -> st
       if best is None or (ev.begin, ev.end) < (best.begin, best.end):
         first[ev.code] = ev
   quoted = sorted(first.values(), key=lambda ev: (ev.begin, ev.code))
-  lines = [_line(ev.code, one_line(doc.text[ev.begin:ev.end])) for ev in quoted]
+  lines = [TargetLine(ev.code, ev.begin - begin, ev.end - begin) for ev in quoted]
   seen = set(first)
   for code in doc.codes:
     if code not in has_evidence and code not in seen:
       seen.add(code)
-      lines.append(code)
-  return _format_lines(lines)
+      lines.append(TargetLine(code))
+  return lines
+
+
+def document_target(doc: Document, begin: int = 0, end: int | None = None) -> str:
+  """The code-first answer text for the window ``doc.text[begin:end]`` (see `target_lines`):
+  ``CODE | quote`` lines (a bare ``CODE`` without evidence), or ``NONE``. Quotes are
+  ``one_line(doc.text[ev.begin:ev.end])``; they are substrings of the window text up to
+  whitespace, so ``parse_output(target, window_text)`` grounds every one of them.
+  """
+  window = doc.text[begin:end]
+  return _format_lines([_line(ln.code, one_line(window[ln.begin:ln.end]) if ln.begin >= 0 else "")
+                        for ln in target_lines(doc, begin, end)])
+
+
+def span_lines(span: Span) -> list[TargetLine]:
+  """A span example's answer: its code with the whole span as evidence (none if negative)."""
+  return [] if span.code is None else [TargetLine(span.code, 0, len(span.text))]
 
 
 def span_target(span: Span) -> str:
@@ -140,10 +188,109 @@ def encode_example(tokenizer: Any, text: str, target: str) -> dict[str, np.ndarr
   return {"tokens": tokens, "loss_mask": loss_mask}
 
 
-def code_token_ids(tokenizer: Any, code: str) -> list[int]:
-  """Tokens of `code` as it appears at the start of an answer line (for a constrained-decoding
-  trie over the code space; include ``NONE``)."""
-  return tokenizer.encode(code)
+def code_token_ids(tokenizer: Any, code: str, answer_format: str = CODE_FIRST) -> list[int]:
+  """Tokens of `code` as an answer writes it (for a constrained-decoding trie over the code
+  space): at the start of a line (code-first; include ``NONE``), or after the `` |`` separator
+  (evidence-first: the tokens of `` CODE``, as the pre-tokenizer cuts before the space)."""
+  return tokenizer.encode(code if answer_format == CODE_FIRST else " " + code)
+
+
+def single_token(tokenizer: Any, text: str) -> int:
+  """The id of `text`, which must be one token (the separator, the newline)."""
+  ids = tokenizer.encode(text)
+  if len(ids) != 1:
+    raise ValueError(f"{text!r} must be one token of this tokenizer, got {ids}")
+  return ids[0]
+
+
+@dataclasses.dataclass(frozen=True)
+class EncodedPrompt:
+  """A prompt's tokens and where the note sits in them.
+
+  ``tokens[note_lo:note_hi]`` are the tokens that lie inside the note text (the ones an
+  evidence-first quote may copy); ``offsets`` are each token's character offsets into the
+  prompt string, whose note text starts at ``note_char``.
+  """
+
+  tokens: np.ndarray
+  offsets: list[tuple[int, int]]
+  note_char: int
+  note_lo: int
+  note_hi: int
+  prompt: str
+
+
+def encode_prompt_with_note(tokenizer: Any, text: str) -> EncodedPrompt:
+  """`encode_prompt` plus the token range of the note inside the prompt."""
+  prompt = prompt_text(tokenizer, text)
+  ids, offsets = tokenizer.encode_with_offsets(prompt)
+  head = f"{INSTRUCTION}\n\n"
+  note_char = prompt.find(head) + len(head)
+  body = text.rstrip()  # some chat templates trim the message
+  if note_char < len(head) or not prompt.startswith(body, note_char):
+    raise ValueError("the chat template does not render the note verbatim after the "
+                     "instruction; evidence-first answers need the note's tokens")
+  note_end = note_char + len(body)
+  inside = [i for i, (b, e) in enumerate(offsets) if b >= note_char and e <= note_end and e > b]
+  lo, hi = (inside[0], inside[-1] + 1) if inside else (len(ids), len(ids))
+  return EncodedPrompt(np.asarray(ids, np.int32), list(offsets), note_char, lo, hi, prompt)
+
+
+def quote_token_range(encoded: EncodedPrompt, begin: int, end: int) -> tuple[int, int]:
+  """Token range ``[i, j)`` of the note tokens covering note characters ``[begin, end)``, cut
+  at the first token that holds a newline (an answer line holds one line of the note)."""
+  cb, ce = encoded.note_char + begin, encoded.note_char + end
+  i = encoded.note_lo
+  while i < encoded.note_hi and encoded.offsets[i][1] <= cb:
+    i += 1
+  j = i
+  while j < encoded.note_hi and encoded.offsets[j][0] < ce:
+    b, e = encoded.offsets[j]
+    if "\n" in encoded.prompt[b:e]:
+      if encoded.prompt[b:e].strip():  # text before the newline would be lost: stop before
+        break
+      if j == i:  # a leading newline token: skip it
+        i = j = j + 1
+        continue
+      break
+    j += 1
+  return i, j
+
+
+def encode_evidence_example(tokenizer: Any, text: str,
+                            lines: Sequence[TargetLine]) -> dict[str, np.ndarray]:
+  """An evidence-first training example (see the module docstring): the prompt for `text`, then
+  ``quote | CODE`` lines whose quotes are the prompt's own tokens over each line's evidence,
+  then the end-of-turn token; loss_mask 1 on the answer and the end-of-turn token."""
+  encoded = encode_prompt_with_note(tokenizer, text)
+  # One token each with the tokenizers we ship for (constrained decoding needs that); any
+  # tokenizer can still train on the format.
+  sep = tokenizer.encode(SEPARATOR.rstrip())
+  newline = tokenizer.encode("\n")
+  answer: list[int] = []
+  for k, ln in enumerate(lines):
+    if k:
+      answer.extend(newline)
+    if ln.begin >= 0:
+      i, j = quote_token_range(encoded, ln.begin, ln.end)
+      answer.extend(int(t) for t in encoded.tokens[i:j])
+    answer.extend(sep)
+    answer.extend(code_token_ids(tokenizer, ln.code, EVIDENCE_FIRST))
+  answer.append(tokenizer.end_of_turn_id)
+  tokens = np.concatenate([encoded.tokens, np.asarray(answer, np.int32)])
+  loss_mask = np.zeros(len(tokens), dtype=np.int32)
+  loss_mask[len(encoded.tokens):] = 1
+  return {"tokens": tokens, "loss_mask": loss_mask}
+
+
+def encode_target(tokenizer: Any, text: str, lines: Sequence[TargetLine],
+                  answer_format: str) -> dict[str, np.ndarray]:
+  """The training example of a window or span with answer `lines`, in `answer_format`."""
+  if check_answer_format(answer_format) == EVIDENCE_FIRST:
+    return encode_evidence_example(tokenizer, text, lines)
+  target = _format_lines([_line(ln.code, one_line(text[ln.begin:ln.end]) if ln.begin >= 0
+                                else "") for ln in lines])
+  return encode_example(tokenizer, text, target)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -265,9 +412,40 @@ class _Locator:
     return begin, end
 
 
+def split_line(line: str, answer_format: str = CODE_FIRST) -> tuple[str, str]:
+  """``(code part, quote)`` of one answer line (bullets and whitespace already stripped).
+
+  Code-first: the text before the first ``|`` is the code (or, without ``|``, the first
+  code-shaped word); evidence-first: the text after the last ``|`` (quotes may hold ``|``), and
+  a line without ``|`` is a bare code.
+  """
+  if answer_format == EVIDENCE_FIRST:
+    if "|" in line:
+      quote, code_part = line.rsplit("|", 1)
+    else:
+      quote, code_part = "", line
+  elif "|" in line:
+    code_part, quote = line.split("|", 1)
+  else:
+    m = _BARE.match(line)
+    code_part, quote = (m.group(1), m.group(2) or "") if m else (line, "")
+  return code_part.strip().rstrip(":,."), _strip_quote_marks(quote)
+
+
+def read_code(code_part: str) -> str:
+  """The normalized code of a line's code part; ValueError if it is not code-shaped."""
+  from jaxicd.ontology import normalize_code  # pylint: disable=g-import-not-at-top
+  code = normalize_code(code_part)
+  # normalize_code checks shape loosely; every ICD-10-CM code has a digit second, which also
+  # keeps words of a stray prose line ("THE", "PATIENT") from passing as codes.
+  if not code[1].isdigit():
+    raise ValueError(code)
+  return code
+
+
 def parse_output(output: str, document_text: str | None = None,
-                 is_valid_code: Callable[[str], bool] | Collection[str] | None = None
-                 ) -> ParseResult:
+                 is_valid_code: Callable[[str], bool] | Collection[str] | None = None,
+                 answer_format: str = CODE_FIRST) -> ParseResult:
   """Reads `CODE | quote` lines from model output.
 
   Tolerates surrounding whitespace, list bullets, any letter case and dotted or undotted codes,
@@ -284,8 +462,6 @@ def parse_output(output: str, document_text: str | None = None,
     ParseResult; every non-empty line is either a prediction, the NONE marker, or rejected with a
     reason ("malformed code", "invalid code", "duplicate").
   """
-  from jaxicd.ontology import normalize_code  # pylint: disable=g-import-not-at-top
-
   if is_valid_code is None:
     valid = None
   elif callable(is_valid_code):
@@ -306,19 +482,9 @@ def parse_output(output: str, document_text: str | None = None,
     if line.rstrip(".").upper() == NONE:
       result.none = True
       continue
-    if "|" in line:
-      code_part, quote = line.split("|", 1)
-    else:
-      m = _BARE.match(line)
-      code_part, quote = (m.group(1), m.group(2) or "") if m else (line, "")
-    code_part = code_part.strip().rstrip(":,.")  # "E11.9." at the end of a sentence
-    quote = _strip_quote_marks(quote)
+    code_part, quote = split_line(line, answer_format)
     try:
-      code = normalize_code(code_part)
-      # normalize_code checks shape loosely; every ICD-10-CM code has a digit second, which also
-      # keeps words of a stray prose line ("THE", "PATIENT") from passing as codes.
-      if not code[1].isdigit():
-        raise ValueError(code)
+      code = read_code(code_part)
     except ValueError:
       result.rejected.append((raw, f"malformed code {code_part!r}"))
       continue
@@ -336,4 +502,6 @@ def parse_output(output: str, document_text: str | None = None,
       if begin < 0:
         result.ungrounded += 1
     result.predictions.append(Prediction(code, quote, begin, end))
+  if answer_format == EVIDENCE_FIRST and not result.predictions and not result.rejected:
+    result.none = True  # the empty answer says "no code"
   return result

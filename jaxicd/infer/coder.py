@@ -1,9 +1,10 @@
-"""The document coder: note -> windows -> generated `CODE | quote` lines -> grounded codes.
+"""The document coder: note -> windows -> evidence spans -> codes, each with its evidence.
 
 `Coder.code_documents(docs)` splits every note into overlapping prompt windows
 (`pipeline.inference_windows`), generates answers for all windows in batches (longest prompts
 first, so batches share a prompt-length bucket), parses each answer against its window text
-(`prompts.parse_output`), maps quote offsets back to the full note and merges the windows:
+(`prompts.parse_output`, in the configured answer format), maps quote offsets back to the full
+note and merges the windows:
 
 * one `CodedEvidence` per (code, distinct grounded span); a code whose quotes were never found
   in the note (or that came without a quote) gets one entry with ``begin = end = -1`` and the
@@ -13,6 +14,18 @@ first, so batches share a prompt-length bucket), parses each answer against its 
   model's confidence in spelling that code, in (0, 1]. Every entry of a code carries its score.
   (Constrained decoding masks the logits, but the score uses the raw model probabilities, so a
   code the grammar forced gets a low score.)
+
+**Span re-coding** (``recode=True``): the document pass proposes evidence spans; each distinct
+grounded span is then coded again on its own with the span prompt (the task the span examples
+teach), batched, decoding only the code (`generate(..., code_only=True)`): evidence-first, the
+prompt is the span's prompt followed by the span copied as the quote and `` |``. The code the
+span prompt gives replaces the document pass's code for that span, and its probability becomes
+the score; a span the span prompt answers with no code (code-first ``NONE``) is dropped. A code's
+score is the best over its mentions in all windows.
+
+**Decision**: codes whose score is below ``threshold`` are dropped (0 keeps every code). The
+threshold is calibrated on validation notes (`jaxicd.eval.calibration`) and stored in the
+workdir; eval and predict apply it.
 
 Entries are ordered by score (descending), then code, then offset. `Coder.stats` counts what
 happened (windows, lines, invalid and ungrounded lines, generations cut at ``max_new_tokens``)
@@ -32,6 +45,7 @@ import numpy as np
 
 from jaxicd.data import pipeline, prompts
 from jaxicd.data.records import Document
+from jaxicd.eval import calibration
 from jaxicd.infer import generate as generate_lib
 
 log = logging.getLogger(__name__)
@@ -71,14 +85,14 @@ class _Line:
   score: float
 
 
-def line_scores(token_texts: Sequence[str], logprobs: Sequence[float]) -> list[_Line]:
+def line_scores(token_texts: Sequence[str], logprobs: Sequence[float],
+                answer_format: str = prompts.CODE_FIRST) -> list[_Line]:
   """Splits generated tokens into answer lines; scores each line's code tokens.
 
-  A line's code tokens are the tokens that start before the end of its code part (the text
-  before ``|``, or the whole line); the score is exp(mean log-prob) over them.
+  A line's code tokens are the tokens that overlap its code part (`prompts.split_line`: the
+  text before ``|`` code-first, after the last ``|`` evidence-first); the score is
+  exp(mean log-prob) over them. The code is read as `prompts.parse_output` reads it.
   """
-  from jaxicd.ontology import normalize_code  # pylint: disable=import-outside-toplevel
-
   lines: list[_Line] = []
   text, lps = "", []
 
@@ -86,18 +100,20 @@ def line_scores(token_texts: Sequence[str], logprobs: Sequence[float]) -> list[_
     stripped = text.strip()
     if not stripped:
       return
-    code_part = stripped.split("|", 1)[0].strip()
-    code_end = text.index(code_part) + len(code_part) if code_part else 0
+    code_part, _ = prompts.split_line(stripped, answer_format)
+    if answer_format == prompts.EVIDENCE_FIRST and "|" in text:
+      code_begin = text.index(code_part, text.rindex("|")) if code_part else len(text)
+    else:
+      code_begin = text.index(code_part) if code_part else 0
+    code_end = code_begin + len(code_part)
     pos, chosen = 0, []
     for piece, lp in lps:
-      if pos < code_end:
+      if pos < code_end and pos + len(piece) > code_begin:
         chosen.append(lp)
       pos += len(piece)
     try:
-      code = normalize_code(code_part.split()[0].rstrip(":,.")) if code_part else None
-      if code is not None and not code[1].isdigit():  # "NONE", prose (as parse_output rules)
-        code = None
-    except ValueError:
+      code = prompts.read_code(code_part)
+    except ValueError:  # "NONE", prose (as parse_output rules)
       code = None
     lines.append(_Line(code, float(math.exp(np.mean(chosen))) if chosen else 0.0))
 
@@ -135,14 +151,23 @@ class Coder:
       lines would only spend the token budget: codes are merged per document anyway).
     bucket: prompt-length bucket (compilations are per bucket).
     temperature, seed: sampling (0 = greedy).
-    generate_fn: replaces the model call (tests): prompts -> `Generation`.
+    generate_fn: replaces the model call (tests): (prompts, note_ranges or None, code_only)
+      -> `Generation`.
+    answer_format: ``evidence_first`` or ``code_first`` (`jaxicd.data.prompts`); must be the
+      format the adapters were trained on.
+    recode: re-code each evidence span with the span prompt (see the module docstring).
+    recode_batch_size: spans per re-coding call.
+    threshold: drop codes scored below it (0 keeps all).
   """
 
   def __init__(self, model: Any, tokenizer: Any, *, code_space: Sequence[str] | str = "demo",
                seq_len: int = 1024, window_overlap: int = 128, max_new_tokens: int = 128,
                batch_size: int = 8, constrained: bool = True, unique_codes: bool = True,
                bucket: int = 64, temperature: float = 0.0, seed: int = 0,
-               generate_fn: GenerateFn | None = None):
+               generate_fn: GenerateFn | None = None,
+               answer_format: str = prompts.CODE_FIRST, recode: bool = False,
+               recode_batch_size: int = 32, threshold: float = 0.0,
+               threshold_origin: str = "configured"):
     if isinstance(code_space, str):
       from jaxicd.ontology import get_ontology  # pylint: disable=import-outside-toplevel
       code_space = get_ontology().code_space(code_space)
@@ -151,24 +176,41 @@ class Coder:
     self._valid = frozenset(self.code_space)
     self.seq_len, self.window_overlap = seq_len, window_overlap
     self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
+    self.answer_format = prompts.check_answer_format(answer_format)
+    self.evidence_first = answer_format == prompts.EVIDENCE_FIRST
+    self.recode, self.recode_batch_size = recode, recode_batch_size
+    self.threshold, self.threshold_origin = threshold, threshold_origin
     self.constraint = (generate_lib.build_constraint(tokenizer, self.code_space,
-                                                     unique_codes=unique_codes)
+                                                     unique_codes=unique_codes,
+                                                     answer_format=answer_format)
                        if constrained and generate_fn is None else None)
+    # Re-coding decodes one code: its longest spelling, then the token that ends the line.
+    self._code_tokens = 1 + (self.constraint.max_depth if self.constraint is not None else
+                             max(len(prompts.code_token_ids(tokenizer, c, answer_format))
+                                 for c in self.code_space))
     self.stop_ids = sorted({i for i in (tokenizer.end_of_turn_id,
                                         getattr(tokenizer, "eos_id", None)) if i is not None})
     self.bucket, self.temperature, self.seed = bucket, temperature, seed
-    self._generate = generate_fn or self._model_generate
+    self._generate = self._model_generate
+    if generate_fn is not None:  # a scripted model: plain document prompts need no keywords
+      self._generate = lambda batch, note_ranges, code_only: (
+          generate_fn(batch) if note_ranges is None and not code_only else
+          generate_fn(batch, note_ranges=note_ranges, code_only=code_only))
     self._calls = 0
     self.stats: collections.Counter[str] = collections.Counter()
 
-  def _model_generate(self, batch: list[np.ndarray]) -> generate_lib.Generation:
+  def _model_generate(self, batch: list[np.ndarray], note_ranges=None,
+                      code_only: bool = False) -> generate_lib.Generation:
     import jax  # pylint: disable=import-outside-toplevel
     self._calls += 1
     key = jax.random.fold_in(jax.random.key(self.seed), self._calls) if self.temperature else None
     return generate_lib.generate(
-        self.model, batch, max_new_tokens=self.max_new_tokens, stop_ids=self.stop_ids,
+        self.model, batch, stop_ids=self.stop_ids,
+        max_new_tokens=self._code_tokens if code_only else self.max_new_tokens,
         pad_id=self.tokenizer.pad_id or 0, constraint=self.constraint,
-        temperature=self.temperature, key=key, bucket=self.bucket, batch_size=self.batch_size)
+        temperature=self.temperature, key=key, bucket=16 if code_only else self.bucket,
+        batch_size=self.recode_batch_size if code_only else self.batch_size,
+        note_ranges=note_ranges, code_only=code_only)
 
   def code_documents(self, docs: Sequence[Document]) -> list[list[CodedEvidence]]:
     """Codes each document; returns its evidence list (see `CodedEvidence`), in `docs` order.
@@ -181,7 +223,8 @@ class Coder:
     for d, doc in enumerate(docs):
       for w in pipeline.inference_windows(doc, self.tokenizer, seq_len=self.seq_len,
                                           window_overlap=self.window_overlap,
-                                          max_new_tokens=self.max_new_tokens):
+                                          max_new_tokens=self.max_new_tokens,
+                                          note_range=self.evidence_first):
         windows.append((d, w))
     self.stats.update(documents=len(docs), windows=len(windows))
     order = sorted(range(len(windows)), key=lambda i: -len(windows[i][1].tokens))
@@ -189,7 +232,9 @@ class Coder:
     generated = 0
     for lo in range(0, len(order), self.batch_size):
       idx = order[lo:lo + self.batch_size]
-      gen = self._generate([windows[i][1].tokens for i in idx])
+      gen = self._generate([windows[i][1].tokens for i in idx],
+                           [(windows[i][1].note_lo, windows[i][1].note_hi) for i in idx]
+                           if self.evidence_first else None, False)
       for row, i in enumerate(idx):
         d, w = windows[i]
         per_doc[d].append(self._read_window(docs[d], w, gen, row))
@@ -199,22 +244,90 @@ class Coder:
       log.info("coded %d/%d windows (%d documents), %d tokens generated, %.1f tokens/s",
                done, len(order), len(docs), generated, generated / max(elapsed, 1e-9))
     self.stats.update(generated_tokens=generated)
+    coded = [self._merge(doc, parts) for doc, parts in zip(docs, per_doc)]
+    if self.recode:
+      coded = self.recode_evidence(docs, coded)
+    if self.threshold > 0:
+      kept = [[ev for ev in evs if ev.score >= self.threshold] for evs in coded]
+      self.stats["below_threshold"] += sum(len(set(e.code for e in a)) - len(set(e.code for e in b))
+                                           for a, b in zip(coded, kept))
+      coded = kept
     self.stats["seconds"] += time.perf_counter() - t0
-    return [self._merge(doc, parts) for doc, parts in zip(docs, per_doc)]
+    return coded
+
+  def span_prompt(self, text: str) -> np.ndarray:
+    """The prompt that re-codes evidence `text` alone: code-first the span prompt (the answer
+    starts with the code); evidence-first the span prompt, the span copied as the quote, `` |``."""
+    if not self.evidence_first:
+      return prompts.encode_prompt(self.tokenizer, text)
+    enc = prompts.encode_prompt_with_note(self.tokenizer, text)
+    i, j = prompts.quote_token_range(enc, 0, len(text))
+    sep = self.tokenizer.encode(prompts.SEPARATOR.rstrip())
+    return np.concatenate([enc.tokens, enc.tokens[i:j], np.asarray(sep, np.int32)])
+
+  def code_spans(self, texts: Sequence[str]) -> list[tuple[str | None, float]]:
+    """Codes each evidence text alone (the span task): ``(code or None, probability)``."""
+    out: list[tuple[str | None, float]] = [(None, 0.0)] * len(texts)
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths together
+    for lo in range(0, len(order), self.recode_batch_size):
+      idx = order[lo:lo + self.recode_batch_size]
+      gen = self._generate([self.span_prompt(texts[i]) for i in idx], None, True)
+      for row, i in enumerate(idx):
+        ids = gen.row(row)
+        pieces = [self.tokenizer.decode([t]) for t in ids]
+        lines = line_scores(pieces, gen.logprobs[row, :len(ids)].tolist(), prompts.CODE_FIRST)
+        if lines and lines[0].code in self._valid:
+          out[i] = (lines[0].code, lines[0].score)
+    self.stats["recoded_spans"] += len(texts)
+    return out
+
+  def recode_evidence(self, docs: Sequence[Document], coded: list[list[CodedEvidence]]
+                      ) -> list[list[CodedEvidence]]:
+    """The span re-coding stage over document-pass output (see the module docstring)."""
+    spans = sorted({(d, ev.begin, ev.end) for d, evs in enumerate(coded) for ev in evs
+                    if ev.grounded and docs[d].text[ev.begin:ev.end].strip()})
+    results = self.code_spans([docs[d].text[b:e] for d, b, e in spans])
+    best: dict[tuple[int, int, int], tuple[str | None, float]] = dict(zip(spans, results))
+    out = []
+    for d, evs in enumerate(coded):
+      merged: dict[tuple[str, int, int], CodedEvidence] = {}
+      for ev in evs:
+        if ev.grounded:
+          code, score = best.get((d, ev.begin, ev.end), (None, 0.0))
+          if code is None:
+            self.stats["recode_dropped"] += 1
+            continue
+          self.stats["recode_changed"] += int(code != ev.code)
+          ev = dataclasses.replace(ev, code=code, score=score)
+        key = (ev.code, ev.begin, ev.end)
+        merged[key] = ev
+      # Every mention of a code carries the code's best score.
+      scores = code_scores(list(merged.values()))
+      evs = [dataclasses.replace(ev, score=scores[ev.code]) for ev in merged.values()]
+      evs.sort(key=lambda ev: (-ev.score, ev.code, ev.begin, ev.end))
+      out.append(evs)
+    return out
 
   def _read_window(self, doc: Document, w: pipeline.DocumentWindow,
                    gen: generate_lib.Generation, row: int):
     ids = gen.row(row)
-    self.stats["truncated_generations"] += int(not gen.stopped[row])
+    if not gen.stopped[row]:
+      # Cut by max_new_tokens: the unfinished last line is counted apart, not read.
+      self.stats["truncated_generations"] += 1
+      keep = len(ids)
+      while keep and "\n" not in self.tokenizer.decode([ids[keep - 1]]):
+        keep -= 1
+      self.stats["truncated_lines"] += int(keep < len(ids))
+      ids = ids[:keep]
     text = self.tokenizer.decode(ids)
-    parsed = prompts.parse_output(text, doc.text[w.begin:w.end], self._valid)
+    parsed = prompts.parse_output(text, doc.text[w.begin:w.end], self._valid, self.answer_format)
     for _, reason in parsed.rejected:
       self.stats["rejected_" + reason.split()[0]] += 1  # malformed / invalid / duplicate
     n_quoted = sum(bool(p.quote) for p in parsed.predictions)
     self.stats.update(predicted_lines=len(parsed.predictions), quoted_lines=n_quoted,
                       grounded_lines=n_quoted - parsed.ungrounded, none_answers=int(parsed.none))
     pieces = [self.tokenizer.decode([t]) for t in ids]
-    lines = line_scores(pieces, gen.logprobs[row, :len(ids)].tolist())
+    lines = line_scores(pieces, gen.logprobs[row, :len(ids)].tolist(), self.answer_format)
     shifted = [dataclasses.replace(p, begin=p.begin + w.begin, end=p.end + w.begin)
                if p.grounded else p for p in parsed.predictions]
     return shifted, lines
@@ -244,11 +357,19 @@ class Coder:
     return out
 
 
-def build_coder(cfg: Any, model: Any, tokenizer: Any) -> Coder:
+def build_coder(cfg: Any, model: Any, tokenizer: Any, workdir: Any = None) -> Coder:
   """The `Coder` a run config describes: windows as ``cfg.data`` (seq_len, window_overlap),
-  the code space ``cfg.data.code_space`` and decoding as ``cfg.eval_coding``."""
+  the code space ``cfg.data.code_space`` and decoding as ``cfg.eval_coding``; the decision
+  threshold ``eval_coding.threshold`` (negative: `workdir`'s calibration, see
+  `jaxicd.eval.calibration`; `Coder.threshold_origin` says which)."""
+  threshold, origin = calibration.resolve_threshold(float(cfg.eval_coding.get("threshold", 0.0)),
+                                                    workdir)
   ec, data = cfg.eval_coding, cfg.data
   return Coder(model, tokenizer, code_space=data.code_space, seq_len=int(data.seq_len),
                window_overlap=int(data.window_overlap), max_new_tokens=int(ec.max_new_tokens),
                batch_size=int(ec.batch_size), constrained=bool(ec.constrained),
-               unique_codes=bool(ec.get("unique_codes", True)))
+               unique_codes=bool(ec.get("unique_codes", True)),
+               answer_format=data.get("answer_format", prompts.CODE_FIRST),
+               recode=bool(ec.get("recode", False)),
+               recode_batch_size=int(ec.get("recode_batch_size", 32)),
+               threshold=threshold, threshold_origin=origin)

@@ -59,7 +59,10 @@ from jaxicd.model import llama as llama_lib
 log = logging.getLogger(__name__)
 
 FREE = 0   # trie state 0: inside a quote, any token except those that break the line format
-ROOT = 1   # trie state 1: the start of an answer line
+ROOT = 1   # trie state 1: the start of an answer line (code-first), the code after " |" (else)
+# Evidence-first grammars only (states without trie edges, numbered before the trie's):
+LINE = 2   # the start of an answer line: start copying a quote, " |" (no quote) or stop
+QUOTE = 3  # inside a quote: copy the next note token, or " |"
 # Values of CodeConstraint.terminal: what a trie state completes.
 _NOT_TERMINAL, _CODE, _NONE = 0, 1, 2
 
@@ -83,6 +86,7 @@ class ConstraintArrays(NamedTuple):
   line_break: jax.Array   # bool [V]: tokens that end a quote line (text ends with one "\n")
   separator: jax.Array    # int32 []: the " |" token after a code
   newline: jax.Array      # int32 []: the "\n" token after a bare code
+  copyable: jax.Array     # bool [V]: tokens an evidence-first quote may copy from the note
 
 
 @dataclasses.dataclass
@@ -98,6 +102,7 @@ class CodeConstraint:
     build_seconds, nbytes: cost of building it (reported by bench/decode.py).
     unique_codes: each code at most once per answer (see the module docstring);
       ``dataclasses.replace(c, unique_codes=False)`` turns it off without rebuilding the trie.
+    answer_format: the grammar's answer format (`jaxicd.data.prompts`).
   """
 
   codes: tuple[str, ...]
@@ -109,6 +114,7 @@ class CodeConstraint:
   build_seconds: float
   nbytes: int
   unique_codes: bool = True
+  answer_format: str = "code_first"
   _device: ConstraintArrays | None = dataclasses.field(default=None, repr=False)
 
   def device_arrays(self, vocab_size: int) -> ConstraintArrays:
@@ -121,8 +127,12 @@ class CodeConstraint:
                          f"{v}")
       pad = lambda m: np.concatenate([m, np.zeros(vocab_size - v, bool)])
       self._device = jax.tree.map(jnp.asarray, a._replace(
-          free_mask=pad(a.free_mask), line_break=pad(a.line_break)))
+          free_mask=pad(a.free_mask), line_break=pad(a.line_break), copyable=pad(a.copyable)))
     return self._device
+
+  @property
+  def evidence_first(self) -> bool:
+    return self.answer_format == "evidence_first"
 
   def sequences(self) -> set[tuple[int, ...]]:
     """Every token sequence the trie accepts as a complete line head (for tests/debugging)."""
@@ -149,15 +159,18 @@ def _token_texts(tokenizer: Any) -> tuple[list[str], np.ndarray]:
 
 
 def build_constraint(tokenizer: Any, codes: Iterable[str], *, allow_none: bool = True,
-                     unique_codes: bool = True) -> CodeConstraint:
+                     unique_codes: bool = True, answer_format: str = "code_first"
+                     ) -> CodeConstraint:
   """Builds the answer grammar for `codes` (e.g. ``ontology.code_space(spec)``).
 
   Args:
     tokenizer: a `jaxicd.model.tokenizer.Tokenizer` (or any object with ``encode``, ``decode``,
       ``vocab_size``, ``backend.decode_batch`` and ``end_of_turn_id``).
     codes: the code space; each code is tokenized with `prompts.code_token_ids`.
-    allow_none: whether ``NONE`` (alone, on the first line) may be answered.
+    allow_none: whether ``NONE`` (alone, on the first line) may be answered (code-first; an
+      evidence-first answer says "no code" by stopping at once).
     unique_codes: forbid writing a code a second time in one answer.
+    answer_format: ``code_first`` or ``evidence_first`` (`jaxicd.data.prompts`).
 
   Raises:
     ValueError: an empty code space, or a separator / newline that is not one token.
@@ -165,20 +178,24 @@ def build_constraint(tokenizer: Any, codes: Iterable[str], *, allow_none: bool =
   from jaxicd.data import prompts  # pylint: disable=import-outside-toplevel
 
   t0 = time.perf_counter()
+  evidence_first = prompts.check_answer_format(answer_format) == prompts.EVIDENCE_FIRST
   codes = tuple(dict.fromkeys(codes))
   if not codes:
     raise ValueError("build_constraint: the code space is empty")
-  sequences = [prompts.code_token_ids(tokenizer, c) for c in codes]
+  sequences = [prompts.code_token_ids(tokenizer, c, answer_format) for c in codes]
   for code, seq in zip(codes, sequences):
     if not seq:
       raise ValueError(f"build_constraint: code {code!r} tokenizes to nothing")
-  none_seq = prompts.code_token_ids(tokenizer, prompts.NONE) if allow_none else None
+  none_seq = (prompts.code_token_ids(tokenizer, prompts.NONE)
+              if allow_none and not evidence_first else None)
 
-  # Trie as dict-of-dicts, then flattened to CSR. State 0 = FREE, 1 = ROOT.
-  children: list[dict[int, int]] = [{}, {}]
-  terminal: list[int] = [_NOT_TERMINAL, _NOT_TERMINAL]
-  has_code_below: list[bool] = [False, True]
-  parent: list[int] = [FREE, -1]  # the root's parent becomes the sink state S below
+  # Trie as dict-of-dicts, then flattened to CSR. State 0 = FREE, 1 = ROOT (and, evidence-first,
+  # 2 = LINE, 3 = QUOTE: no edges, their tokens come from the prompt).
+  head = 4 if evidence_first else 2
+  children: list[dict[int, int]] = [{} for _ in range(head)]
+  terminal: list[int] = [_NOT_TERMINAL] * head
+  has_code_below: list[bool] = [False, True] + [False] * (head - 2)
+  parent: list[int] = [FREE, -1] + [FREE] * (head - 2)  # the root's parent becomes the sink
 
   def insert(seq: Sequence[int], kind: int) -> None:
     s = ROOT
@@ -235,19 +252,21 @@ def build_constraint(tokenizer: Any, codes: Iterable[str], *, allow_none: bool =
   if len(sep) != 1 or len(newline) != 1:
     raise ValueError(f"build_constraint: {prompts.SEPARATOR.rstrip()!r} -> {sep} and '\\n' -> "
                      f"{newline} must each be one token for constrained decoding")
+  copyable = (~special) & (n_newlines == 0)
+  copyable[sep[0]] = False  # " |" always ends the quote
   arrays = ConstraintArrays(
       edge_start=edge_start.astype(np.int32), edge_token=edge_token, edge_next=edge_next,
       terminal=np.asarray(terminal, np.int8), none_only=~np.asarray(has_code_below),
       codes_below=codes_below.astype(np.int32), parent=parent_arr, free_mask=free_mask,
       line_break=line_break,
-      separator=np.int32(sep[0]), newline=np.int32(newline[0]))
-  arrays.none_only[[FREE, ROOT]] = False
+      separator=np.int32(sep[0]), newline=np.int32(newline[0]), copyable=copyable)
+  arrays.none_only[:head] = False
   nbytes = sum(np.asarray(x).nbytes for x in arrays)
   seconds = time.perf_counter() - t0
   log.info("code trie: %d codes, %d states, %d edges, max fan-out %d, %.1f MB, %.2f s",
            len(codes), num_states, num_edges, max_fanout, nbytes / 1e6, seconds)
   return CodeConstraint(codes, arrays, max_fanout, max_depth, num_states, num_edges, seconds,
-                        nbytes, unique_codes=unique_codes)
+                        nbytes, unique_codes=unique_codes, answer_format=answer_format)
 
 
 def initial_left(ca: ConstraintArrays, batch: int) -> jax.Array:
@@ -256,10 +275,12 @@ def initial_left(ca: ConstraintArrays, batch: int) -> jax.Array:
 
 
 def _allowed_tokens(ca: ConstraintArrays, max_fanout: int, state: jax.Array, first: jax.Array,
-                    stop_ids: jax.Array, vocab: int, left: jax.Array | None = None):
+                    stop_ids: jax.Array, vocab: int, left: jax.Array | None = None,
+                    copy: jax.Array | None = None):
   """Mask bool [B, V] of tokens allowed next, and each row's trie edges (for the transition).
 
   With `left` (int32 [B, S], see the module docstring) codes already emitted are excluded.
+  With `copy` (evidence-first: `_CopyState`) the answer is ``quote | CODE`` lines.
   """
   B = state.shape[0]
   start = ca.edge_start[state]
@@ -287,20 +308,70 @@ def _allowed_tokens(ca: ConstraintArrays, max_fanout: int, state: jax.Array, fir
     line_break_ok = root_left > 0
   rows = jnp.arange(B)[:, None]
   mask = jnp.zeros((B, vocab), bool).at[rows, jnp.where(ok, toks, vocab)].set(True, mode="drop")
-  mask = mask.at[:, ca.separator].set(mask[:, ca.separator] | code_end)
+  if copy is None:
+    mask = mask.at[:, ca.separator].set(mask[:, ca.separator] | code_end)
   mask = mask.at[:, ca.newline].set(mask[:, ca.newline] | newline_ok)
   mask = mask.at[:, stop_ids].set(mask[:, stop_ids] | any_end[:, None])
-  free = ca.free_mask[None, :] & ~(ca.line_break[None, :] & ~line_break_ok[:, None])
-  mask = jnp.where((state == FREE)[:, None], free, mask)
+  if copy is None:
+    free = ca.free_mask[None, :] & ~(ca.line_break[None, :] & ~line_break_ok[:, None])
+    mask = jnp.where((state == FREE)[:, None], free, mask)
+  else:
+    in_quote = (state == LINE) | (state == QUOTE)
+    quote = copy.next_tokens(state == LINE, ca.copyable, vocab) & line_break_ok[:, None]
+    quote = quote.at[:, ca.separator].set(line_break_ok)
+    quote = quote.at[:, stop_ids].set((state == LINE)[:, None])  # an empty answer: no code
+    mask = jnp.where(in_quote[:, None], quote, mask)
   return mask, toks, nxt, ok
 
 
-def _advance(ca: ConstraintArrays, state, first, tok, toks, nxt, ok):
+class _CopyState(NamedTuple):
+  """Where an evidence-first quote can continue: a copy of the prompt's note tokens.
+
+  ``ends[b, j]``: the quote written so far equals ``prompt[b, j - k + 1 : j + 1]`` (k its
+  length) with every copied position inside the note, ``[lo, hi)``.
+  """
+
+  prompt: jax.Array   # int32 [B, P]
+  lo: jax.Array       # int32 [B]
+  hi: jax.Array       # int32 [B]
+  ends: jax.Array     # bool [B, P]
+
+  def _starts(self) -> jax.Array:
+    pos = jnp.arange(self.prompt.shape[1])[None, :]
+    return (pos >= self.lo[:, None]) & (pos < self.hi[:, None])
+
+  def _continues(self) -> jax.Array:
+    # Position j continues a quote that ends at j - 1 and stays inside the note.
+    shifted = jnp.pad(self.ends[:, :-1], ((0, 0), (1, 0)))
+    return shifted & self._starts()
+
+  def next_tokens(self, at_line_start: jax.Array, copyable: jax.Array, vocab: int) -> jax.Array:
+    """bool [B, V]: the tokens that start (at a line start) or continue the quote."""
+    where = jnp.where(at_line_start[:, None], self._starts(), self._continues())
+    where &= copyable[self.prompt]
+    rows = jnp.arange(self.prompt.shape[0])[:, None]
+    return jnp.zeros((self.prompt.shape[0], vocab), bool).at[
+        rows, jnp.where(where, self.prompt, vocab)].set(True, mode="drop")
+
+  def advance(self, at_line_start: jax.Array, copied: jax.Array, tok: jax.Array) -> _CopyState:
+    """After emitting `tok`: rows that copied it keep the positions that match it."""
+    where = jnp.where(at_line_start[:, None], self._starts(), self._continues())
+    ends = where & (self.prompt == tok[:, None])
+    return self._replace(ends=jnp.where(copied[:, None], ends, self.ends))
+
+
+def _advance(ca: ConstraintArrays, state, first, tok, toks, nxt, ok, evidence_first=False):
   """Grammar state after emitting `tok` (one per row)."""
   match = ok & (toks == tok[:, None])
   in_trie = match.any(axis=1)
   child = jnp.sum(jnp.where(match, nxt, 0), axis=1)
   breaks = ca.line_break[tok]
+  if evidence_first:
+    in_quote = (state == LINE) | (state == QUOTE)
+    quote_next = jnp.where(tok == ca.separator, ROOT, QUOTE)
+    trie_next = jnp.where(in_trie, child, jnp.where(tok == ca.newline, LINE, state))
+    new_state = jnp.where(in_quote, quote_next, trie_next)
+    return new_state.astype(jnp.int32), first & ~(tok == ca.newline)
   trie_next = jnp.where(in_trie, child,
                         jnp.where(tok == ca.separator, FREE, jnp.where(breaks, ROOT, state)))
   new_state = jnp.where(state == FREE, jnp.where(breaks, ROOT, FREE), trie_next)
@@ -338,15 +409,18 @@ class _LoopState(NamedTuple):
   grammar: jax.Array      # int32 [B]: trie state (FREE / ROOT / inside a code)
   first_line: jax.Array   # bool [B]
   left: jax.Array         # int32 [B, S] unused codes per trie state ([B, 0] when not unique)
+  copy_ends: jax.Array    # bool [B, P]: `_CopyState.ends` (evidence-first; [B, 0] otherwise)
   key: jax.Array
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "sample",
-                                             "max_fanout", "unique_depth"))
+                                             "max_fanout", "unique_depth", "evidence_first"))
 def _generate_jit(graphdef, params, prompt_tokens, prompt_lengths, constraint, stop_ids, pad_id,
-                  temperature, key, *, max_new_tokens: int, sample: bool, max_fanout: int,
-                  unique_depth: int):
+                  temperature, key, start_state, note_lo, note_hi, *, max_new_tokens: int,
+                  sample: bool, max_fanout: int, unique_depth: int, evidence_first: bool):
   # unique_depth: the constraint's max_depth with unique codes on, 0 when off.
+  # start_state: int32 [B] grammar state of each row's first token; note_lo/note_hi: int32 [B]
+  # the note's tokens in each prompt (evidence-first quotes copy them).
   model = nnx.merge(graphdef, params)
   model.deterministic = True  # no LoRA dropout while decoding
   cfg = model.cfg
@@ -362,11 +436,16 @@ def _generate_jit(graphdef, params, prompt_tokens, prompt_lengths, constraint, s
   logits, cache = model(last[:, None], cache=cache)
   logits = logits[:, 0]
 
+  copy0 = _CopyState(prompt_tokens, note_lo, note_hi,
+                     jnp.zeros((B, P if evidence_first else 0), bool))
+
   def emit(s: _LoopState, logits: jax.Array) -> _LoopState:
     key, sub = jax.random.split(s.key)
+    copy = copy0._replace(ends=s.copy_ends) if evidence_first else None
     if constraint is not None:
       mask, toks, nxt, ok = _allowed_tokens(constraint, max_fanout, s.grammar, s.first_line,
-                                            stop_ids, vocab, s.left if unique_depth else None)
+                                            stop_ids, vocab, s.left if unique_depth else None,
+                                            copy)
       masked = jnp.where(mask, logits, -jnp.inf)
     else:
       masked = logits
@@ -376,27 +455,32 @@ def _generate_jit(graphdef, params, prompt_tokens, prompt_lengths, constraint, s
       tok = jnp.argmax(masked, axis=-1).astype(jnp.int32)
     tok = jnp.where(s.done, pad_id, tok)
     logp = jnp.take_along_axis(jax.nn.log_softmax(logits), tok[:, None], axis=1)[:, 0]
-    grammar, first, left = s.grammar, s.first_line, s.left
+    grammar, first, left, copy_ends = s.grammar, s.first_line, s.left, s.copy_ends
     active = ~s.done
     if constraint is not None:
-      grammar, first = _advance(constraint, grammar, first, tok, toks, nxt, ok)
+      grammar, first = _advance(constraint, grammar, first, tok, toks, nxt, ok, evidence_first)
       if unique_depth:
         left = _use_codes(constraint, unique_depth, left, s.grammar, tok, toks, nxt, ok, active)
+      if evidence_first:
+        in_quote = (s.grammar == LINE) | (s.grammar == QUOTE)
+        copied = active & in_quote & (grammar == QUOTE)
+        copy_ends = copy.advance(s.grammar == LINE, copied, tok).ends
     return s._replace(
         step=s.step + 1, last=tok, key=key,
         tokens=s.tokens.at[:, s.step].set(tok),
         logprobs=s.logprobs.at[:, s.step].set(jnp.where(active, logp, 0.0)),
         lengths=s.lengths + active.astype(jnp.int32),
         done=s.done | jnp.isin(tok, stop_ids),
-        grammar=grammar, first_line=first, left=left)
+        grammar=grammar, first_line=first, left=left, copy_ends=copy_ends)
 
   state = _LoopState(
       step=jnp.int32(0), last=jnp.zeros((B,), jnp.int32), cache=cache,
       tokens=jnp.full((B, max_new_tokens), pad_id, jnp.int32),
       logprobs=jnp.zeros((B, max_new_tokens), jnp.float32),
       lengths=jnp.zeros((B,), jnp.int32), done=prompt_lengths <= 0,
-      grammar=jnp.full((B,), ROOT, jnp.int32), first_line=jnp.ones((B,), bool), key=key,
-      left=(initial_left(constraint, B) if unique_depth else jnp.zeros((B, 0), jnp.int32)))
+      grammar=start_state, first_line=jnp.ones((B,), bool), key=key,
+      left=(initial_left(constraint, B) if unique_depth else jnp.zeros((B, 0), jnp.int32)),
+      copy_ends=copy0.ends)
   state = emit(state, logits)
 
   def cond(s: _LoopState):
@@ -446,7 +530,9 @@ def generate(model: nnx.Module, prompts: Sequence[Sequence[int] | np.ndarray], *
              max_new_tokens: int, stop_ids: Sequence[int], pad_id: int = 0,
              constraint: CodeConstraint | None = None, temperature: float = 0.0,
              key: jax.Array | None = None, bucket: int = 64,
-             batch_size: int | None = None) -> Generation:
+             batch_size: int | None = None,
+             note_ranges: Sequence[tuple[int, int]] | None = None,
+             code_only: bool = False) -> Generation:
   """Generates continuations of `prompts` (token id lists of any lengths).
 
   Args:
@@ -462,6 +548,11 @@ def generate(model: nnx.Module, prompts: Sequence[Sequence[int] | np.ndarray], *
     bucket: prompts are right-padded to a multiple of this (one compilation per bucket).
     batch_size: rows per compiled call; the prompts are processed in chunks of this size, the
       last one padded with inactive rows. Default: all prompts in one call.
+    note_ranges: per prompt, the ``[lo, hi)`` token range of the note (an evidence-first
+      `constraint` copies quotes from it; required then, unless `code_only`).
+    code_only: with a `constraint`, start at the code trie's root: the prompt already ends
+      with the line's head (code-first: the assistant header; evidence-first: ``quote |``), and
+      the answer is a code (re-coding evidence spans).
   """
   if max_new_tokens <= 0:
     raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
@@ -481,6 +572,13 @@ def generate(model: nnx.Module, prompts: Sequence[Sequence[int] | np.ndarray], *
   arrays = constraint.device_arrays(vocab) if constraint is not None else None
   fanout = constraint.max_fanout if constraint is not None else 0
   unique_depth = constraint.max_depth if constraint is not None and constraint.unique_codes else 0
+  evidence_first = constraint is not None and constraint.evidence_first
+  if evidence_first and not code_only and note_ranges is None:
+    raise ValueError("an evidence-first constraint copies quotes from the note: pass "
+                     "note_ranges (the note's token range in each prompt)")
+  if note_ranges is not None and len(note_ranges) != len(prompts):
+    raise ValueError(f"{len(note_ranges)} note_ranges for {len(prompts)} prompts")
+  start = ROOT if code_only or not evidence_first else LINE
   stops = jnp.asarray(sorted(set(int(i) for i in stop_ids)), jnp.int32)
   key = jax.random.key(0) if key is None else key
   rows = batch_size or len(prompts)
@@ -490,14 +588,19 @@ def generate(model: nnx.Module, prompts: Sequence[Sequence[int] | np.ndarray], *
     width = bucket_length(max(len(p) for p in chunk), bucket)
     tokens = np.full((rows, width), pad_id, np.int32)
     n = np.zeros(rows, np.int32)
+    lo_hi = np.zeros((2, rows), np.int32)
     for i, p in enumerate(chunk):
       tokens[i, :len(p)] = np.asarray(p, np.int32)
       n[i] = len(p)
+      if note_ranges is not None:
+        lo_hi[:, i] = note_ranges[lo + i]
     key, sub = jax.random.split(key)
     t, ln, lp = _generate_jit(graphdef, params, jnp.asarray(tokens), jnp.asarray(n), arrays,
                               stops, jnp.int32(pad_id), jnp.float32(max(temperature, 1e-6)), sub,
-                              max_new_tokens=max_new_tokens, sample=temperature > 0,
-                              max_fanout=fanout, unique_depth=unique_depth)
+                              jnp.full((rows,), start, jnp.int32), jnp.asarray(lo_hi[0]),
+                              jnp.asarray(lo_hi[1]), max_new_tokens=max_new_tokens,
+                              sample=temperature > 0, max_fanout=fanout,
+                              unique_depth=unique_depth, evidence_first=evidence_first)
     k = len(chunk)
     out_tokens.append(np.asarray(t)[:k])
     out_lengths.append(np.asarray(ln)[:k])

@@ -451,7 +451,8 @@ def run_predict(cfg: Any, workdir: str, plan: Plan | None = None) -> dict[str, A
       trainer.print(f"predict: resuming {plan.partial}: {resumed} of {len(docs)} notes already "
                     "coded")
     model = trainer.parts.merge(trainer.params, trainer.base, trainer.rest)
-    coder = build_coder(cfg, model, trainer.tokenizer)
+    coder = build_coder(cfg, model, trainer.tokenizer, workdir)
+    trainer.print(f"predict: decision threshold {coder.threshold:.3f} ({coder.threshold_origin})")
     describe = _describer()
     # A first guess of note characters per window (~3 characters a token); then measured.
     guess = 3.0 * max(coder.seq_len - coder.max_new_tokens - 64, 64)

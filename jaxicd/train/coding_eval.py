@@ -5,27 +5,37 @@ right codes with grounded evidence. A hook for ``Trainer.eval_hooks``: it builds
 `jaxicd.infer.coder.Coder` (the code-space trie and the compiled decode loop are reused across
 evaluations) and, at each evaluation, points it at a model merged from the current adapters.
 
-Codes of the evaluated documents that occur in no training document are reported separately as
-``unseen_*``: only code-centric expansion spans can teach those.
+Codes that occur in no training document are reported separately as ``unseen_*`` (strictly:
+gold and predictions both restricted to every such code of the code space): only code-centric
+expansion spans can teach those.
+
+The decision threshold (`jaxicd.eval.calibration`): with ``eval_coding.calibrate`` (allowed on
+the validation split only) each evaluation codes its notes keeping every candidate, chooses the
+threshold that maximises micro-F1 there, stores it in ``<workdir>/calibration.json`` and reports
+the metrics at that threshold (and ``uncalibrated_micro_f1``). Otherwise the threshold is
+``eval_coding.threshold`` (negative: the workdir's calibration, if any).
 
 With ``eval_coding.spans = N`` the hook also codes the first N distinct gold evidence spans of
-the split's notes one by one, the task the span examples teach, and reports their top-1
-accuracy (``span_exact``, ``span_category``, and ``unseen_span_*``): a signal that moves long
+the split's notes one by one (`Coder.code_spans`: the task the span examples teach, decoding
+one code per span), and reports their top-1 accuracy (``span_exact``, ``span_category``, and ``unseen_span_*``): a signal that moves long
 before whole-note F1 does, since a note is coded window by window and every window's guesses
 add false positives.
 """
 
 from __future__ import annotations
 
+import time
 from typing import Any, Mapping
 
 from jaxicd.data import pipeline
 from jaxicd.data.records import Document
+from jaxicd.eval import calibration
 from jaxicd.eval import metrics as metrics_lib
+from jaxicd.infer.coder import CodedEvidence, build_coder, code_scores
 
 # The metrics worth a progress line; everything goes to metrics.jsonl / TensorBoard.
 _HEADLINE = ("micro_f1", "macro_f1", "unseen_micro_f1", "evidence_span_f1", "valid_code_rate",
-             "span_exact", "unseen_span_exact", "span_category")
+             "threshold", "codes_per_note", "span_exact", "unseen_span_exact", "span_category")
 
 
 def evidence_span_documents(documents, limit: int) -> list[Document]:
@@ -59,7 +69,13 @@ class CodingEval:
     if not self.documents:
       raise ValueError(f"eval_coding: no documents in split {ec.split!r} of data.source="
                        f"{cfg.data.source!r}; set eval_coding.documents=0 to turn coding off")
+    self.calibrate = bool(ec.get("calibrate", False))
+    if self.calibrate and ec.split != "val":
+      raise ValueError(f"eval_coding.calibrate chooses the decision threshold: only on the val "
+                       f"split, not {ec.split!r} (a threshold tuned on test overstates F1)")
+    self.threshold = float(ec.get("threshold", -1.0))
     trained = {c for d in documents if d.split == "train" for c in d.codes}
+    self.trained_codes = frozenset(trained)
     self.unseen = frozenset(c for d in self.documents for c in d.codes if c not in trained)
     self.spans = evidence_span_documents([d for d in documents if d.split == ec.split],
                                          int(ec.get("spans", 0)))
@@ -68,7 +84,6 @@ class CodingEval:
     self._coder = None
 
   def _get_coder(self, model):
-    from jaxicd.infer.coder import build_coder  # pylint: disable=import-outside-toplevel
     if self._coder is None:
       self._coder = build_coder(self.cfg, model, self.tokenizer)
     self._coder.model = model  # same graph, new adapter values: no recompilation
@@ -79,20 +94,42 @@ class CodingEval:
       return {}
     model = trainer.parts.merge(trainer.params, trainer.base, trainer.rest)
     coder = self._get_coder(model)
+    unseen = metrics_lib.unseen_in_training(self.trained_codes, coder.code_space,
+                                            (c for d in self.documents for c in d.codes))
+    threshold, origin = calibration.resolve_threshold(
+        0.0 if self.calibrate else self.threshold, trainer.workdir)
+    coder.threshold = threshold
     predictions = coder.code_documents(self.documents)
+    extra: dict[str, float] = {}
+    if self.calibrate:
+      gold = [d.codes for d in self.documents]
+      extra["uncalibrated_micro_f1"] = metrics_lib.code_f1(
+          gold, [code_scores(p).keys() for p in predictions])["micro_f1"]
+      threshold, _ = calibration.choose_threshold(gold, [code_scores(p) for p in predictions])
+      predictions = [[ev for ev in p if ev.score >= threshold] for p in predictions]
+      origin = f"calibrated on these {len(self.documents)} notes"
+      if trainer.is_chief:
+        calibration.save(trainer.workdir, threshold, step=int(step), split=self.cfg.eval_coding.split,
+                         documents=len(self.documents), **extra)
     result = metrics_lib.evaluate(self.documents, predictions, code_space=coder.code_space,
-                                  unseen_codes=self.unseen, output_stats=coder.stats)
+                                  unseen_codes=unseen, output_stats=coder.stats)
+    result.update(extra, threshold=threshold,
+                  codes_per_note=sum(len(code_scores(p)) for p in predictions)
+                  / max(len(predictions), 1))
     seconds = coder.stats["seconds"]
     spans = ""
     if self.spans:
-      span_predictions = coder.code_documents(self.spans)  # resets coder.stats
+      t0 = time.perf_counter()
+      coded = coder.code_spans([s.text for s in self.spans])  # the span task: one code each
+      span_predictions = [[CodedEvidence(c, 0, len(s.text), s.text, p)] if c else []
+                          for s, (c, p) in zip(self.spans, coded)]
       result.update(metrics_lib.span_accuracy([s.codes[0] for s in self.spans],
                                               span_predictions,
                                               unseen_codes=self.unseen_span_codes))
-      seconds += coder.stats["seconds"]
+      seconds += time.perf_counter() - t0
       spans = f" and {len(self.spans)} evidence spans"
     shown = "  ".join(f"{k} {result[k]:.3f}" for k in _HEADLINE if k in result)
     trainer.print(f"coding @ step {step} on {len(self.documents)} {self.cfg.eval_coding.split} "
                   f"notes ({len(self.unseen)} codes unseen in training){spans}, "
-                  f"{seconds:.0f}s: {shown}")
+                  f"{seconds:.0f}s, threshold {threshold:.3f} ({origin}): {shown}")
     return {f"coding/{k}": float(v) for k, v in result.items()}

@@ -43,6 +43,9 @@ def base_config() -> ml_collections.ConfigDict:
       spans_per_code=8, negatives=True, annotated_spans=True,
       span_weight=0.8, doc_weight=0.2, mixture_unit="examples",
       seq_len=1024, window_overlap=128,
+      # Answer lines: "evidence_first" (quote copied from the note, then its code) or
+      # "code_first" (code, then quote); see jaxicd.data.prompts. Training and inference agree.
+      answer_format="evidence_first",
       batch_size=8,                  # global batch (rows); each process reads its share
       shuffle_seed=0, on_error="raise", data_dir="", num_threads=2))
 
@@ -59,6 +62,12 @@ def base_config() -> ml_collections.ConfigDict:
       documents=0, split="val", max_new_tokens=96, batch_size=8, constrained=True,
       unique_codes=True,             # constrained: each code at most once per answer
       spans=0,                       # also code N gold evidence spans of the split one by one
+      # Re-code each evidence span the document pass found with the span prompt; its code and
+      # probability replace the document pass's (jaxicd.infer.coder).
+      recode=True, recode_batch_size=32,
+      # Keep codes scored >= threshold; negative: the workdir's calibration.json (none: keep all).
+      threshold=-1.0,
+      calibrate=False,               # choose the threshold on these notes (split val only)
       at_start=False))               # also code before training (zero-shot)
 
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))

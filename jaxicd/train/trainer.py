@@ -391,9 +391,10 @@ class Trainer:
           process_count=jax.process_count(), with_sources=True)
     return self._data_iter
 
-  def restore_latest(self, *, with_data: bool = True) -> int | None:
-    """Restores the newest checkpoint in the workdir (if any); returns its step."""
-    step = self.checkpointer.latest_step()
+  def restore_latest(self, *, with_data: bool = True, step: int | None = None) -> int | None:
+    """Restores the newest checkpoint in the workdir (or the one of `step`), if any; returns
+    its step."""
+    step = self.checkpointer.latest_step() if step is None else step
     if step is None:
       return None
     saved_meta = self.checkpointer.read_meta(step)

@@ -1,0 +1,471 @@
+"""The headline experiment: does Code-Centric Learning code whole notes better than document SFT?
+
+  python -m jaxicd.experiment            # make experiment: every arm, then docs/results.*
+  python -m jaxicd.experiment --quick    # the same pipeline at toy sizes (minutes)
+
+Arms, all SmolLM2-135M-Instruct with LoRA on the demo corpus, one training budget (``--steps``
+optimizer steps of 4 x 256 packed tokens, the recipe of ``configs/mixed.py`` otherwise):
+
+* ``zero_shot``: untrained adapters (the constrained grammar alone).
+* ``doc_only``: document SFT; checkpoints at each quarter of the budget, the one with the best
+  validation micro-F1 is evaluated (document SFT "trained to its best validation F1").
+* ``span_only``: expansion + annotated spans, no documents.
+* ``mixed``: Code-Centric Learning (spans + a few documents), evidence-first answers.
+* ``mixed_20``: mixed at 20% of the budget (the paper's cost claim).
+* ``mixed_code_first``: mixed with the older code-first answer lines (the format comparison).
+
+Each trained arm is evaluated the same way: the document pass codes the first ``--val`` val
+notes and every test note; the inference variants (document pass alone or with span re-coding,
+each with every candidate kept or with the threshold calibrated on the val notes) are scored on
+the test notes with the same metrics (`jaxicd.eval.metrics`, strict unseen-code scores), and
+every gold evidence span of the test notes is coded alone (span accuracy).
+
+Every piece is resumable: an arm's training runs as ``python -m jaxicd.main`` in
+``<workdir>/<arm>`` (a finished checkpoint is reused) and its evaluation is stored in
+``<workdir>/<arm>/result.json`` (reused on rerun). The report is ``<out>/results.md``,
+``<out>/results.json`` and ``<out>/results.png``. Logs show counts and metrics, no note text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import importlib.util
+import json
+import os
+import pathlib
+import platform
+import subprocess
+import sys
+import time
+from typing import Any, Sequence
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+CONFIGS = REPO / "configs"
+
+
+@dataclasses.dataclass(frozen=True)
+class Arm:
+  name: str
+  config: str                    # a file in configs/
+  fraction: float = 1.0          # of the training budget (0: untrained)
+  select_best: bool = False      # evaluate the checkpoint with the best val micro-F1
+  overrides: tuple[tuple[str, Any], ...] = ()
+  label: str = ""
+
+
+ARMS = (
+    Arm("mixed", "mixed.py", label="mixed (Code-Centric Learning)"),
+    Arm("doc_only", "doc_only.py", select_best=True, label="document-only SFT"),
+    Arm("mixed_20", "mixed.py", fraction=0.2, label="mixed at 20% of the budget"),
+    Arm("span_only", "span_only.py", label="span-only"),
+    Arm("zero_shot", "mixed.py", fraction=0.0, label="zero-shot (untrained adapters)"),
+    Arm("mixed_code_first", "mixed.py", overrides=(("data.answer_format", "code_first"),),
+        label="mixed, code-first answers"),
+)
+# Inference variants scored for every arm: (span re-coding, calibrated threshold).
+VARIANTS = (("doc", False, False), ("doc+cal", False, True), ("recode", True, False),
+            ("recode+cal", True, True))
+DEFAULT_VARIANT = "recode+cal"  # what eval and predict do with configs/mixed.py
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  steps: int = 384
+  val_notes: int = 10
+  test_notes: int = 50           # the whole demo test split
+  spans: int = 100_000           # every gold evidence span of the test notes
+  max_new_tokens: int = 96
+  batch_size: int = 16
+  quick: bool = False
+
+
+QUICK = Settings(steps=8, val_notes=2, test_notes=3, spans=12, max_new_tokens=48, quick=True)
+
+
+def log(message: str) -> None:
+  print(f"[experiment {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+# ------------------------------------------------------------------------------- configs
+
+
+def load_config(arm: Arm, settings: Settings):
+  """The run config of an arm (its configs/ file, the experiment's budget and overrides)."""
+  path = CONFIGS / arm.config
+  spec = importlib.util.spec_from_file_location(f"_experiment_{path.stem}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  cfg = module.get_config()
+  for key, value in _overrides(arm, settings).items():
+    node = cfg
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return cfg
+
+
+def arm_steps(arm: Arm, settings: Settings) -> int:
+  return max(1, round(arm.fraction * settings.steps)) if arm.fraction > 0 else 0
+
+
+def _overrides(arm: Arm, settings: Settings) -> dict[str, Any]:
+  steps = arm_steps(arm, settings)
+  out = {"train.steps": max(steps, 1), "train.log_every": 16 if not settings.quick else 2,
+         "eval_coding.documents": 0,
+         "checkpoint.every": max(1, steps // 4), "checkpoint.keep": 4,
+         "eval_coding.max_new_tokens": settings.max_new_tokens,
+         "eval_coding.batch_size": settings.batch_size}
+  out.update(dict(arm.overrides))
+  return out
+
+
+# ------------------------------------------------------------------------------- training
+
+
+def train(arm: Arm, settings: Settings, workdir: pathlib.Path) -> None:
+  """Trains an arm in ``workdir`` with ``python -m jaxicd.main`` unless its last checkpoint is
+  there already (the trainer itself resumes a half-done run)."""
+  steps = arm_steps(arm, settings)
+  if steps == 0:
+    return
+  ckpt = workdir / "checkpoints" / str(steps)
+  if ckpt.exists():
+    log(f"{arm.name}: trained ({steps} steps), reusing {ckpt}")
+    return
+  cmd = [sys.executable, "-m", "jaxicd.main", f"--config={CONFIGS / arm.config}",
+         f"--workdir={workdir}"]
+  cmd += [f"--config.{k}={v}" for k, v in _overrides(arm, settings).items()]
+  log(f"{arm.name}: training {steps} steps -> {workdir} (log: {workdir}.log)")
+  workdir.parent.mkdir(parents=True, exist_ok=True)
+  with open(f"{workdir}.log", "a") as out:
+    proc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, check=False)
+  if proc.returncode:
+    raise RuntimeError(f"{arm.name}: training failed (exit {proc.returncode}); see {workdir}.log")
+
+
+def trained_tokens(workdir: pathlib.Path, step: int) -> int:
+  """Tokens the arm trained on up to `step` (the trainer's per-step counts, metrics.jsonl)."""
+  total, path = 0, workdir / "metrics.jsonl"
+  if not path.exists():
+    return 0
+  seen: dict[int, float] = {}
+  for line in path.read_text().splitlines():
+    rec = json.loads(line)
+    if "train/tokens" in rec and rec["step"] <= step:
+      seen[rec["step"]] = rec["train/tokens"]  # a resumed run logs a step again: keep one
+  total = sum(seen.values())
+  return int(total)
+
+
+# ------------------------------------------------------------------------------- evaluation
+
+
+def _import_eval():
+  # JAX and the model stack load only when an arm is evaluated (keeps --help fast).
+  from jaxicd.data import pipeline  # pylint: disable=g-import-not-at-top
+  from jaxicd.eval import calibration, metrics  # pylint: disable=g-import-not-at-top
+  from jaxicd.infer import coder as coder_lib  # pylint: disable=g-import-not-at-top
+  from jaxicd.train import coding_eval, trainer as trainer_lib  # pylint: disable=g-import-not-at-top
+  return pipeline, calibration, metrics, coder_lib, coding_eval, trainer_lib
+
+
+def _code(coder, docs):
+  """Document-pass and re-coded predictions of `docs` (every candidate kept)."""
+  coder.threshold, coder.recode = 0.0, False
+  first = coder.code_documents(docs)
+  stats = dict(coder.stats)
+  recoded = coder.recode_evidence(docs, first)
+  return {"doc": first, "recode": recoded}, stats
+
+
+def evaluate_arm(arm: Arm, settings: Settings, workdir: pathlib.Path) -> dict[str, Any]:
+  """Scores an arm (see the module docstring); returns its result record."""
+  pipeline, calibration, metrics, coder_lib, coding_eval, trainer_lib = _import_eval()
+  cfg = load_config(arm, settings)
+  documents = pipeline.load_documents(cfg.data)
+  val = [d for d in documents if d.split == "val"][:settings.val_notes]
+  test = [d for d in documents if d.split == "test"][:settings.test_notes]
+  trained = {c for d in documents if d.split == "train" for c in d.codes}
+  spans = coding_eval.evidence_span_documents(test, settings.spans)
+  t0 = time.perf_counter()
+  trainer = trainer_lib.Trainer(cfg, workdir)
+  try:
+    steps = trainer.checkpointer.all_steps() if arm_steps(arm, settings) else []
+    candidates = steps if arm.select_best else steps[-1:]
+    coder = None
+    selection = {}
+    best = None
+    for step in candidates or [None]:
+      if step is not None:
+        trainer.restore_latest(with_data=False, step=step)
+      model = trainer.parts.merge(trainer.params, trainer.base, trainer.rest)
+      if coder is None:
+        coder = coder_lib.build_coder(cfg, model, trainer.tokenizer)
+      coder.model = model
+      val_pred, _ = _code(coder, val)
+      gold = [d.codes for d in val]
+      thresholds = {k: calibration.choose_threshold(gold, [coder_lib.code_scores(p) for p in ps])
+                    for k, ps in val_pred.items()}
+      val_f1 = thresholds["recode"][1]
+      selection[str(step or 0)] = val_f1
+      log(f"{arm.name}: step {step or 0}: val micro-F1 {val_f1:.3f} (recode, calibrated on "
+          f"{len(val)} notes)")
+      if best is None or val_f1 > best[1]:
+        best = (step, val_f1, thresholds, model)
+    step, _, thresholds, model = best
+    if step is not None and arm.select_best and step != candidates[-1]:
+      trainer.restore_latest(with_data=False, step=step)
+      coder.model = trainer.parts.merge(trainer.params, trainer.base, trainer.rest)
+    test_pred, stats = _code(coder, test)
+    unseen = metrics.unseen_in_training(trained, coder.code_space,
+                                        (c for d in test for c in d.codes))
+    variants = {}
+    for name, recode, calibrated in VARIANTS:
+      preds = test_pred["recode" if recode else "doc"]
+      threshold = thresholds["recode" if recode else "doc"][0] if calibrated else 0.0
+      kept = [[ev for ev in p if ev.score >= threshold] for p in preds]
+      m = metrics.evaluate(test, kept, code_space=coder.code_space, unseen_codes=unseen,
+                           output_stats=stats)
+      m["threshold"] = threshold
+      m["codes_per_note"] = sum(len({ev.code for ev in p}) for p in kept) / max(len(kept), 1)
+      variants[name] = m
+    span_codes = coder.code_spans([s.text for s in spans])
+    span_preds = [[coder_lib.CodedEvidence(c, 0, len(s.text), s.text, p)] if c else []
+                  for s, (c, p) in zip(spans, span_codes)]
+    span_unseen = {s.codes[0] for s in spans if s.codes[0] not in trained}
+    span_metrics = metrics.span_accuracy([s.codes[0] for s in spans], span_preds,
+                                         unseen_codes=span_unseen)
+  finally:
+    trainer.close()
+  result = {
+      "arm": arm.name, "label": arm.label or arm.name, "config": f"configs/{arm.config}",
+      "overrides": dict(arm.overrides), "step": int(step or 0),
+      "tokens": trained_tokens(workdir, int(step or 0)),
+      "val_selection": selection, "variants": variants, "spans": span_metrics,
+      "gold_codes_per_note": sum(len(d.codes) for d in test) / max(len(test), 1),
+      "val_notes": len(val), "test_notes": len(test), "test_spans": len(spans),
+      "eval_seconds": time.perf_counter() - t0,
+  }
+  return result
+
+
+# ------------------------------------------------------------------------------- report
+
+
+TARGETS = (  # (metric, arm, variant, minimum) from the coding-quality issue
+    ("micro_f1", "mixed", DEFAULT_VARIANT, 0.75),
+    ("macro_f1", "mixed", DEFAULT_VARIANT, 0.60),
+    ("unseen_micro_f1", "mixed", DEFAULT_VARIANT, 0.60),
+    ("evidence_span_f1", "mixed", DEFAULT_VARIANT, 0.60),
+    ("valid_code_rate", "mixed", DEFAULT_VARIANT, 1.0),
+    ("grounded_evidence_rate", "mixed", DEFAULT_VARIANT, 1.0),
+)
+
+
+def _row(r: dict[str, Any], variant: str) -> list[str]:
+  m, s = r["variants"][variant], r["spans"]
+  return [r["label"], f"{r['tokens']:,}", f"{m['micro_f1']:.3f} ({m['micro_precision']:.2f} / "
+          f"{m['micro_recall']:.2f})", f"{m['macro_f1']:.3f}", f"{m['unseen_micro_f1']:.3f}",
+          f"{m['evidence_span_f1']:.3f}", f"{m['codes_per_note']:.1f}",
+          f"{s['span_exact']:.3f}", f"{s.get('unseen_span_exact', 0.0):.3f}"]
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def comparisons(results: dict[str, dict]) -> dict[str, float]:
+  """The paper's claims as differences (mixed_20 and mixed against doc_only)."""
+  out = {}
+  if "doc_only" in results:
+    doc = results["doc_only"]["variants"][DEFAULT_VARIANT]
+    for arm in ("mixed_20", "mixed"):
+      if arm in results:
+        m = results[arm]["variants"][DEFAULT_VARIANT]
+        out[f"{arm}_token_ratio"] = results[arm]["tokens"] / max(results["doc_only"]["tokens"], 1)
+        out[f"{arm}_macro_f1_gain"] = m["macro_f1"] - doc["macro_f1"]
+        out[f"{arm}_unseen_micro_f1_gain"] = m["unseen_micro_f1"] - doc["unseen_micro_f1"]
+  return out
+
+
+def write_report(results: dict[str, dict], settings: Settings, out: pathlib.Path,
+                 wall_seconds: float, command: str) -> None:
+  """results.json, results.md and results.png under `out`."""
+  out.mkdir(parents=True, exist_ok=True)
+  machine = {"cpu": _cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(),
+             "date": datetime.date.today().isoformat()}
+  cmp = comparisons(results)
+  (out / "results.json").write_text(json.dumps(
+      {"settings": dataclasses.asdict(settings), "machine": machine, "command": command,
+       "wall_seconds": wall_seconds, "arms": results, "comparisons": cmp}, indent=1))
+  order = [a.name for a in ARMS if a.name in results]
+  header = ["arm", "train tokens", "note micro-F1 (P / R)", "macro-F1", "unseen micro-F1",
+            "evidence span F1", "codes / note", "span exact", "unseen span exact"]
+  main_rows = [_row(results[a], DEFAULT_VARIANT) for a in order]
+  variant_rows = []
+  for a in order:
+    for name, _, _ in VARIANTS:
+      m = results[a]["variants"][name]
+      variant_rows.append([results[a]["label"], name, f"{m['threshold']:.3f}",
+                           f"{m['micro_f1']:.3f}", f"{m['micro_precision']:.3f}",
+                           f"{m['micro_recall']:.3f}", f"{m['macro_f1']:.3f}",
+                           f"{m['unseen_micro_f1']:.3f}", f"{m['codes_per_note']:.1f}"])
+  targets = []
+  for metric, arm, variant, minimum in TARGETS:
+    if arm in results:
+      value = results[arm]["variants"][variant].get(metric, float("nan"))
+      targets.append([f"{metric} ({arm})", f">= {minimum:.2f}", f"{value:.3f}",
+                      "met" if value >= minimum else f"{minimum - value:.3f} short"])
+  for arm, key, minimum in (("mixed_20", "macro_f1_gain", 0.05),
+                            ("mixed_20", "unseen_micro_f1_gain", 0.20)):
+    if f"{arm}_{key}" in cmp:
+      value = cmp[f"{arm}_{key}"]
+      targets.append([f"{key.replace('_', ' ')} of {arm} over doc_only "
+                      f"({cmp[f'{arm}_token_ratio']:.0%} of its tokens)", f">= +{minimum:.2f}",
+                      f"{value:+.3f}", "met" if value >= minimum else f"{minimum - value:.3f} short"])
+  gold = next(iter(results.values()))["gold_codes_per_note"] if results else 0
+  any_r = next(iter(results.values())) if results else {}
+  md = [
+      "# Results: the headline experiment" + (" (--quick: toy sizes, not results)"
+                                               if settings.quick else ""),
+      "",
+      f"`{command}` on {machine['date']}, {machine['cores']} cores ({machine['cpu']}), "
+      f"{wall_seconds / 60:.0f} min for the arms this run computed "
+      "(arms finished earlier are reused). What each arm is and how it is evaluated: "
+      "`jaxicd/experiment.py`.",
+      "",
+      f"- Budget: {settings.steps} optimizer steps of 4 x 256 packed tokens per arm "
+      f"(mixed_20: {arm_steps(ARMS[2], settings)}); SmolLM2-135M-Instruct, LoRA r16 on all "
+      "projections, bf16, the demo corpus.",
+      f"- Test: the first {any_r.get('test_notes', 0)} test notes ({gold:.1f} gold codes per "
+      f"note) and their {any_r.get('test_spans', 0)} gold evidence spans; the threshold is "
+      f"calibrated on {any_r.get('val_notes', 0)} val notes; unseen-code scores are strict.",
+      f"- Default inference (`{DEFAULT_VARIANT}`): evidence-first document pass, each evidence "
+      "span re-coded with the span prompt, codes kept at the calibrated threshold.",
+      "",
+      "## Arms (default inference)",
+      "",
+      _table(header, main_rows),
+      "",
+      "![note F1 against training tokens](results.png)",
+      "",
+      "## Targets",
+      "",
+      _table(["target", "wanted", "measured", ""], targets),
+      "",
+      "## Inference variants (same trained adapters, same test notes)",
+      "",
+      _table(["arm", "variant", "threshold", "micro-F1", "P", "R", "macro-F1",
+              "unseen micro-F1", "codes / note"], variant_rows),
+      "",
+  ]
+  if "doc_only" in results:
+    sel = results["doc_only"]["val_selection"]
+    md += ["Document-only checkpoint selection (val micro-F1 by step): "
+           + ", ".join(f"{k}: {v:.3f}" for k, v in sel.items())
+           + f"; step {results['doc_only']['step']} evaluated.", ""]
+  (out / "results.md").write_text("\n".join(md))
+  _figure(results, out / "results.png")
+
+
+def _figure(results: dict[str, dict], path: pathlib.Path) -> None:
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharex=True)
+  series = {"document-only": ["zero_shot", "doc_only"],
+            "mixed (Code-Centric)": ["zero_shot", "mixed_20", "mixed"]}
+  for ax, metric in zip(axes, ("micro_f1", "macro_f1")):
+    for label, arms in series.items():
+      pts = [(results[a]["tokens"], results[a]["variants"][DEFAULT_VARIANT][metric])
+             for a in arms if a in results]
+      if pts:
+        ax.plot([p[0] / 1e3 for p in pts], [p[1] for p in pts], marker="o", label=label)
+    for a in ("span_only", "mixed_code_first"):
+      if a in results:
+        ax.scatter([results[a]["tokens"] / 1e3],
+                   [results[a]["variants"][DEFAULT_VARIANT][metric]], marker="x",
+                   label=results[a]["label"])
+    ax.set_xlabel("training tokens (thousands)")
+    ax.set_ylabel(f"test note {metric.replace('_', '-')}")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+  axes[0].legend(fontsize=8)
+  fig.suptitle("SmolLM2-135M on the demo corpus: note-level F1 against training tokens")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def _cpu_name() -> str:
+  try:
+    for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+      if line.startswith("model name"):
+        return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or "unknown CPU"
+
+
+# ------------------------------------------------------------------------------- main
+
+
+def run(settings: Settings, workdir: pathlib.Path, out: pathlib.Path,
+        arms: Sequence[str] = (), command: str = "") -> dict[str, dict]:
+  chosen = [a for a in ARMS if not arms or a.name in arms]
+  t0 = time.time()
+  results = {}
+  for arm in chosen:  # arm by arm, so the report grows while the rest trains
+    path = workdir / arm.name / "result.json"
+    if path.exists():
+      results[arm.name] = json.loads(path.read_text())
+      log(f"{arm.name}: evaluated earlier, reusing {path}")
+      continue
+    train(arm, settings, workdir / arm.name)
+    log(f"{arm.name}: evaluating")
+    result = evaluate_arm(arm, settings, workdir / arm.name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1))
+    m = result["variants"][DEFAULT_VARIANT]
+    log(f"{arm.name}: micro-F1 {m['micro_f1']:.3f} macro-F1 {m['macro_f1']:.3f} unseen "
+        f"{m['unseen_micro_f1']:.3f} span exact {result['spans']['span_exact']:.3f} "
+        f"({result['eval_seconds']:.0f}s)")
+    results[arm.name] = result
+    write_report(results, settings, out, time.time() - t0, command)
+  write_report(results, settings, out, time.time() - t0, command)
+  return results
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--quick", action="store_true", help="toy sizes (minutes), for tests")
+  parser.add_argument("--workdir", default="", help="arms' runs (default runs/experiment, "
+                      "runs/experiment_quick with --quick)")
+  parser.add_argument("--out", default="", help="report folder (default docs/, or the "
+                      "workdir with --quick)")
+  parser.add_argument("--arms", default="", help="comma-separated subset of: "
+                      + ", ".join(a.name for a in ARMS))
+  parser.add_argument("--steps", type=int, default=0, help="training budget in steps")
+  args = parser.parse_args(argv)
+  settings = QUICK if args.quick else Settings()
+  if args.steps:
+    settings = dataclasses.replace(settings, steps=args.steps)
+  workdir = pathlib.Path(args.workdir or REPO / ("runs/experiment_quick" if args.quick
+                                                 else "runs/experiment"))
+  out = pathlib.Path(args.out or (workdir if args.quick else REPO / "docs"))
+  arms = [a for a in args.arms.split(",") if a]
+  unknown = set(arms) - {a.name for a in ARMS}
+  if unknown:
+    parser.error(f"unknown arms {sorted(unknown)}")
+  command = "python -m jaxicd.experiment" + (" --quick" if args.quick else "") + (
+      f" --steps={args.steps}" if args.steps else "")
+  run(settings, workdir, out, arms, command)
+
+
+if __name__ == "__main__":
+  main()
