@@ -29,9 +29,10 @@ venv: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(PY) -m jaxicd.main --config=$(CONFIG) --workdir=$(WORKDIR)
 
-# The report's browser test fails here (skips elsewhere) without chromium; .ci/run installs it.
+# Tests that need chromium (the report's browser test; .ci/run installs it) or the torch
+# references (the test extra) fail here when those are missing; elsewhere they skip.
 test: $(VENV)/.installed-test
-	JAXICD_REQUIRE_CHROMIUM=1 $(PY) -m pytest -q tests $(PYTEST_ARGS)
+	JAXICD_REQUIRE_CHROMIUM=1 JAXICD_REQUIRE_REFERENCES=1 $(PY) -m pytest -q tests $(PYTEST_ARGS)
 
 bench: $(VENV)/.installed-test
 	for b in bench/*.py; do $(PY) $$b || exit 1; done

@@ -2,11 +2,36 @@
 
 from __future__ import annotations
 
+import importlib
+import os
 import pathlib
-from typing import Callable
+import types
+from typing import Callable, NoReturn
 
 import numpy as np
 import pytest
+
+def missing_requirement(message: str, env: str) -> NoReturn:
+  """Skips the calling test (or module, at import time) for something missing on this machine,
+  or fails it where that thing is required: under ``make test`` (which sets ``$env``) or CI
+  (``$CI``). The one rule for every optional test dependency (the Chromium browser, the torch
+  references)."""
+  if os.environ.get("CI") or os.environ.get(env):
+    pytest.fail(f"{message} (required here: ${env} or $CI is set)", pytrace=False)
+  pytest.skip(message, allow_module_level=True)
+
+
+def require_reference(module: str) -> types.ModuleType:
+  """Imports a reference implementation that tests compare jaxicd against (torch, transformers,
+  peft: the ``test`` extra). Missing, the test skips, except under ``make test``
+  (``$JAXICD_REQUIRE_REFERENCES``) or CI, where it fails (`missing_requirement`)."""
+  try:
+    return importlib.import_module(module)
+  except ImportError as e:
+    missing_requirement(f"reference implementation {module!r} is not importable ({e}); "
+                        "install the test extra: pip install -e '.[test]'",
+                        "JAXICD_REQUIRE_REFERENCES")
+
 
 # A tiny Llama: head_dim 16 and widths that are multiples of 32 (GGUF block quants need that).
 TINY_HF_LLAMA = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -33,8 +58,8 @@ def _torch_llama_from_gguf(path: pathlib.Path, hf_config):
   only: tensor names from gguf's own name map, values from ``gguf.quants.dequantize`` and Q/K
   rows un-permuted by transformers' GGUF converter (none of it is jaxicd's)."""
   import gguf
-  import torch
-  import transformers
+  torch = require_reference("torch")
+  transformers = require_reference("transformers")
   from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
   from jaxicd.model.gguf_io import GgufFile  # only to slice out raw tensor bytes quickly
 
@@ -68,8 +93,8 @@ def torch_smollm2(smollm2_path):
   itself with ``gguf_file=``, but that takes ~45 s on this file; tests/test_weights.py checks
   that path end to end on tiny GGUF files instead.)
   """
-  torch = pytest.importorskip("torch")
-  transformers = pytest.importorskip("transformers")
+  torch = require_reference("torch")
+  transformers = require_reference("transformers")
   torch.set_num_threads(2)
   config = transformers.LlamaConfig(
       vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
@@ -82,8 +107,8 @@ def torch_smollm2(smollm2_path):
 def random_hf_llama(seed: int = 0, **overrides):
   """A transformers LlamaForCausalLM (or Qwen2 with ``model_type='qwen2'``) with random weights,
   including non-trivial norm scales and biases so that every tensor matters."""
-  import torch
-  import transformers
+  torch = require_reference("torch")
+  transformers = require_reference("transformers")
   kw = dict(TINY_HF_LLAMA, **overrides)
   model_type = kw.pop("model_type", "llama")
   if model_type == "qwen2":

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import random_hf_llama
+from conftest import random_hf_llama, require_reference
 from jaxicd.model import export
 from jaxicd.model import lora as lora_lib
 from jaxicd.model import weights
@@ -18,9 +18,9 @@ from jaxicd.model.config import LoraConfig, preset
 from jaxicd.model.export import ExportError
 from jaxicd.model.llama import Llama
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-peft = pytest.importorskip("peft")
+torch = require_reference("torch")
+transformers = require_reference("transformers")
+peft = require_reference("peft")
 
 LORA = LoraConfig(rank=4, alpha=8.0, dropout=0.0)
 TOKENS = np.random.RandomState(0).randint(0, 256, (2, 11)).astype(np.int32)

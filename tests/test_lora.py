@@ -9,7 +9,7 @@ import optax
 import pytest
 from flax import nnx
 
-from conftest import random_hf_llama
+from conftest import random_hf_llama, require_reference
 from jaxicd.model import lora as lora_lib
 from jaxicd.model import weights
 from jaxicd.model.config import LoraConfig
@@ -146,8 +146,8 @@ def test_dropout_only_in_train_mode(hf_dir):
 
 
 def test_matches_peft(hf_dir):
-  pytest.importorskip("peft")
-  torch = pytest.importorskip("torch")
+  require_reference("peft")
+  torch = require_reference("torch")
   hf_model, path = hf_dir
   model = weights.build_model(str(path), lora=LORA)
   _randomize_b(model, seed=1)
@@ -163,8 +163,8 @@ def test_matches_peft(hf_dir):
 def test_training_grads_match_peft(hf_dir):
   """Adapter gradients of the training loss (fused head cross-entropy, hand-written LoRA and
   attention backward passes) equal torch autograd through transformers + PEFT."""
-  pytest.importorskip("peft")
-  torch = pytest.importorskip("torch")
+  require_reference("peft")
+  torch = require_reference("torch")
   from jaxicd.train import losses
   _, path = hf_dir
   model = weights.build_model(str(path), lora=LORA)

@@ -20,6 +20,7 @@ import subprocess
 
 import pytest
 
+from conftest import missing_requirement
 from jaxicd.data.records import Document
 from jaxicd.eval import report
 
@@ -159,11 +160,8 @@ def _chromium() -> str:
     path = shutil.which(name) if name else None
     if path:
       return path
-  message = ("headless Chromium not found (apt-get install chromium; .ci/run installs it; "
-             "$CHROMIUM names another binary)")
-  if os.environ.get("CI") or os.environ.get("JAXICD_REQUIRE_CHROMIUM"):
-    pytest.fail(message)
-  pytest.skip(message)
+  missing_requirement("headless Chromium not found (apt-get install chromium; .ci/run installs "
+                      "it; $CHROMIUM names another binary)", "JAXICD_REQUIRE_CHROMIUM")
 
 
 def _run_chromium(tmp_path: pathlib.Path, *args: str) -> subprocess.CompletedProcess:

@@ -11,6 +11,7 @@ import jinja2
 import numpy as np
 import pytest
 
+from conftest import require_reference
 from jaxicd.model import embedded
 from jaxicd.model import tokenizer as tokenizer_lib
 from jaxicd.model.tokenizer import TokenizerError, load_tokenizer, read_gguf_metadata
@@ -88,8 +89,8 @@ def ours():
 
 @pytest.fixture(scope="module")
 def reference(gguf_path):
-  transformers = pytest.importorskip("transformers")
-  pytest.importorskip("torch")  # transformers' gguf_file path needs it
+  transformers = require_reference("transformers")
+  require_reference("torch")  # transformers' gguf_file path needs it
   return transformers.AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
 
 
@@ -235,7 +236,7 @@ def smollm_meta(gguf_path):
 def test_other_pre_tokenizers_match_transformers(smollm_meta, tmp_path, pre):
   # SmolLM2's vocabulary under the Llama 3 / Qwen2 split rules, against transformers' own GGUF
   # tokenizer builder fed the same metadata.
-  convert = pytest.importorskip(
+  convert = require_reference(
       "transformers.integrations.gguf.gguf_tokenizer_mapping").convert_gguf_tokenizer
   ours = load_tokenizer(_write_tokenizer_gguf(tmp_path / f"{pre}.gguf", smollm_meta, pre))
   reference, _ = convert("llama", {

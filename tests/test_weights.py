@@ -12,14 +12,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import random_hf_llama, write_llama_gguf
+from conftest import random_hf_llama, require_reference, write_llama_gguf
 from jaxicd.model import gguf_io
 from jaxicd.model import llama
 from jaxicd.model import weights
 from jaxicd.model.weights import WeightsError
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+torch = require_reference("torch")
+transformers = require_reference("transformers")
 
 TOKENS = np.random.RandomState(0).randint(0, 256, (2, 13)).astype(np.int32)
 
