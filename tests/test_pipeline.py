@@ -96,6 +96,18 @@ def make_spans(n: int) -> list[Span]:
   return spans
 
 
+def varied_spans(n: int, seed: int = 0) -> list[Span]:
+  """Spans of 18-144 characters: examples of 150-430 tokens, so that first-fit packing
+  reaches back to earlier rows (with equal lengths every packer fills rows in turn)."""
+  rng = random.Random(seed)
+  out = []
+  for i in range(n):
+    code, phrase = CONDITIONS[i % len(CONDITIONS)]
+    text = f"{phrase} ({i}) " + FILLER[:rng.choice([0, 10, 30, 60, 100])]
+    out.append(Span(text.strip(), None if i % 7 == 6 else code, "paraphrase"))
+  return out
+
+
 def data_cfg(**overrides):
   cfg = dict(source="test", span_weight=0.8, doc_weight=0.2, seq_len=512, window_overlap=16,
              batch_size=4, shuffle_seed=0, num_threads=0)
@@ -128,17 +140,92 @@ def segments(batch):
   return out
 
 
+# --- expectations written out here, not by the code under test ----------------------------------
+
+
+def chat_example(tok, text: str, answer: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+  """(tokens, loss mask) of a training example spelled out by hand: the ChatML prompt (system
+  line, then the instruction and the note as the user turn), the answer and <|im_end|>; the loss
+  lies on the answer and <|im_end|> only."""
+  prompt = (f"<|im_start|>system\n{prompts.SYSTEM_PROMPT}<|im_end|>\n"
+            f"<|im_start|>user\n{prompts.INSTRUCTION}\n\n{text}<|im_end|>\n"
+            "<|im_start|>assistant\n")
+  head, answer_ids = tok.encode(prompt), tok.encode(answer + "<|im_end|>")
+  return tuple(head + answer_ids), (0,) * len(head) + (1,) * len(answer_ids)
+
+
+def span_example(tok, span: Span):
+  """A span's example: ``CODE | span text``, or ``NONE`` for a negative span."""
+  return chat_example(tok, span.text, f"{span.code} | {span.text}" if span.code else "NONE")
+
+
+def window_example(tok, doc: Document, begin: int, end: int):
+  """The example of the window ``doc.text[begin:end]`` of a `make_documents` note (every code
+  has one evidence span): a ``CODE | quote`` line per evidence lying whole in the window, in
+  reading order, or ``NONE``."""
+  inside = sorted((e for e in doc.evidence if begin <= e.begin and e.end <= end),
+                  key=lambda e: e.begin)
+  lines = [f"{e.code} | {doc.text[e.begin:e.end]}" for e in inside]
+  return chat_example(tok, doc.text[begin:end], "\n".join(lines) or "NONE")
+
+
+def shifted(example) -> dict[str, np.ndarray]:
+  tokens, mask = (np.asarray(x, np.int32) for x in example)
+  return {"inputs": tokens[:-1], "targets": tokens[1:],
+          "loss_weights": mask[1:].astype(np.float32)}
+
+
+def first_fit_pack(examples, seq_len: int, bins: int) -> list[list[dict[str, np.ndarray]]]:
+  """A naive first-fit packer (the algorithm grain documents for FirstFitPackIterDataset):
+  each shifted example, in stream order, goes to the first of ``bins`` rows with room for it;
+  when none has room, the round's rows are emitted and a new round starts with that example.
+  The last round keeps only its non-empty rows. Returns the rounds' rows, laid out."""
+  rounds, rows = [], [[] for _ in range(bins)]
+  for ex in examples:
+    n = len(ex["inputs"])
+    row = next((r for r in rows if sum(len(e["inputs"]) for e in r) + n <= seq_len), None)
+    if row is None:
+      rounds.append(rows)
+      rows = [[] for _ in range(bins)]
+      row = rows[0]
+    row.append(ex)
+  rounds.append([r for r in rows if r])
+
+  def layout(row):
+    out = {k: np.zeros(seq_len, np.float32 if k == "loss_weights" else np.int32)
+           for k in pipeline.BATCH_KEYS}
+    at = 0
+    for i, ex in enumerate(row, start=1):
+      n = len(ex["inputs"])
+      for k in ("inputs", "targets", "loss_weights"):
+        out[k][at:at + n] = ex[k]
+      out["segment_ids"][at:at + n] = i
+      out["positions"][at:at + n] = np.arange(n)
+      at += n
+    return out
+
+  return [[layout(r) for r in rnd] for rnd in rounds]
+
+
+def rows_of(batches) -> list[dict[str, np.ndarray]]:
+  return [{k: b[k][r] for k in pipeline.BATCH_KEYS} for b in batches
+          for r in range(len(b["inputs"]))]
+
+
+def row_key(row) -> bytes:
+  return b"".join(np.ascontiguousarray(row[k]).tobytes() for k in sorted(pipeline.BATCH_KEYS))
+
+
 def test_packed_batches_keep_examples_apart(tok, docs, spans):
   cfg = data_cfg()
   it = pipeline.make_train_iterator(cfg, tok, documents=docs, spans=spans, prefetch=0)
-  # Every example the pipeline may emit, computed directly from the records.
-  expected = {}
-  for s in spans:
-    ex = prompts.encode_example(tok, s.text, prompts.span_target(s))
-    expected[tuple(ex["tokens"])] = ex["loss_mask"]
+  # Every example the pipeline may emit, spelled out from the records (only the windows'
+  # character bounds come from the window planner).
+  expected = dict(span_example(tok, s) for s in spans)
   for d in docs:
     for w in pipeline.document_windows(d, tok, seq_len=512, window_overlap=16):
-      expected[tuple(w.tokens)] = w.loss_mask
+      tokens, mask = window_example(tok, d, w.begin, w.end)
+      expected[tokens] = mask
   n_segments = 0
   for _ in range(12):
     b = next(it)
@@ -160,7 +247,7 @@ def test_packed_batches_keep_examples_apart(tok, docs, spans):
       np.testing.assert_array_equal(targets[:-1], inputs[1:])  # shifted within the segment
       tokens = tuple(np.append(inputs, targets[-1]))
       assert tokens in expected, tok.decode(tokens)[:200]
-      np.testing.assert_array_equal(b["loss_weights"][r, sl], expected[tokens][1:])
+      np.testing.assert_array_equal(b["loss_weights"][r, sl], np.asarray(expected[tokens][1:]))
       # Loss lies exactly on the assistant answer: decoding it gives the target + <|im_end|>.
       answer = tok.decode(targets[b["loss_weights"][r, sl] > 0])
       assert answer.endswith("<|im_end|>")
@@ -172,6 +259,72 @@ def test_packed_batches_keep_examples_apart(tok, docs, spans):
       assert not seg[len(ids):].any()  # padding only after the last example
   assert n_segments > 48
   assert it.stats.truncated == 0
+
+
+def test_train_packing_is_first_fit_over_the_example_stream(tok):
+  """Spans only, so the stream is one shuffled source. One packing bin lays the stream out row
+  after row: its order is read off, checked to be an epoch of every span once, and packed here
+  with 8 bins by a naive first-fit packer; the pipeline's 8-bin rows must be exactly those rows,
+  each round's rows in some order (rows are shuffled within a round)."""
+  seq_len, spans = 512, varied_spans(200)
+  cfg = data_cfg(span_weight=1.0, doc_weight=0.0, batch_size=4)
+  by_tokens = {span_example(tok, s)[0]: (i, span_example(tok, s)) for i, s in enumerate(spans)}
+  one_bin = pipeline.make_train_iterator(dict(cfg, pack_bins=1), tok, spans=spans,
+                                         documents=[], prefetch=0)
+  stream, fill = [], []
+  for b in [next(one_bin) for _ in range(45)]:
+    for r in range(4):
+      row = [(s, sl) for rr, s, sl, _ in segments(b) if rr == r]
+      fill.append(sum(sl.stop - sl.start for _, sl in row))
+      for _, sl in row:
+        tokens = tuple(np.append(b["inputs"][r, sl], b["targets"][r, sl][-1]).tolist())
+        i, example = by_tokens[tokens]  # KeyError: not a span's example
+        np.testing.assert_array_equal(b["loss_weights"][r, sl], np.asarray(example[1][1:]))
+        stream.append((i, example))
+  # An epoch is every span once (the next epoch is shuffled anew: no repeat within it either).
+  assert sorted(i for i, _ in stream[:len(spans)]) == list(range(len(spans)))
+  second = [i for i, _ in stream[len(spans):]]
+  assert second and len(set(second)) == len(second)
+  # One bin: a row is closed only when the next example does not fit in what is left.
+  lengths = [len(ex[0]) - 1 for _, ex in stream]
+  k = 0
+  for used in fill[:-1]:
+    n_row = 0
+    while n_row < used:
+      n_row += lengths[k]
+      k += 1
+    assert n_row == used and used + lengths[k] > seq_len
+  # Eight bins: two batches of 4 rows per round.
+  eight = pipeline.make_train_iterator(dict(cfg, pack_bins=8), tok, spans=spans, documents=[],
+                                       prefetch=0)
+  reference = first_fit_pack([shifted(ex) for _, ex in stream], seq_len, 8)[:-1]
+  rounds = 6
+  assert len(reference) > rounds and all(len(rnd) == 8 for rnd in reference[:rounds])
+  for rnd in reference[:rounds]:
+    got = rows_of([next(eight), next(eight)])
+    assert sorted(map(row_key, got)) == sorted(map(row_key, rnd))
+
+
+def test_eval_packing_is_first_fit_in_order(tok, docs):
+  """The eval iterator packs val windows, then spans, in order, into batch_size bins: exactly
+  the naive first-fit packer's rows, the last batch padded with empty rows."""
+  seq_len, extra = 512, varied_spans(40, seed=1)
+  cfg = data_cfg(batch_size=3)
+  got = list(pipeline.make_eval_iterator(cfg, tok, documents=docs, spans=extra))
+  examples = []
+  for d in (d for d in docs if d.split == "val"):
+    for w in pipeline.document_windows(d, tok, seq_len=seq_len, window_overlap=16):
+      examples.append(shifted(window_example(tok, d, w.begin, w.end)))
+  examples += [shifted(span_example(tok, s)) for s in extra]
+  rounds = first_fit_pack(examples, seq_len, 3)
+  assert len(got) == len(rounds)
+  assert any(len(set(r["segment_ids"][r["segment_ids"] > 0])) > 1 for r in rows_of(got))
+  for batch, rnd in zip(got, rounds):
+    empty = {k: np.zeros_like(v) for k, v in rnd[0].items()}
+    rnd = rnd + [empty] * (3 - len(rnd))
+    for k in pipeline.BATCH_KEYS:
+      np.testing.assert_array_equal(batch[k], np.stack([r[k] for r in rnd]), err_msg=k)
+      assert batch[k].dtype == rnd[0][k].dtype, k
 
 
 def test_mixture_proportions_over_many_batches(tok, docs, spans):
