@@ -211,10 +211,18 @@ def demo_constraint(smol_tok):
 
 
 def test_trie_over_demo_space_matches_code_tokens(smol_tok, demo_constraint):
-  expected = {tuple(prompts.code_token_ids(smol_tok, x))
-              for x in demo_constraint.codes + (prompts.NONE,)}
+  from jaxicd.data.demo import DEMO_CODES
+  assert sorted(demo_constraint.codes) == sorted(DEMO_CODES) and len(DEMO_CODES) == 260
+  # A code-first line starts with the code's own tokenization: the tokenizer's, on the code alone.
+  expected = {tuple(smol_tok.encode(x)) for x in DEMO_CODES + ("NONE",)}
   assert demo_constraint.sequences() == expected
-  assert len(demo_constraint.codes) == 260
+  # SmolLM2 writes every digit as its own token (hand-checked pieces); the longest demo codes
+  # have 8 characters, one token each.
+  pieces = lambda x: [smol_tok.decode([t]) for t in smol_tok.encode(x)]
+  assert pieces("I50.23") == ["I", "5", "0", ".", "2", "3"]
+  assert pieces("S72.001A") == ["S", "7", "2", ".", "0", "0", "1", "A"]
+  assert pieces("NONE") == ["N", "ONE"]
+  assert max(len(x) for x in DEMO_CODES) == 8 and demo_constraint.max_depth == 8
 
 
 def test_constrained_sampling_emits_only_valid_codes(smol_tok, demo_constraint):
@@ -251,7 +259,7 @@ def test_trie_scales_to_all_billable_codes(smol_tok):
   from jaxicd.ontology import get_ontology
   codes = get_ontology().code_space("all")
   c = gen.build_constraint(smol_tok, codes)
-  expected = {tuple(prompts.code_token_ids(smol_tok, x)) for x in codes + (prompts.NONE,)}
+  expected = {tuple(smol_tok.encode(x)) for x in codes + ("NONE",)}
   assert len(codes) == 74719 and c.sequences() == expected
   assert c.nbytes < 20e6  # sparse: a few MB, not states x vocab
   eot = [smol_tok.end_of_turn_id]
@@ -261,7 +269,7 @@ def test_trie_scales_to_all_billable_codes(smol_tok):
   assert _walk(c, smol_tok, smol_tok.encode("I50.29") + eot) == 5  # no such code
   # Unique codes over the full space: the used code's line is refused, its siblings are not.
   assert int(c.arrays.codes_below[gen.ROOT]) == 74719
-  assert c.max_depth == max(len(prompts.code_token_ids(smol_tok, x)) for x in codes)
+  assert c.max_depth == max(len(smol_tok.encode(x)) for x in codes)
   again = smol_tok.encode("I50.23\nI50.23") + eot
   assert _walk(c, smol_tok, again) == -1
   assert _walk(c, smol_tok, again, unique=True) == len(smol_tok.encode("I50.23\nI50.2"))
@@ -400,7 +408,7 @@ def _evidence_first_allowed(tok, prompt, lo, hi, emitted, codes, stop):
   """Reference grammar, written from the format's definition (host side, no trie): the set of
   tokens allowed after `emitted` in an evidence-first answer with unique codes."""
   sep, newline = tok.encode(" |")[0], tok.encode("\n")[0]
-  seqs = {c: tuple(prompts.code_token_ids(tok, c, prompts.EVIDENCE_FIRST)) for c in codes}
+  seqs = {c: tuple(tok.encode(" " + c)) for c in codes}  # " CODE" after the " |" token
 
   def copyable(t):
     text = tok.decode([t])
@@ -473,8 +481,10 @@ def test_evidence_first_sampling_stays_in_the_grammar(smol_tok, narrow_smol_mode
   from jaxicd.ontology import get_ontology
   codes = get_ontology().code_space("demo")
   c = gen.build_constraint(smol_tok, codes, answer_format=prompts.EVIDENCE_FIRST)
-  assert c.sequences() == {tuple(prompts.code_token_ids(smol_tok, x, prompts.EVIDENCE_FIRST))
+  assert c.sequences() == {tuple(smol_tok.encode(" " + x))
                            for x in codes}  # no NONE line: an empty answer says it
+  assert [smol_tok.decode([t]) for t in smol_tok.encode(" I50.23")] == [
+      " I", "5", "0", ".", "2", "3"]  # the space joins the letter, as after " |" in an answer
   stop = smol_tok.end_of_turn_id
   texts = ("Patient with hypertension | on lisinopril.\nCHF exacerbation, AKI.",
            "No complaints.", "Afib on apixaban; T2DM; CKD stage 3.")
@@ -500,9 +510,10 @@ def test_code_only_decodes_one_code_after_the_prompt(smol_tok, narrow_smol_model
                      max_new_tokens=c.max_depth + 1, stop_ids=[smol_tok.end_of_turn_id],
                      constraint=c, code_only=True, temperature=1.0, key=jax.random.key(2))
     out = g.row(0, strip_stop=False)
-    heads = {tuple(prompts.code_token_ids(smol_tok, x, fmt)) for x in codes}
+    space = "" if fmt == prompts.CODE_FIRST else " "  # evidence-first: " CODE" after " |"
+    heads = {tuple(smol_tok.encode(space + x)) for x in codes}
     if fmt == prompts.CODE_FIRST:
-      heads.add(tuple(prompts.code_token_ids(smol_tok, prompts.NONE)))
+      heads.add(tuple(smol_tok.encode("NONE")))
     assert any(tuple(out[:len(h)]) == h for h in heads), smol_tok.decode(out)
   with pytest.raises(ValueError, match="note_ranges"):
     gen.generate(narrow_smol_model, [[1, 2]], max_new_tokens=2, stop_ids=[0],
