@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import pathlib
-import re
 import signal
 import subprocess
 import sys
@@ -37,6 +36,29 @@ def _main_cmd(workdir, tokenizer_dir, *extra):
           "--config.checkpoint.keep=2", "--config.train.eval_batches=0", *extra]
 
 
+# `python -m jaxicd.main` that stops after printing the progress line of one step (argv[1], e.g.
+# "step 6/"): it prints GATE and waits for a line on stdin. A signal sent while it waits lands at
+# a known step (the step loop checks for SIGTERM after that line), so the test does not race the
+# training loop.
+_GATED_MAIN = """
+import builtins, runpy, sys
+gate = sys.argv.pop(1)
+_print = builtins.print
+def _gated_print(*args, **kwargs):
+  _print(*args, **kwargs)
+  if args and str(args[0]).startswith(gate):
+    _print("GATE", flush=True)
+    sys.stdin.readline()
+builtins.print = _gated_print
+sys.argv[0] = "jaxicd.main"
+runpy.run_module("jaxicd.main", run_name="__main__", alter_sys=True)
+"""
+
+
+def _gated_cmd(gate, workdir, tokenizer_dir):
+  return [sys.executable, "-c", _GATED_MAIN, gate] + _main_cmd(workdir, tokenizer_dir)[3:]
+
+
 def _env():
   return train_worker.subprocess_env()
 
@@ -45,7 +67,8 @@ class _Run:
   """A main process whose stdout lines are collected by a thread."""
 
   def __init__(self, cmd):
-    self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, text=True,
                                  cwd=str(train_worker.ROOT), env=_env())
     self.lines: list[str] = []
     self._thread = threading.Thread(target=self._read, daemon=True)
@@ -65,6 +88,11 @@ class _Run:
       time.sleep(0.05)
     raise AssertionError("timed out; output:\n" + "\n".join(self.lines[-40:]))
 
+  def release(self):
+    """Lets a gated run (`_GATED_MAIN`) continue."""
+    self.proc.stdin.write("\n")
+    self.proc.stdin.flush()
+
   def finish(self, timeout=180.0) -> int:
     rc = self.proc.wait(timeout=timeout)
     self._thread.join(timeout=10)
@@ -73,6 +101,11 @@ class _Run:
   @property
   def text(self) -> str:
     return "\n".join(self.lines)
+
+
+def _summary(run: _Run) -> dict:
+  """The JSON summary line that main prints last."""
+  return json.loads([l for l in run.lines if l.startswith('{"mode"')][-1])
 
 
 def _finalized_steps(workdir: pathlib.Path) -> list[int]:
@@ -142,27 +175,33 @@ def test_checkpoint_holds_no_base_weights(uninterrupted):
 
 def test_sigkill_and_sigterm_resume_exactly(uninterrupted, tmp_path, tokenizer_dir):
   workdir = tmp_path / "interrupted"
-  # 1) SIGKILL after the first checkpoint has been finalized.
-  run = _Run(_main_cmd(workdir, tokenizer_dir))
-  run.wait_for(lambda: _finalized_steps(workdir))
+  # 1) SIGKILL at step 6, once the checkpoint of step 4 (checkpoint.every=4) is finalized: the
+  #    run waits after its step-6 line until then.
+  run = _Run(_gated_cmd("step 6/", workdir, tokenizer_dir))
+  assert run.wait_for(lambda: "GATE" in run.lines), run.text
+  assert run.wait_for(lambda: _finalized_steps(workdir) == [4]), run.text
   run.proc.send_signal(signal.SIGKILL)
-  run.finish()
-  killed_at = max(_finalized_steps(workdir))
-  assert killed_at < STEPS, "the run finished before it could be killed; raise STEPS"
-  # 2) Restart; stop it with SIGTERM (preemption) once it trained past the restored step.
-  run = _Run(_main_cmd(workdir, tokenizer_dir))
-  run.wait_for(lambda: any(l.startswith(f"step {killed_at + 2}/") for l in run.lines))
+  assert run.finish() == -signal.SIGKILL
+  assert _finalized_steps(workdir) == [4]
+  # 2) Restart (from step 4); SIGTERM (preemption) while it waits after its step-6 line: it
+  #    saves a checkpoint at step 6 and exits cleanly.
+  run = _Run(_gated_cmd("step 6/", workdir, tokenizer_dir))
+  assert run.wait_for(lambda: "GATE" in run.lines), run.text
   run.proc.send_signal(signal.SIGTERM)
+  assert run.wait_for(lambda: any("SIGTERM received" in l for l in run.lines)), run.text
+  run.release()
   assert run.finish() == 0, run.text
-  assert "resumed from" in run.text and f"at step {killed_at}" in run.text
-  preempted = [l for l in run.lines if l.startswith("preempted: saved checkpoint at step")]
-  if preempted:  # else it finished all steps before the signal arrived
-    step = int(re.search(r"at step (\d+)", preempted[0]).group(1))
-    assert step in _finalized_steps(workdir)
-    assert '"status": "preempted"' in run.text
-  # 3) Restart and finish.
+  assert f"resumed from {workdir / 'checkpoints' / '4'} at step 4" in run.text
+  assert [l for l in run.lines if l.startswith("preempted:")] == [
+      "preempted: saved checkpoint at step 6; exiting"]
+  assert not any(l.startswith("step 7/") or l.startswith("step 8/") for l in run.lines)
+  assert _summary(run)["status"] == "preempted" and _summary(run)["step"] == 6
+  assert _finalized_steps(workdir) == [4, 6]  # keep=2
+  # 3) Restart (from step 6) and finish.
   run = _Run(_main_cmd(workdir, tokenizer_dir))
   assert run.finish() == 0, run.text
+  assert f"resumed from {workdir / 'checkpoints' / '6'} at step 6" in run.text
+  assert _summary(run)["status"] == "done" and _summary(run)["step"] == STEPS
   _, expected = _final_params(uninterrupted[0])
   step, got = _final_params(workdir)
   assert step == STEPS
