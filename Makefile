@@ -5,7 +5,7 @@ CONFIG ?= configs/mixed.py
 WORKDIR ?= runs/mixed
 PYTEST_ARGS ?=
 
-.PHONY: demo test bench venv clean
+.PHONY: demo test bench experiment venv clean
 
 $(VENV)/.created:
 	@python=$$(launch/find_python.sh) || exit 1; \
@@ -33,6 +33,10 @@ demo: $(VENV)/.installed
 # references (the test extra) fail here when those are missing; elsewhere they skip.
 test: $(VENV)/.installed-test
 	JAXICD_REQUIRE_CHROMIUM=1 JAXICD_REQUIRE_REFERENCES=1 $(PY) -m pytest -q tests $(PYTEST_ARGS)
+
+# The headline experiment (docs/results.md): resumable, hours on 2 cores; EXPERIMENT_ARGS=--quick.
+experiment: $(VENV)/.installed-test
+	$(PY) -m jaxicd.experiment $(EXPERIMENT_ARGS)
 
 bench: $(VENV)/.installed-test
 	for b in bench/*.py; do $(PY) $$b || exit 1; done

@@ -39,6 +39,7 @@ setuptools.setup(
             "peft",
             "scikit-learn",
             "tensorboardX",  # reads our event files back in tests
+            "matplotlib",    # the experiment's figure (python -m jaxicd.experiment)
         ],
         "tpu": ["jax[tpu]"],
     },

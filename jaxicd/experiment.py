@@ -55,15 +55,17 @@ class Arm:
   label: str = ""
 
 
-ARMS = (
+ARMS = (  # in the order they run: the comparisons that matter most come first
     Arm("mixed", "mixed.py", label="mixed (Code-Centric Learning)"),
     Arm("doc_only", "doc_only.py", select_best=True, label="document-only SFT"),
+    Arm("mixed_code_first", "mixed.py", overrides=(("data.answer_format", "code_first"),),
+        label="mixed, code-first answers"),
     Arm("mixed_20", "mixed.py", fraction=0.2, label="mixed at 20% of the budget"),
     Arm("span_only", "span_only.py", label="span-only"),
     Arm("zero_shot", "mixed.py", fraction=0.0, label="zero-shot (untrained adapters)"),
-    Arm("mixed_code_first", "mixed.py", overrides=(("data.answer_format", "code_first"),),
-        label="mixed, code-first answers"),
 )
+# The report's row order: from no training to the full recipe.
+DISPLAY = ("zero_shot", "doc_only", "span_only", "mixed_20", "mixed", "mixed_code_first")
 # Inference variants scored for every arm: (span re-coding, calibrated threshold).
 VARIANTS = (("doc", False, False), ("doc+cal", False, True), ("recode", True, False),
             ("recode+cal", True, True))
@@ -105,6 +107,10 @@ def load_config(arm: Arm, settings: Settings):
       node = node[p]
     node[leaf] = value
   return cfg
+
+
+def _arm(name: str) -> Arm:
+  return next(a for a in ARMS if a.name == name)
 
 
 def arm_steps(arm: Arm, settings: Settings) -> int:
@@ -302,7 +308,7 @@ def write_report(results: dict[str, dict], settings: Settings, out: pathlib.Path
   (out / "results.json").write_text(json.dumps(
       {"settings": dataclasses.asdict(settings), "machine": machine, "command": command,
        "wall_seconds": wall_seconds, "arms": results, "comparisons": cmp}, indent=1))
-  order = [a.name for a in ARMS if a.name in results]
+  order = [a for a in DISPLAY if a in results]
   header = ["arm", "train tokens", "note micro-F1 (P / R)", "macro-F1", "unseen micro-F1",
             "evidence span F1", "codes / note", "span exact", "unseen span exact"]
   main_rows = [_row(results[a], DEFAULT_VARIANT) for a in order]
@@ -339,7 +345,7 @@ def write_report(results: dict[str, dict], settings: Settings, out: pathlib.Path
       "`jaxicd/experiment.py`.",
       "",
       f"- Budget: {settings.steps} optimizer steps of 4 x 256 packed tokens per arm "
-      f"(mixed_20: {arm_steps(ARMS[2], settings)}); SmolLM2-135M-Instruct, LoRA r16 on all "
+      f"(mixed_20: {arm_steps(_arm('mixed_20'), settings)}); SmolLM2-135M-Instruct, LoRA r16 on all "
       "projections, bf16, the demo corpus.",
       f"- Test: the first {any_r.get('test_notes', 0)} test notes ({gold:.1f} gold codes per "
       f"note) and their {any_r.get('test_spans', 0)} gold evidence spans; the threshold is "

@@ -67,7 +67,7 @@ def base_config() -> ml_collections.ConfigDict:
       recode=True, recode_batch_size=32,
       # Keep codes scored >= threshold; negative: the workdir's calibration.json (none: keep all).
       threshold=-1.0,
-      calibrate=False,               # choose the threshold on these notes (split val only)
+      calibrate=False,               # choose the threshold on these notes (on split val only)
       at_start=False))               # also code before training (zero-shot)
 
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))

@@ -1,0 +1,50 @@
+"""The headline experiment's pipeline end to end at toy sizes: arms train, evaluate, report."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+from jaxicd import experiment
+
+# Smaller than --quick: one val note, one test note, a few spans, a 4-step budget.
+TOY = dataclasses.replace(experiment.QUICK, steps=4, val_notes=1, test_notes=1, spans=3,
+                          max_new_tokens=12, batch_size=4)
+
+
+def test_toy_run_writes_the_table_json_and_figure(tmp_path):
+  out = tmp_path / "out"
+  results = experiment.run(TOY, tmp_path / "runs", out, arms=("mixed_20", "zero_shot"),
+                           command="test")
+  assert set(results) == {"mixed_20", "zero_shot"}
+  assert results["zero_shot"]["tokens"] == 0 and results["zero_shot"]["step"] == 0
+  # 20% of 4 steps: one step of at most 4 x 256 tokens.
+  assert results["mixed_20"]["step"] == 1 and 0 < results["mixed_20"]["tokens"] <= 1024
+  for r in results.values():
+    assert set(r["variants"]) == {v[0] for v in experiment.VARIANTS}
+    assert r["test_notes"] == 1 and r["val_notes"] == 1 and r["test_spans"] == 3
+    assert r["spans"]["span_count"] == 3.0
+    for m in r["variants"].values():
+      assert 0.0 <= m["micro_f1"] <= 1.0 and m["documents"] == 1.0
+    # Calibration never makes val-chosen thresholds negative; raw variants keep every code.
+    assert r["variants"]["doc"]["threshold"] == r["variants"]["recode"]["threshold"] == 0.0
+  md = (out / "results.md").read_text()
+  assert "| mixed at 20% of the budget |" in md and "| zero-shot (untrained adapters) |" in md
+  assert md.count("| mixed at 20% of the budget | recode+cal |") == 1
+  saved = json.loads((out / "results.json").read_text())
+  assert saved["arms"]["mixed_20"]["tokens"] == results["mixed_20"]["tokens"]
+  assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  # Rerun: every arm is reused (no training, no evaluation).
+  again = experiment.run(TOY, tmp_path / "runs", out, arms=("mixed_20", "zero_shot"))
+  assert again == results
+
+
+def test_comparisons_against_document_only():
+  def arm(tokens, macro, unseen):
+    return {"tokens": tokens, "variants": {experiment.DEFAULT_VARIANT: {
+        "macro_f1": macro, "unseen_micro_f1": unseen}}}
+  cmp = experiment.comparisons({"doc_only": arm(1000, 0.40, 0.10),
+                                "mixed_20": arm(200, 0.50, 0.45)})
+  assert cmp["mixed_20_token_ratio"] == 0.2
+  assert abs(cmp["mixed_20_macro_f1_gain"] - 0.10) < 1e-12
+  assert abs(cmp["mixed_20_unseen_micro_f1_gain"] - 0.35) < 1e-12
