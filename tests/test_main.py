@@ -12,6 +12,7 @@ import pytest
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 import train_worker  # pylint: disable=wrong-import-position
+from conftest import require_reference  # pylint: disable=wrong-import-position
 
 ROOT = train_worker.ROOT
 
@@ -102,29 +103,137 @@ def test_eval_mode_restores_the_checkpoint(cli_run):
   assert records[-1]["eval/loss"] == second["loss"]
 
 
-def test_eval_mode_codes_held_out_notes(cli_run):
+def _f1(tp: int, fp: int, fn: int) -> float:
+  return 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0
+
+
+def test_eval_mode_codes_held_out_notes(cli_run, monkeypatch):
+  """Eval mode codes the first 2 val notes and 3 gold spans; every reported coding metric equals
+  a recount, written here, from what the coder returned and the demo corpus's gold."""
   from jaxicd import main
-  from jaxicd.data.demo import demo_corpus
+  from jaxicd.data.demo import DEMO_CODES, demo_corpus
+  from jaxicd.infer.coder import Coder
   workdir, tok, _ = cli_run
   config = train_worker.tiny_config(tok, steps=3)
   config.mode = "eval"
   # The byte-level test tokenizer has no single " |" token, so decode unconstrained.
   config.eval_coding.update(documents=2, spans=3, max_new_tokens=6, batch_size=16,
                             constrained=False)
+  # Record what the coder returns (the model's output is whatever 3 steps made of it).
+  coded, spans_coded = [], []
+  code_documents, code_spans = Coder.code_documents, Coder.code_spans
+
+  def record_documents(self, docs):
+    out = code_documents(self, docs)
+    coded.append((list(docs), out, dict(self.stats)))
+    return out
+
+  def record_spans(self, texts):
+    out = code_spans(self, texts)
+    spans_coded.append((list(texts), out))
+    return out
+
+  monkeypatch.setattr(Coder, "code_documents", record_documents)
+  monkeypatch.setattr(Coder, "code_spans", record_spans)
   result = main.run(config, str(workdir))
-  assert result["coding/documents"] == 2 and result["coding/span_count"] == 3
-  assert 0.0 <= result["coding/span_exact"] <= result["coding/span_category"] <= 1.0
-  for key in ("coding/micro_f1", "coding/macro_f1", "coding/unseen_micro_f1",
-              "coding/evidence_span_f1"):
-    assert 0.0 <= result[key] <= 1.0, key
+
+  corpus = demo_corpus(seed=config.data.demo_seed)
+  val = corpus.split("val")
+  trained = {c for d in corpus.split("train") for c in d.codes}
+  # The notes: the first two of the val split, coded once.
+  assert len(coded) == 1
+  docs, predictions, stats = coded[0]
+  assert [d.id for d in docs] == [d.id for d in val[:2]]
+  gold = [set(d.codes) for d in val[:2]]
+  predicted = [{p.code for p in ps} for ps in predictions]
+  # The spans: the first 3 distinct (quote, code) gold evidence spans of the val notes, coded by
+  # the last code_spans call (earlier ones, if any, re-code the notes' own evidence).
+  gold_spans = []
+  for d in val:
+    for ev in d.evidence:
+      if (d.text[ev.begin:ev.end], ev.code) not in gold_spans and len(gold_spans) < 3:
+        gold_spans.append((d.text[ev.begin:ev.end], ev.code))
+  texts, span_out = spans_coded[-1]
+  assert texts == [t for t, _ in gold_spans]
+  top = [code for code, _ in span_out]
+
+  # Recounts.
+  tp = sum(len(g & p) for g, p in zip(gold, predicted))
+  fp = sum(len(p - g) for g, p in zip(gold, predicted))
+  fn = sum(len(g - p) for g, p in zip(gold, predicted))
+  per_code = {c: _f1(sum(c in g and c in p for g, p in zip(gold, predicted)),
+                     sum(c in p and c not in g for g, p in zip(gold, predicted)),
+                     sum(c in g and c not in p for g, p in zip(gold, predicted)))
+              for c in set().union(*gold)}
+  gold_ev = [{(e.code, e.begin, e.end) for e in d.evidence} for d in val[:2]]
+  pred_ev = [{(p.code, p.begin, p.end) for p in ps if p.begin >= 0} for ps in predictions]
+  ev_tp = sum(len(g & p) for g, p in zip(gold_ev, pred_ev))
+  ev_fp = sum(len(p - g) for g, p in zip(gold_ev, pred_ev))
+  ev_fn = sum(len(g - p) for g, p in zip(gold_ev, pred_ev))
+  named = stats.get("predicted_lines", 0) + stats.get("rejected_malformed", 0) + \
+      stats.get("rejected_invalid", 0)
+  unseen_spans = [(t, c) for (t, c), _ in zip(gold_spans, top) if c not in trained]
+  # Strict unseen codes: every code of the demo space or of these notes' gold not trained on.
+  unseen = (set(DEMO_CODES) | set().union(*gold)) - trained
+  u_gold, u_pred = [g & unseen for g in gold], [p & unseen for p in predicted]
+  u_tp = sum(len(g & p) for g, p in zip(u_gold, u_pred))
+  u_fp = sum(len(p - g) for g, p in zip(u_gold, u_pred))
+  u_fn = sum(len(g - p) for g, p in zip(u_gold, u_pred))
+  scores = [{} for _ in predictions]
+  for s, ps in zip(scores, predictions):
+    for p in ps:
+      s[p.code] = max(s.get(p.code, -math.inf), p.score)
+  p_at = lambda k: sum(len(set(sorted(s, key=lambda c: (-s[c], c))[:k]) & g) / k
+                       for s, g in zip(scores, gold)) / 2
+  expected = {
+      "coding/documents": 2.0, "coding/span_count": 3.0,
+      "coding/micro_f1": _f1(tp, fp, fn),
+      "coding/micro_precision": tp / (tp + fp) if tp + fp else 0.0,
+      "coding/micro_recall": tp / (tp + fn) if tp + fn else 0.0,
+      "coding/macro_f1": sum(per_code.values()) / len(per_code),
+      "coding/codes_in_gold": float(len(per_code)),
+      "coding/evidence_documents": float(sum(bool(g) for g in gold_ev)),
+      "coding/evidence_span_f1": _f1(ev_tp, ev_fp, ev_fn),
+      "coding/valid_code_rate": stats.get("predicted_lines", 0) / named if named else 0.0,
+      "coding/codes_per_note": sum(len(p) for p in predicted) / 2,
+      "coding/threshold": 0.0,  # no calibration.json in the workdir: every code kept
+      "coding/span_exact": sum(t == c for (_, c), t in zip(gold_spans, top)) / 3,
+      "coding/span_category": sum(t is not None and t[:3] == c[:3]
+                                  for (_, c), t in zip(gold_spans, top)) / 3,
+      "coding/unseen_span_count": float(len(unseen_spans)),
+      "coding/unseen_codes_in_gold": float(len(set().union(*u_gold))),
+      "coding/unseen_micro_f1": _f1(u_tp, u_fp, u_fn),
+      "coding/p@5": p_at(5), "coding/p@8": p_at(8), "coding/p@15": p_at(15),
+      "coding/truncated_generation_rate": stats["truncated_generations"] / stats["windows"],
+  }
+  assert stats["documents"] == 2 and stats["generated_tokens"] <= 6 * stats["windows"]
+  # The reported keys: val loss, and each coding metric once.
+  coding = {"documents", "codes_per_note", "threshold", "valid_code_rate",
+            "grounded_evidence_rate", "truncated_line_rate", "truncated_generation_rate",
+            "evidence_documents", "span_count", "span_exact", "span_category",
+            "unseen_span_count", "unseen_span_exact", "unseen_span_category",
+            "p@5", "p@8", "p@15"}
+  for prefix in ("", "unseen_"):
+    coding |= {prefix + k for k in ("micro_precision", "micro_recall", "micro_f1", "macro_f1",
+                                    "macro_f1_all", "codes_in_gold")}
+  for kind in ("span", "char", "token"):
+    coding |= {f"evidence_{kind}_{m}" for m in ("precision", "recall", "f1")}
+  assert set(result) == {"loss", "accuracy", "batches", "target_tokens", "step"} | {
+      f"coding/{k}" for k in coding}
+  assert not (workdir / "calibration.json").exists()
+  for key, value in expected.items():
+    assert math.isclose(result[key], value, rel_tol=1e-9, abs_tol=1e-12), (key, result[key], value)
+  assert result["step"] == 3
+  # Everything reported also went to metrics.jsonl, under eval/.
   records = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
-  assert records[-1]["eval/coding/micro_f1"] == result["coding/micro_f1"]
+  assert records[-1]["step"] == 3
+  for key, value in result.items():
+    assert records[-1][f"eval/{key}"] == value, key
   # "Unseen" is derived from the training split; the demo generator designed its own set.
   from jaxicd.train.coding_eval import CodingEval
   hook = CodingEval(config, None)
-  corpus = demo_corpus(seed=config.data.demo_seed)
-  val_codes = {c for d in corpus.split("val")[:2] for c in d.codes}
-  assert hook.unseen == val_codes & corpus.unseen_codes
+  val_codes = {c for d in val[:2] for c in d.codes}
+  assert hook.unseen == val_codes & corpus.unseen_codes == val_codes - trained
 
 
 def test_export_mode_writes_the_checkpoint_as_peft_and_merged_hf(cli_run, tmp_path):
@@ -132,10 +241,10 @@ def test_export_mode_writes_the_checkpoint_as_peft_and_merged_hf(cli_run, tmp_pa
   the jaxicd model with the checkpoint's adapters."""
   import jax.numpy as jnp
   import numpy as np
-  import torch
-  import transformers
   from jaxicd import main
   from jaxicd.train import trainer as trainer_lib
+  torch = require_reference("torch")
+  transformers = require_reference("transformers")
   workdir, tok, _ = cli_run
   config = train_worker.tiny_config(tok, steps=3)
   config.mode, config.output = "export", str(tmp_path / "export")
