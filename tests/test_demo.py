@@ -10,9 +10,12 @@ import sys
 
 import pytest
 
+from conftest import require_reference
 from jaxicd.data import clinical_terms
 from jaxicd.data.demo import DEMO_CODES, DemoCorpus, demo_corpus, demo_stats
 from jaxicd.data.expansion import expand
+from jaxicd.model.embedded import smollm2_gguf_path
+from jaxicd.model.tokenizer import load_tokenizer
 from jaxicd.ontology import get_ontology
 
 
@@ -133,16 +136,19 @@ def test_phrasing_disjoint_from_expansion_templates(corpus):
 
 
 def test_lengths_with_smollm2_tokenizer(corpus):
-  tokenizer_mod = pytest.importorskip("jaxicd.model.tokenizer",
-                                      reason="tokenizer module not available")
-  try:
-    tok = tokenizer_mod.load_tokenizer("smollm2")
-  except Exception as e:  # the embedded model package may be missing on a bare install
-    pytest.skip(f"SmolLM2 tokenizer unavailable: {e}")
-  lengths = [len(tok.encode(d.text)) for d in corpus.documents]
-  assert min(lengths) >= 500 and max(lengths) <= 2000, (min(lengths), max(lengths))
-  stats = demo_stats(corpus, tok)
-  assert stats["tokens_per_document"]["max"] == max(lengths)
+  """Every demo note is 500-2,000 SmolLM2 tokens; jaxicd's tokenizer counts each exactly as
+  transformers' does for the same GGUF, and demo_stats reports those counts."""
+  tok = load_tokenizer("smollm2")  # the embedded model: make installs it, no skip
+  require_reference("torch")  # transformers' gguf_file path needs it
+  reference = require_reference("transformers").AutoTokenizer.from_pretrained(
+      str(smollm2_gguf_path().parent), gguf_file=smollm2_gguf_path().name)
+  lengths = [len(reference.encode(d.text, add_special_tokens=False)) for d in corpus.documents]
+  assert [len(tok.encode(d.text)) for d in corpus.documents] == lengths
+  assert len(lengths) == 300 and min(lengths) >= 500 and max(lengths) <= 2000
+  ranked = sorted(lengths)
+  assert demo_stats(corpus, tok)["tokens_per_document"] == {
+      "mean": round(sum(lengths) / 300, 1), "p95": ranked[285],  # int(0.95 * 300) = 285
+      "min": ranked[0], "max": ranked[-1]}
 
 
 def test_demo_stats(corpus):
