@@ -78,6 +78,7 @@ def _trainer(workdir):
 
 def test_val_calibrates_and_test_applies_the_stored_threshold(tok, tmp_path):
   val = _hook(_cfg("val"), tok)
+  val.report_path = tmp_path / "report.val.html"
   trainer = _trainer(tmp_path)
   result = val(trainer, 7)
   record = json.loads((tmp_path / calibration.FILENAME).read_text())
@@ -88,6 +89,12 @@ def test_val_calibrates_and_test_applies_the_stored_threshold(tok, tmp_path):
   assert result["coding/micro_precision"] == 1.0
   assert result["coding/uncalibrated_micro_f1"] < result["coding/micro_f1"]
   assert "calibrated on these 2 notes" in trainer.printed[-1]
+  # Eval mode's report: both notes, each with its first gold code highlighted (kept at 0.9),
+  # WRONG (0.3, below the threshold) nowhere.
+  html = val.report_path.read_text()
+  for d in val.documents:
+    assert f'data-document="{d.id}"' in html and f'data-code="{d.codes[0]}"' in html
+  assert f'data-code="{WRONG}"' not in html
 
   # On test notes calibrate is ignored: the stored threshold is applied, not re-chosen.
   calibration.save(tmp_path, 0.5, step=7, split="val", documents=2)

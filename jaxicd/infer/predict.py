@@ -170,7 +170,8 @@ def prediction_rows(doc: Document, evidence: Sequence[CodedEvidence],
                end=ev.end, quote=ev.quote, score=round(float(ev.score), 6)) for ev in evidence]
 
 
-def _describer() -> Callable[[str], str]:
+def describer() -> Callable[[str], str]:
+  """code -> its ICD-10-CM description ("" for codes the ontology lacks)."""
   from jaxicd.ontology import get_ontology  # pylint: disable=import-outside-toplevel
   ontology = get_ontology()
 
@@ -453,7 +454,7 @@ def run_predict(cfg: Any, workdir: str, plan: Plan | None = None) -> dict[str, A
     model = trainer.parts.merge(trainer.params, trainer.base, trainer.rest)
     coder = build_coder(cfg, model, trainer.tokenizer, workdir)
     trainer.print(f"predict: decision threshold {coder.threshold:.3f} ({coder.threshold_origin})")
-    describe = _describer()
+    describe = describer()
     # A first guess of note characters per window (~3 characters a token); then measured.
     guess = 3.0 * max(coder.seq_len - coder.max_new_tokens - 64, 64)
     progress = _Progress(trainer.print, len(docs), sum(len(d.text) for d in todo), resumed,

@@ -25,6 +25,7 @@ add false positives.
 
 from __future__ import annotations
 
+import pathlib
 import time
 from typing import Any, Mapping
 
@@ -32,6 +33,8 @@ from jaxicd.data import pipeline
 from jaxicd.data.records import Document
 from jaxicd.eval import calibration
 from jaxicd.eval import metrics as metrics_lib
+from jaxicd.eval import report as report_lib
+from jaxicd.infer import predict as predict_lib
 from jaxicd.infer.coder import CodedEvidence, build_coder, code_scores
 
 # The metrics worth a progress line; everything goes to metrics.jsonl / TensorBoard.
@@ -82,12 +85,24 @@ class CodingEval:
     self.unseen_span_codes = frozenset(s.codes[0] for s in self.spans
                                        if s.codes[0] not in trained)
     self._coder = None
+    # Eval mode sets it: an HTML evidence report of the coded notes (jaxicd.eval.report).
+    self.report_path: pathlib.Path | None = None
 
   def _get_coder(self, model):
     if self._coder is None:
       self._coder = build_coder(self.cfg, model, self.tokenizer)
     self._coder.model = model  # same graph, new adapter values: no recompilation
     return self._coder
+
+  def _write_report(self, predictions, step: int, threshold: float) -> None:
+    describe = predict_lib.describer()
+    rows = [row for d, p in zip(self.documents, predictions)
+            for row in predict_lib.prediction_rows(d, p, describe)]
+    html = report_lib.render(
+        self.documents, rows, gold={d.id: d.codes for d in self.documents}, describe=describe,
+        title=f"jaxicd evaluation: {len(self.documents)} {self.cfg.eval_coding.split} notes",
+        subtitle=f"step {step}; decision threshold {threshold:.3f}")
+    self.report_path.write_text(html, encoding="utf-8")
 
   def __call__(self, trainer: Any, step: int) -> Mapping[str, float]:
     if step == 0 and not self.at_start:
@@ -113,6 +128,8 @@ class CodingEval:
                          documents=len(self.documents), **extra)
     result = metrics_lib.evaluate(self.documents, predictions, code_space=coder.code_space,
                                   unseen_codes=unseen, output_stats=coder.stats)
+    if self.report_path is not None and trainer.is_chief:
+      self._write_report(predictions, step, threshold)
     result.update(extra, threshold=threshold,
                   codes_per_note=sum(len(code_scores(p)) for p in predictions)
                   / max(len(predictions), 1))

@@ -630,6 +630,8 @@ def run_eval(cfg, workdir: str) -> dict[str, float]:
     result = trainer.evaluate()
     _add_coding_eval(trainer)
     for hook in trainer.eval_hooks:
+      if hasattr(hook, "report_path"):  # eval mode: an evidence report of the coded notes
+        hook.report_path = trainer.workdir / f"report.{cfg.eval_coding.split}.html"
       result.update(hook(trainer, max(step or 0, 1)))  # coding runs even without a checkpoint
     result["step"] = step or 0
     where = (f"checkpoint step {step}" if step is not None
