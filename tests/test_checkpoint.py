@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import re
 import sys
 
 import numpy as np
@@ -22,7 +23,9 @@ def tokenizer_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tokenizer_dir):
-  """A 4-step tiny run on one device; returns its workdir and final LoRA params."""
+  """A 4-step tiny run on one device: its workdir, final LoRA params, base weight bytes, and
+  final optimizer state (leaves) and config."""
+  import jax
   from jaxicd.train import trainer
   workdir = tmp_path_factory.mktemp("run")
   config = train_worker.tiny_config(tokenizer_dir, steps=4, eval_batches=0)
@@ -30,14 +33,15 @@ def trained(tmp_path_factory, tokenizer_dir):
   try:
     t.train()
     params = t.lora_params_host()
-    base_bytes = sum(np.asarray(x).nbytes for x in __import__("jax").tree.leaves(t.base))
+    base_bytes = sum(np.asarray(x).nbytes for x in jax.tree.leaves(t.base))
+    opt_state = [np.asarray(x) for x in jax.tree.leaves(jax.device_get(t.opt_state))]
   finally:
     t.close()
-  return workdir, params, base_bytes
+  return workdir, params, base_bytes, opt_state, config
 
 
 def test_restores_onto_a_different_mesh(trained, tokenizer_dir, tmp_path):
-  workdir, params, base_bytes = trained
+  workdir, params = trained[:2]
   out = tmp_path / "restored.npz"
   result = train_worker.run_worker("restore", dict(
       tokenizer_dir=str(tokenizer_dir), workdir=str(workdir), out=str(out),
@@ -90,20 +94,84 @@ def test_refuses_other_lora_shapes(trained, tokenizer_dir):
     t.close()
 
 
-def test_saved_items(trained):
-  workdir, params, base_bytes = trained
+# The tiny preset (2 layers, hidden 64, 4 heads and 2 KV heads of 16, MLP 128) at LoRA rank 4:
+# lora_a is [layers, in, rank], lora_b [layers, rank, out].
+TINY_LORA_SHAPES = {
+    "layers.q.lora_a": [2, 64, 4], "layers.q.lora_b": [2, 4, 64],
+    "layers.k.lora_a": [2, 64, 4], "layers.k.lora_b": [2, 4, 32],
+    "layers.v.lora_a": [2, 64, 4], "layers.v.lora_b": [2, 4, 32],
+    "layers.o.lora_a": [2, 64, 4], "layers.o.lora_b": [2, 4, 64],
+    "layers.gate.lora_a": [2, 64, 4], "layers.gate.lora_b": [2, 4, 128],
+    "layers.up.lora_a": [2, 64, 4], "layers.up.lora_b": [2, 4, 128],
+    "layers.down.lora_a": [2, 128, 4], "layers.down.lora_b": [2, 4, 64],
+}
+
+
+def test_saved_items(trained, tokenizer_dir):
+  """Each checkpoint holds exactly the run's state at its step: params and optimizer state equal
+  the trainer's, the step, meta as written out here, and the data position: restoring it into a
+  fresh pipeline yields the batch an uninterrupted pipeline yields after `step` batches."""
+  import jax
+  import orbax.checkpoint as ocp
+  from jaxicd.data import pipeline
+  from jaxicd.model.tokenizer import load_tokenizer
+  workdir, params, base_bytes, opt_state, config = trained
   steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
   assert steps == [2, 4]  # every=2, keep=2
-  step_dir = workdir / "checkpoints" / "4"
-  assert {p.name for p in step_dir.iterdir()} >= {"state", "data_iter", "meta"}
-  meta = json.loads((step_dir / "meta" / "metadata").read_text())
-  assert meta["step"] == 4 and meta["config"]["lora"]["rank"] == 4
-  assert meta["lora_shapes"] == {k: list(v.shape) for k, v in params.items()}
+  states = {s: ocp.StandardCheckpointer().restore(workdir / "checkpoints" / str(s) / "state")
+            for s in steps}
+  metas = {s: json.loads((workdir / "checkpoints" / str(s) / "meta" / "metadata").read_text())
+           for s in steps}
+  for step in steps:
+    step_dir = workdir / "checkpoints" / str(step)
+    assert {p.name for p in step_dir.iterdir() if p.is_dir()} == {"state", "data_iter", "meta"}
+    state = states[step]
+    assert set(state) == {"params", "opt_state", "step"} and int(state["step"]) == step
+    assert sorted(state["params"]) == sorted(TINY_LORA_SHAPES)
+    for k, shape in TINY_LORA_SHAPES.items():
+      assert list(state["params"][k].shape) == shape, k
+    # Adam's and the schedule's step counters.
+    counts = [int(x) for x in jax.tree.leaves(state["opt_state"]) if np.ndim(x) == 0]
+    assert counts == [step, step]
+    assert metas[step] == {
+        "config": json.loads(json.dumps(config.to_dict())), "base_source": "tiny",
+        "base_fingerprint": {"kind": "preset", "name": "tiny",
+                             "sha256": metas[step]["base_fingerprint"]["sha256"]},
+        "lora_shapes": TINY_LORA_SHAPES, "mesh": {"data": 1, "fsdp": 1, "tensor": 1},
+        "step": step}
+    assert re.fullmatch(r"[0-9a-f]{64}", metas[step]["base_fingerprint"]["sha256"])
+  assert metas[2]["base_fingerprint"] == metas[4]["base_fingerprint"]
+  # The last checkpoint is the run's end state, exactly.
+  for k, v in params.items():
+    np.testing.assert_array_equal(np.asarray(states[4]["params"][k]), v, err_msg=k)
+  got = [np.asarray(x) for x in jax.tree.leaves(states[4]["opt_state"])]
+  assert len(got) == len(opt_state)
+  for a, b in zip(got, opt_state):
+    np.testing.assert_array_equal(a, b)
+  assert any(np.any(np.asarray(states[2]["params"][k]) != v) for k, v in params.items())
   # Base weights are not in the checkpoint: all of it is smaller than the base weights alone.
-  state_bytes = sum(p.stat().st_size for p in (step_dir / "state").rglob("*") if p.is_file())
+  state_bytes = sum(p.stat().st_size for p in (workdir / "checkpoints/4/state").rglob("*")
+                    if p.is_file())
   assert state_bytes < base_bytes / 2, (state_bytes, base_bytes)
-  it_state = json.loads((step_dir / "data_iter" / "process_0-of-1.json").read_text())
-  assert it_state  # the grain iterator's position
+  # The data position: one batch per step (one process, no gradient accumulation).
+  tok = load_tokenizer(str(tokenizer_dir))
+  fresh = lambda: pipeline.make_train_iterator(config.data, tok, with_sources=True, prefetch=0)
+  straight = fresh()
+  batches = [next(straight) for _ in range(5)]
+  for step in steps:
+    files = sorted(p.name for p in (workdir / "checkpoints" / str(step) / "data_iter").iterdir()
+                   if p.suffix == ".json")
+    assert files == ["process_0-of-1.json"]
+    it_state = json.loads((workdir / "checkpoints" / str(step) / "data_iter" / files[0])
+                          .read_text())
+    restored = fresh()
+    restored.set_state(it_state)
+    want = batches[step]
+    got = next(restored)
+    assert set(got) == set(want)
+    for k in want:
+      np.testing.assert_array_equal(got[k], want[k], err_msg=(step, k))
+  assert any(np.any(batches[2][k] != batches[4][k]) for k in batches[2])
 
 
 def test_check_compatible_by_hand():
