@@ -23,6 +23,16 @@ def tok():
 
 
 @pytest.fixture(scope="module")
+def random_model(tok):
+  """A narrow random model with SmolLM2's vocabulary (the real decode loop, in seconds)."""
+  from jaxicd.model import llama
+  from jaxicd.model.config import preset
+  cfg = preset("tiny").replace(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
+                               num_layers=1, num_heads=2, num_kv_heads=1, head_dim=16)
+  return llama.create(cfg, seed=0)
+
+
+@pytest.fixture(scope="module")
 def doc():
   text = (FILLER * 3 + "History of hypertension. " + FILLER * 6
           + "Type 2 diabetes mellitus without complications. " + FILLER * 6
@@ -146,14 +156,10 @@ def test_line_scores_use_code_tokens_only():
       ("I10", 0.5), ("E11", 0.8), (None, 1.0)]  # "NONE" is not a code
 
 
-def test_coder_with_a_tiny_random_model_end_to_end(tok):
+def test_coder_with_a_tiny_random_model_end_to_end(tok, random_model):
   # Integration: the real generate loop with constrained decoding; a random model, so only the
   # guarantees are checked: codes from the space, grounded offsets that match their quotes.
-  from jaxicd.model import llama
-  from jaxicd.model.config import preset
-  cfg = preset("tiny").replace(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
-                               num_layers=1, num_heads=2, num_kv_heads=1, head_dim=16)
-  model = llama.create(cfg, seed=0)
+  model = random_model
   space = ("I10", "E11.9", "N17.9", "I50.23")
   coder = coder_lib.Coder(model, tok, code_space=space, seq_len=192, window_overlap=16,
                           max_new_tokens=24, batch_size=2, temperature=1.0)
@@ -236,7 +242,7 @@ def test_recoding_replaces_codes_and_scores_then_the_threshold_decides(tok, doc)
 def test_a_line_cut_by_max_new_tokens_is_counted_apart(tok):
   cut = tok.encode("I10 | hypertension\nE11.9 | type 2 diab")
 
-  def fake(batch):
+  def fake(batch, **_):
     tokens = np.zeros((len(batch), len(cut)), np.int32)
     tokens[:] = cut
     return Generation(tokens, np.full(len(batch), len(cut), np.int32),
@@ -247,17 +253,20 @@ def test_a_line_cut_by_max_new_tokens_is_counted_apart(tok):
   [out] = coder.code_documents([Document("a", "Known hypertension, type 2 diabetes.", ())])
   assert [e.code for e in out] == ["I10"]
   assert coder.stats["truncated_lines"] == 1 and coder.stats["truncated_generations"] == 1
-  assert coder.stats["predicted_lines"] == 1
+  assert coder.stats["predicted_lines"] == 1 and coder.stats["none_answers"] == 0
+  # Cut inside its first line, an evidence-first answer is not "no code" (an empty answer).
+  cut = tok.encode(" hypertension | I")
+  coder = coder_lib.Coder(None, tok, code_space=("I10", "E11.9"), seq_len=128, window_overlap=0,
+                          max_new_tokens=len(cut), generate_fn=fake,
+                          answer_format=prompts.EVIDENCE_FIRST)
+  [out] = coder.code_documents([Document("a", "Known hypertension, type 2 diabetes.", ())])
+  assert out == [] and coder.stats["truncated_lines"] == 1 and coder.stats["none_answers"] == 0
 
 
-def test_evidence_first_coder_with_a_tiny_random_model_grounds_every_quote(tok):
+def test_evidence_first_coder_with_a_tiny_random_model_grounds_every_quote(tok, random_model):
   # Integration: the real decode loop; evidence-first quotes are copied from the note, so every
   # quoted line is grounded, at offsets whose text is the quote.
-  from jaxicd.model import llama
-  from jaxicd.model.config import preset
-  cfg = preset("tiny").replace(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
-                               num_layers=1, num_heads=2, num_kv_heads=1, head_dim=16)
-  model = llama.create(cfg, seed=0)
+  model = random_model
   space = ("I10", "E11.9", "N17.9", "I50.23")
   coder = coder_lib.Coder(model, tok, code_space=space, seq_len=192, window_overlap=16,
                           max_new_tokens=24, batch_size=2, temperature=1.0,

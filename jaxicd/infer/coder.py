@@ -311,7 +311,8 @@ class Coder:
   def _read_window(self, doc: Document, w: pipeline.DocumentWindow,
                    gen: generate_lib.Generation, row: int):
     ids = gen.row(row)
-    if not gen.stopped[row]:
+    stopped = bool(gen.stopped[row])
+    if not stopped:
       # Cut by max_new_tokens: the unfinished last line is counted apart, not read.
       self.stats["truncated_generations"] += 1
       keep = len(ids)
@@ -325,7 +326,8 @@ class Coder:
       self.stats["rejected_" + reason.split()[0]] += 1  # malformed / invalid / duplicate
     n_quoted = sum(bool(p.quote) for p in parsed.predictions)
     self.stats.update(predicted_lines=len(parsed.predictions), quoted_lines=n_quoted,
-                      grounded_lines=n_quoted - parsed.ungrounded, none_answers=int(parsed.none))
+                      grounded_lines=n_quoted - parsed.ungrounded,
+                      none_answers=int(parsed.none and stopped))  # a cut answer said nothing
     pieces = [self.tokenizer.decode([t]) for t in ids]
     lines = line_scores(pieces, gen.logprobs[row, :len(ids)].tolist(), self.answer_format)
     shifted = [dataclasses.replace(p, begin=p.begin + w.begin, end=p.end + w.begin)
