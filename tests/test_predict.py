@@ -134,8 +134,9 @@ def scripted(monkeypatch):
       state["coded"] += [d.id for d in docs]
       return super().code_documents(docs)
 
-  def scripted_coder(cfg, model, tokenizer):
+  def scripted_coder(cfg, model, tokenizer, workdir=None):
     del model, tokenizer
+    state["workdir"] = workdir  # where predict's calibrated threshold is looked up
     return Coder(None, tok, code_space=CODE_SPACE, seq_len=int(cfg.data.seq_len),
                  window_overlap=32, max_new_tokens=96, batch_size=state.get("batch_size", 4),
                  generate_fn=generate)
@@ -173,6 +174,8 @@ def test_predict_mode_codes_notes_into_jsonl_and_report(tmp_path, monkeypatch, s
   assert result == dict(step=0, documents=2, codes=3, evidence=3, grounded=2, resumed=0,
                         output=str(out), report=str(tmp_path / "run" / "report.html"))
   assert any("no checkpoint" in line and "allow_untrained" in line for line in printed)
+  assert any("decision threshold 0.000" in line for line in printed)
+  assert scripted["workdir"] == str(tmp_path / "run")  # the calibration of this workdir applies
   progress = [line for line in printed if line.startswith("predict: ") and "ETA" in line]
   assert progress and "2/2 notes" in progress[-1] and "notes/min" in progress[-1]
   assert "windows coded" in progress[-1]
