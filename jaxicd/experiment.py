@@ -154,7 +154,7 @@ def train(arm: Arm, settings: Settings, workdir: pathlib.Path) -> None:
 
 def trained_tokens(workdir: pathlib.Path, step: int) -> int:
   """Tokens the arm trained on up to `step` (the trainer's per-step counts, metrics.jsonl)."""
-  total, path = 0, workdir / "metrics.jsonl"
+  path = workdir / "metrics.jsonl"
   if not path.exists():
     return 0
   seen: dict[int, float] = {}
@@ -162,8 +162,7 @@ def trained_tokens(workdir: pathlib.Path, step: int) -> int:
     rec = json.loads(line)
     if "train/tokens" in rec and rec["step"] <= step:
       seen[rec["step"]] = rec["train/tokens"]  # a resumed run logs a step again: keep one
-  total = sum(seen.values())
-  return int(total)
+  return int(sum(seen.values()))
 
 
 # ------------------------------------------------------------------------------- evaluation
@@ -232,7 +231,7 @@ def evaluate_arm(arm: Arm, settings: Settings, workdir: pathlib.Path) -> dict[st
     for name, recode, calibrated in VARIANTS:
       preds = test_pred["recode" if recode else "doc"]
       threshold = thresholds["recode" if recode else "doc"][0] if calibrated else 0.0
-      kept = [[ev for ev in p if ev.score >= threshold] for p in preds]
+      kept = coder_lib.apply_threshold(preds, threshold)
       m = metrics.evaluate(test, kept, code_space=coder.code_space, unseen_codes=unseen,
                            output_stats=stats)
       m["threshold"] = threshold

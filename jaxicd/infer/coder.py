@@ -71,6 +71,12 @@ class CodedEvidence:
     return self.begin >= 0
 
 
+def apply_threshold(coded: Sequence[Sequence[CodedEvidence]], threshold: float
+                    ) -> list[list[CodedEvidence]]:
+  """Each document's evidence of the codes scored at least `threshold` (the decision rule)."""
+  return [[ev for ev in evs if ev.score >= threshold] for evs in coded]
+
+
 def code_scores(evidence: Sequence[CodedEvidence]) -> dict[str, float]:
   """Code -> score of one document's predictions."""
   out: dict[str, float] = {}
@@ -248,7 +254,7 @@ class Coder:
     if self.recode:
       coded = self.recode_evidence(docs, coded)
     if self.threshold > 0:
-      kept = [[ev for ev in evs if ev.score >= self.threshold] for evs in coded]
+      kept = apply_threshold(coded, self.threshold)
       self.stats["below_threshold"] += sum(len(set(e.code for e in a)) - len(set(e.code for e in b))
                                            for a, b in zip(coded, kept))
       coded = kept

@@ -35,7 +35,7 @@ from jaxicd.eval import calibration
 from jaxicd.eval import metrics as metrics_lib
 from jaxicd.eval import report as report_lib
 from jaxicd.infer import predict as predict_lib
-from jaxicd.infer.coder import CodedEvidence, build_coder, code_scores
+from jaxicd.infer.coder import CodedEvidence, apply_threshold, build_coder, code_scores
 
 # The metrics worth a progress line; everything goes to metrics.jsonl / TensorBoard.
 _HEADLINE = ("micro_f1", "macro_f1", "unseen_micro_f1", "evidence_span_f1", "valid_code_rate",
@@ -121,7 +121,7 @@ class CodingEval:
       extra["uncalibrated_micro_f1"] = metrics_lib.code_f1(
           gold, [code_scores(p).keys() for p in predictions])["micro_f1"]
       threshold, _ = calibration.choose_threshold(gold, [code_scores(p) for p in predictions])
-      predictions = [[ev for ev in p if ev.score >= threshold] for p in predictions]
+      predictions = apply_threshold(predictions, threshold)
       origin = f"calibrated on these {len(self.documents)} notes"
       if trainer.is_chief:
         calibration.save(trainer.workdir, threshold, step=int(step), split=self.cfg.eval_coding.split,
