@@ -420,7 +420,8 @@ def _cpu_name() -> str:
 
 
 def run(settings: Settings, workdir: pathlib.Path, out: pathlib.Path,
-        arms: Sequence[str] = (), command: str = "") -> dict[str, dict]:
+        arms: Sequence[str] = (), command: str = "", train_only: bool = False
+        ) -> dict[str, dict]:
   chosen = [a for a in ARMS if not arms or a.name in arms]
   t0 = time.time()
   results = {}
@@ -431,6 +432,8 @@ def run(settings: Settings, workdir: pathlib.Path, out: pathlib.Path,
       log(f"{arm.name}: evaluated earlier, reusing {path}")
       continue
     train(arm, settings, workdir / arm.name)
+    if train_only:
+      continue
     log(f"{arm.name}: evaluating")
     result = evaluate_arm(arm, settings, workdir / arm.name)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -441,7 +444,8 @@ def run(settings: Settings, workdir: pathlib.Path, out: pathlib.Path,
         f"({result['eval_seconds']:.0f}s)")
     results[arm.name] = result
     write_report(results, settings, out, time.time() - t0, command)
-  write_report(results, settings, out, time.time() - t0, command)
+  if not train_only:
+    write_report(results, settings, out, time.time() - t0, command)
   return results
 
 
@@ -456,6 +460,8 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument("--arms", default="", help="comma-separated subset of: "
                       + ", ".join(a.name for a in ARMS))
   parser.add_argument("--steps", type=int, default=0, help="training budget in steps")
+  parser.add_argument("--train-only", action="store_true", help="train the arms, evaluate "
+                      "nothing (e.g. train on one machine, evaluate later)")
   args = parser.parse_args(argv)
   settings = QUICK if args.quick else Settings()
   if args.steps:
@@ -469,7 +475,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.error(f"unknown arms {sorted(unknown)}")
   command = "python -m jaxicd.experiment" + (" --quick" if args.quick else "") + (
       f" --steps={args.steps}" if args.steps else "")
-  run(settings, workdir, out, arms, command)
+  run(settings, workdir, out, arms, command, train_only=args.train_only)
 
 
 if __name__ == "__main__":

@@ -64,6 +64,29 @@ def test_greedy_matches_naive_loop_for_ragged_batch(tiny):
   assert g.lengths.tolist() == [8, 8, 8] and not g.stopped.any()
 
 
+def test_shared_prompt_prefix_matches_naive_loop(tiny):
+  # Rows that start with the same 21 tokens: the prefix is prefilled once, its cache shared.
+  shared = _prompts(tiny.cfg.vocab_size, [21], seed=5)[0]
+  tails = _prompts(tiny.cfg.vocab_size, [1, 6, 3], seed=6)
+  ps = [np.concatenate([shared, t]) for t in tails]
+  assert gen.common_prefix(ps) == 21
+  g = gen.generate(tiny, ps, max_new_tokens=6, stop_ids=[], bucket=16)
+  for i, p in enumerate(ps):
+    ref, ref_lp = _naive_greedy(tiny, p, 6)
+    assert g.tokens[i].tolist() == ref, i
+    np.testing.assert_allclose(g.logprobs[i], ref_lp, atol=1e-4)
+
+
+def test_common_prefix_hand_cases():
+  a, b = np.array([1, 2, 3, 4, 5]), np.array([1, 2, 3, 9])
+  assert gen.common_prefix([a, b], min_shared=1) == 3
+  assert gen.common_prefix([a, b], min_shared=4) == 0       # too short to be worth a prefill
+  assert gen.common_prefix([a], min_shared=1) == 0          # one prompt: nothing to share
+  assert gen.common_prefix([a, a], min_shared=1) == 4       # each row keeps its last token
+  assert gen.common_prefix([a, a], [(2, 5), (3, 5)], min_shared=1) == 2  # not into a note
+  assert gen.common_prefix([a, np.array([7, 2])], min_shared=1) == 0
+
+
 def test_stops_per_row_at_stop_token(tiny):
   ps = _prompts(tiny.cfg.vocab_size, [4, 9, 6], seed=1)
   full = [_naive_greedy(tiny, p, 8)[0] for p in ps]
@@ -457,10 +480,13 @@ def test_evidence_first_greedy_matches_a_reference_grammar_loop(smol_tok, narrow
   c = gen.build_constraint(smol_tok, codes, answer_format=prompts.EVIDENCE_FIRST)
   stop = smol_tok.end_of_turn_id
   model = narrow_smol_model
-  for text in ("Hypertension, on lisinopril. A1 and B2 noted.", "No complaints today."):
-    enc = prompts.encode_prompt_with_note(smol_tok, text)
-    g = gen.generate(model, [enc.tokens], max_new_tokens=24, stop_ids=[stop], constraint=c,
-                     note_ranges=[(enc.note_lo, enc.note_hi)], bucket=16)
+  texts = ("Hypertension, on lisinopril. A1 and B2 noted.", "No complaints today.")
+  encs = [prompts.encode_prompt_with_note(smol_tok, text) for text in texts]
+  # One call for both notes: their shared system prompt is prefilled once.
+  assert gen.common_prefix([e.tokens for e in encs]) > 8
+  g = gen.generate(model, [e.tokens for e in encs], max_new_tokens=24, stop_ids=[stop],
+                   constraint=c, note_ranges=[(e.note_lo, e.note_hi) for e in encs], bucket=16)
+  for row, enc in enumerate(encs):
     # Reference: full forward each step, argmax over the reference grammar's tokens.
     seq, out = list(enc.tokens), []
     for _ in range(24):
@@ -474,7 +500,7 @@ def test_evidence_first_greedy_matches_a_reference_grammar_loop(smol_tok, narrow
       seq.append(t)
       if t == stop:
         break
-    assert g.row(0, strip_stop=False) == out
+    assert g.row(row, strip_stop=False) == out
 
 
 def test_evidence_first_sampling_stays_in_the_grammar(smol_tok, narrow_smol_model):
