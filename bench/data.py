@@ -9,7 +9,9 @@ Prints one JSON object (and a short human summary on stderr):
 * ``throughput``: examples/s and tokens/s of the mixed training iterator on a cold cache
   (first epoch: every example tokenized) and a warm one, against ``--train_tokens_per_s``
   (what one training process consumes; default 150 tokens/s, transformers+PEFT LoRA on
-  SmolLM2-135M measured on this 2-core CPU, see shared/DESIGN.md). Target: >= 10x.
+  SmolLM2-135M measured on a 2-core CPU). Target: >= 10x.
+* ``shared_prompt``: the same packing with ``data.share_prompt`` (one prompt prefix per span
+  row): row tokens each span example costs, before and after (target: at most half).
 * ``epoch_tokens``: training tokens per epoch of the demo corpus, document-only vs the mixed
   recipe (the paper's claim that code-centric training costs ~20% of document training).
 """
@@ -36,16 +38,29 @@ def _cfg(args, **overrides):
 
 
 def packing_efficiency(cfg, tok, docs, spans, batches: int) -> dict:
-  it = pipeline.make_train_iterator(cfg, tok, documents=docs, spans=spans, prefetch=0)
-  real = total = segs = 0
+  """Non-pad fraction and examples per row; with ``sources``, the padded row tokens each span
+  example costs (its share of the span rows or of the mixed rows it sits in)."""
+  it = pipeline.make_train_iterator(cfg, tok, documents=docs, spans=spans, prefetch=0,
+                                    with_sources=True)
+  real = total = segs = span_examples = span_slots = 0
   for _ in range(batches):
     b = next(it)
-    real += int((b["segment_ids"] > 0).sum())
+    real += int((b["segment_ids"] != 0).sum())
     total += b["segment_ids"].size
-    segs += sum(len(np.unique(r[r > 0])) for r in b["segment_ids"])
+    counts = pipeline.count_sources(b)
+    segs += sum(c["examples"] for c in counts.values())
+    span_examples += counts["spans"]["examples"]
+    # Row slots (padding included) charged to spans: their tokens plus their rows' padding
+    # in proportion (the shared prefix is a span token).
+    for r in range(b["segment_ids"].shape[0]):
+      src, seg = b["sources"][r], b["segment_ids"][r]
+      n_span, n_real = int((src == 1).sum()), int((seg != 0).sum())
+      span_slots += n_span * len(seg) / max(n_real, 1)
   return {"non_pad_fraction": round(real / total, 4), "batches": batches,
           "examples_per_row": round(segs / (batches * b["segment_ids"].shape[0]), 2),
-          "truncated": it.stats.truncated}
+          "row_tokens_per_span_example": (round(span_slots / span_examples, 1)
+                                          if span_examples else None),
+          "truncated": it.stats.truncated, "unshared_spans": it.stats.unshared_spans}
 
 
 def throughput(cfg, tok, docs, spans, seconds: float, train_tokens_per_s: float) -> dict:
@@ -156,6 +171,23 @@ def main(argv=None) -> dict:
       "doc_only": packing_efficiency(_cfg(args, span_weight=0.0, doc_weight=1.0), tok, docs,
                                      spans, max(10, args.packing_batches // 3)),
   }
+  # Shared-prompt packing: one prompt prefix per span row instead of one per span example.
+  shared = {name: packing_efficiency(_cfg(args, share_prompt=True, **w), tok, docs, spans,
+                                     args.packing_batches)
+            for name, w in (("span_only", dict(span_weight=1.0, doc_weight=0.0)),
+                            ("mixed", {}))}
+  result["shared_prompt"] = {
+      "prompt_prefix_tokens": len(pipeline.span_prompt_prefix(tok)),
+      "packing": shared,
+      # Span examples one training step of `train_tokens_per_s` row tokens learns from.
+      "span_examples_per_s_at_train_rate": {
+          layout: round(args.train_tokens_per_s / pk["row_tokens_per_span_example"], 2)
+          for layout, pk in (("unshared", result["packing"]["span_only"]),
+                             ("shared", shared["span_only"]))},
+      "span_example_cost_ratio": round(
+          shared["span_only"]["row_tokens_per_span_example"]
+          / result["packing"]["span_only"]["row_tokens_per_span_example"], 3),
+      "target_cost_ratio": 0.5}
   result["epoch_tokens"] = epoch_tokens(cfg, tok, docs, spans)
   result["throughput"] = throughput(cfg, tok, docs, spans, args.seconds,
                                     args.train_tokens_per_s)

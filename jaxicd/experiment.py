@@ -443,10 +443,23 @@ def run(settings: Settings, workdir: pathlib.Path, out: pathlib.Path,
         f"{m['unseen_micro_f1']:.3f} span exact {result['spans']['span_exact']:.3f} "
         f"({result['eval_seconds']:.0f}s)")
     results[arm.name] = result
-    write_report(results, settings, out, time.time() - t0, command)
+    write_report(_with_earlier(results, workdir), settings, out, time.time() - t0, command)
   if not train_only:
-    write_report(results, settings, out, time.time() - t0, command)
+    write_report(_with_earlier(results, workdir), settings, out, time.time() - t0, command)
   return results
+
+
+def _with_earlier(results: dict[str, dict], workdir: pathlib.Path) -> dict[str, dict]:
+  """`results` and every other arm evaluated earlier in `workdir` (a run of a few --arms
+  reports the whole experiment so far)."""
+  out = {}
+  for arm in ARMS:
+    path = workdir / arm.name / "result.json"
+    if arm.name in results:
+      out[arm.name] = results[arm.name]
+    elif path.exists():
+      out[arm.name] = json.loads(path.read_text())
+  return out
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -556,3 +556,62 @@ def test_overlap_is_bounded_by_half_a_window(tok, docs):
   no_overlap = pipeline.document_windows(d, tok, seq_len=400, window_overlap=0)
   # Half-window steps (a start may move back further only to keep a quote whole).
   assert len(windows) <= 2 * len(no_overlap) + len(d.evidence)
+
+
+# --- shared-prompt packing ------------------------------------------------------------------
+
+
+def hand_prefix(tok) -> list[int]:
+  """The prompt every span example starts with, spelled out: system turn, then the user turn up
+  to the span text."""
+  return tok.encode(f"<|im_start|>system\n{prompts.SYSTEM_PROMPT}<|im_end|>\n"
+                    f"<|im_start|>user\n{prompts.INSTRUCTION}\n\n")
+
+
+def test_shared_prompt_rows_hold_each_span_after_one_prefix(tok, docs, spans):
+  it = pipeline.make_train_iterator(data_cfg(share_prompt=True), tok, documents=docs,
+                                    spans=spans, prefetch=0)
+  prefix = np.asarray(hand_prefix(tok))
+  n = len(prefix)
+  spans_expected = dict(span_example(tok, s) for s in spans)
+  docs_expected = {}
+  for d in docs:
+    for w in pipeline.document_windows(d, tok, seq_len=512, window_overlap=16):
+      tokens, mask = window_example(tok, d, w.begin, w.end)
+      docs_expected[tokens] = mask
+  span_rows = doc_rows = n_spans = 0
+  for _ in range(12):
+    b = next(it)
+    assert set(b) == set(pipeline.BATCH_KEYS) and b["segment_ids"].shape == (4, 512)
+    for r in range(4):
+      seg, pos = b["segment_ids"][r], b["positions"][r]
+      inputs, targets, weights = b["inputs"][r], b["targets"][r], b["loss_weights"][r]
+      assert not weights[seg == 0].any()
+      if not (seg < 0).any():  # a document row, laid out as without sharing
+        doc_rows += 1
+        for s in np.unique(seg[seg > 0]):
+          idx = np.nonzero(seg == s)[0]
+          np.testing.assert_array_equal(pos[idx], np.arange(len(idx)))
+          assert tuple(np.append(inputs[idx], targets[idx][-1])) in docs_expected
+        continue
+      span_rows += 1
+      np.testing.assert_array_equal(inputs[:n], prefix)  # the prefix once, first
+      assert (seg[:n] == 1).all() and not weights[:n].any()
+      np.testing.assert_array_equal(pos[:n], np.arange(n))
+      assert not (seg[n:] == 1).any() and (seg[n:] <= 0).all()
+      for s in np.unique(seg[seg < 0]):
+        idx = np.nonzero(seg == s)[0]
+        assert idx[-1] - idx[0] + 1 == len(idx)  # contiguous
+        np.testing.assert_array_equal(pos[idx], n + np.arange(len(idx)))  # after the prefix
+        whole = tuple(np.concatenate([prefix, inputs[idx], targets[idx][-1:]]))
+        assert whole in spans_expected, tok.decode(whole)[:200]
+        # The weights of the unshared example's tokens after the prefix, unchanged.
+        np.testing.assert_array_equal(weights[idx], spans_expected[whole][n + 1:])
+        np.testing.assert_array_equal(targets[idx][:-1], inputs[idx][1:])
+        n_spans += 1
+  assert span_rows and doc_rows and n_spans > 100
+  assert it.stats.unshared_spans == 0
+  # The prompt once per row instead of once per example: a row holds far more examples than
+  # whole examples could fill it with (here ~4.5 vs at most ~2.5).
+  mean_unshared = np.mean([len(t) - 1 for t in spans_expected])
+  assert n_spans / span_rows > 1.5 * 512 / mean_unshared

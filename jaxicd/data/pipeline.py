@@ -8,6 +8,16 @@ Flow for training (one process of ``process_count``)::
         ─ shift (inputs/targets/loss_weights) ─ first-fit pack (segment ids, positions)
         ─ batch(per_process_batch) ─ background-thread prefetch
 
+With ``data.share_prompt`` span examples lose the prompt prefix they all start with (system +
+instruction, most of a span example) and are packed into rows of their own that hold one copy
+of it; their segment ids are negative, which lets them attend to the row's first segment, the
+prefix (see ``jaxicd.model.llama``), and their positions continue after it. Document windows
+are packed apart and the two kinds of rows are mixed by the weights::
+
+  spans     ─ ... ─ encode ─ strip prefix ─ shift ─ pack(seq_len - prefix) ─ prepend prefix ─┐
+  documents ─ ... ─ windows + encode ─ flat ─ shift ─ pack(seq_len) ───── IterDataset.mix ◄──┘
+        ─ batch(per_process_batch) ─ background-thread prefetch
+
 Every element is an example encoded by ``prompts.encode_example``: the instruction and
 note (or span) as the user turn, the target as the assistant turn, loss on the target only.
 Documents whose encoded example would not fit ``seq_len`` are split into overlapping
@@ -66,6 +76,7 @@ class PipelineStats:
   truncated: int = 0          # examples cut to seq_len because they could not fit otherwise
   truncated_tokens: int = 0
   split_evidence: int = 0     # evidence quotes no window holds whole (too long for seq_len)
+  unshared_spans: int = 0     # share_prompt: span examples kept whole (not after the prefix)
   _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False)
 
   def add(self, **counts: int) -> None:
@@ -504,7 +515,10 @@ def count_sources(batch: Mapping[str, np.ndarray]) -> dict[str, dict[str, int]]:
   out = {}
   for name, sid in SOURCE_IDS.items():
     mask = src == sid
-    starts = mask & (batch["positions"] == 0) & (seg > 0)
+    # An example starts where the segment changes; a shared prompt prefix is no example.
+    prev = np.pad(seg[:, :-1], ((0, 0), (1, 0)))
+    prefix = (seg == 1) & (seg < 0).any(axis=1, keepdims=True)
+    starts = mask & (seg != prev) & (seg != 0) & ~prefix
     out[name] = {"examples": int(starts.sum()), "tokens": int(mask.sum()),
                  "target_tokens": int(weights[mask].sum())}
   return out
@@ -517,6 +531,59 @@ def _mean_example_tokens(ds: grain.MapDataset, n: int, flat: bool) -> float:
     for ex in (item if flat else [item]):
       lengths.append(len(ex["tokens"]) - 1)
   return float(np.mean(lengths)) if lengths else 1.0
+
+
+def span_prompt_prefix(tokenizer: Any) -> np.ndarray:
+  """The tokens span examples start with: the prompt up to the span text (the common prefix
+  of prompts for texts that start differently, so no token reaching into a text is in it)."""
+  probes = [_prompts().encode_prompt(tokenizer, t) for t in ("A", "z", "1", "(", " x")]
+  n = min(len(p) for p in probes)
+  for p in probes[1:]:
+    diff = np.flatnonzero(p[:n] != probes[0][:n])
+    n = int(diff[0]) if diff.size else n
+  return probes[0][:n].copy()
+
+
+def _strip_prefix(example: Mapping[str, np.ndarray], prefix: np.ndarray,
+                  stats: PipelineStats) -> dict[str, np.ndarray]:
+  """A span example without `prefix` (``shared``: 1) or whole when it does not start with it
+  or has a target inside it (``shared``: 0, counted)."""
+  tokens, mask = example["tokens"], example["loss_mask"]
+  n = len(prefix)
+  if (len(tokens) > n + 1 and np.array_equal(tokens[:n], prefix)
+      and not mask[:n + 1].any()):
+    return {"tokens": tokens[n:], "loss_mask": mask[n:],
+            "shared": np.ones(len(tokens) - n, np.int32)}
+  stats.add(unshared_spans=1)
+  return {**example, "shared": np.zeros(len(tokens), np.int32)}
+
+
+def _prepend_prefix(row: Mapping[str, np.ndarray], prefix: np.ndarray,
+                    source_id: int | None) -> dict[str, np.ndarray]:
+  """A packed row of stripped span examples -> [prefix | row]: the prefix is segment 1 at
+  positions 0.., each stripped example a negative segment whose positions continue after it
+  (as if it followed its own copy), an example kept whole a positive segment from 0."""
+  n = len(prefix)
+  seg, pos = row["inputs_segment_ids"], row["inputs_positions"]
+  shared = row["shared"].astype(bool) & (seg > 0)
+  seg = np.where(seg > 0, seg + 1, 0)
+  out = {"inputs": np.concatenate([prefix, row["inputs"]]),
+         "targets": np.concatenate([prefix[1:], row["inputs"][:1], row["targets"]]),
+         "loss_weights": np.concatenate([np.zeros(n, np.float32), row["loss_weights"]]),
+         "segment_ids": np.concatenate([np.ones(n, np.int32),
+                                        np.where(shared, -seg, seg)]).astype(np.int32),
+         "positions": np.concatenate([np.arange(n), np.where(shared, pos + n, pos)]
+                                     ).astype(np.int32)}
+  if source_id is not None:
+    out["sources"] = np.concatenate([np.full(n, source_id, np.int32), row["sources"]])
+  return out
+
+
+def _pack(ds: grain.IterDataset, features: Sequence[str], length: int, bins: int, seed: int
+          ) -> grain.IterDataset:
+  return grain.experimental.FirstFitPackIterDataset(
+      ds, length_struct={k: length for k in features}, num_packing_bins=bins, seed=seed,
+      shuffle_bins=True)
 
 
 def build_train_dataset(data_cfg: Any, tokenizer: Any, *, process_index: int = 0,
@@ -575,27 +642,49 @@ def build_train_dataset(data_cfg: Any, tokenizer: Any, *, process_index: int = 0
   elif unit != "examples":
     raise ValueError(f"data.mixture_unit={unit!r}: expected 'examples' or 'tokens'")
 
+  share = bool(cfg_get(data_cfg, "share_prompt", False)) and "spans" in maps
+  prefix = span_prompt_prefix(tokenizer) if share else np.zeros(0, np.int32)
+  if share and len(prefix) >= seq_len // 2:
+    raise ValueError(f"data.share_prompt: the {len(prefix)}-token prompt prefix leaves too "
+                     f"little of data.seq_len={seq_len} for span examples")
   iters = {}
   for name, ds in maps.items():
     it = ds.to_iter_dataset(read)
     if name == "documents":
       it = grain.experimental.FlatMapIterDataset(it, _Flatten())
     sid = SOURCE_IDS[name] if with_sources else None
-    iters[name] = it.map(lambda ex, sid=sid: _shift(ex, sid))
-  if len(iters) == 1:
-    mixed = next(iter(iters.values()))
-  else:
-    mixed = grain.IterDataset.mix(iters, example_weights)
+    if share and name == "spans":
+      it = it.map(lambda ex: _strip_prefix(ex, prefix, stats)).map(
+          lambda ex, sid=sid: {**_shift(ex, sid), "shared": ex["shared"][1:]})
+    else:
+      it = it.map(lambda ex, sid=sid: _shift(ex, sid))
+    iters[name] = it
 
   features = ["inputs", "targets", "loss_weights"] + (["sources"] if with_sources else [])
   # More bins leave less padding when ~1k-token windows meet ~60-token spans (bench/data.py:
   # 32 -> 128 bins took the 80/20 mix from 97.3% to 98.0% non-pad); rows are small, so cheap.
   bins = int(cfg_get(data_cfg, "pack_bins", 0)) or min(max(16 * per_process_batch, 64), 512)
-  packed = grain.experimental.FirstFitPackIterDataset(
-      mixed, length_struct={k: seq_len for k in features}, num_packing_bins=bins,
-      seed=seed, shuffle_bins=True)
-  batched = packed.map(_rekey_packed).batch(per_process_batch, drop_remainder=True)
+  if not share:
+    mixed = (next(iter(iters.values())) if len(iters) == 1
+             else grain.IterDataset.mix(iters, example_weights))
+    rows = _pack(mixed, features, seq_len, bins, seed).map(_rekey_packed)
+  else:
+    # Spans and documents pack into rows of their own, mixed by their token weights (rows
+    # are ~full, so a row weight is a token weight).
+    sid = SOURCE_IDS["spans"] if with_sources else None
+    packed = {"spans": _pack(iters["spans"], features + ["shared"], seq_len - len(prefix),
+                             bins, seed).map(lambda r: _prepend_prefix(r, prefix, sid))}
+    if "documents" in iters:
+      packed["documents"] = _pack(iters["documents"], features, seq_len, bins,
+                                  seed + 1).map(_rekey_packed)
+    token_weights = ({k: weights[k] for k in packed} if unit == "tokens" else
+                     {k: weights[k] * _mean_example_tokens(maps[k], 64, k == "documents")
+                      for k in packed})
+    rows = (packed["spans"] if len(packed) == 1
+            else grain.IterDataset.mix(packed, token_weights))
+  batched = rows.batch(per_process_batch, drop_remainder=True)
   summary = {"seq_len": seq_len, "per_process_batch": per_process_batch,
+             "share_prompt": share, "prompt_prefix_tokens": len(prefix),
              "train_documents": available["documents"], "spans": available["spans"],
              "weights": weights, "mixture_unit": unit, "example_weights": example_weights,
              "pack_bins": bins, "process_index": process_index,
@@ -621,7 +710,9 @@ def make_train_iterator(data_cfg: Any, tokenizer: Any, *, process_index: int = 0
 
   Yields dicts of numpy arrays: ``inputs`` int32, ``targets`` int32 (next token within each
   example), ``loss_weights`` float32 (1 on target tokens), ``segment_ids`` int32 (0 =
-  padding, 1.. per packed example), ``positions`` int32 (restart at 0 per example).
+  padding, 1.. per packed example; with ``data.share_prompt`` span rows start with the shared
+  prompt prefix as segment 1 and their examples are negative), ``positions`` int32 (restart
+  at 0 per example; after the prefix for negative segments).
   ``get_state()``/``set_state()`` checkpoint it (JSON); ``.stats`` counts windows and
   truncations; ``.summary`` describes the mixture.
   """

@@ -164,6 +164,7 @@ class Coder:
     recode: re-code each evidence span with the span prompt (see the module docstring).
     recode_batch_size: spans per re-coding call.
     threshold: drop codes scored below it (0 keeps all).
+    share_prefix: prefill the prompt prefix a batch shares once (`generate`).
   """
 
   def __init__(self, model: Any, tokenizer: Any, *, code_space: Sequence[str] | str = "demo",
@@ -173,7 +174,7 @@ class Coder:
                generate_fn: GenerateFn | None = None,
                answer_format: str = prompts.CODE_FIRST, recode: bool = False,
                recode_batch_size: int = 32, threshold: float = 0.0,
-               threshold_origin: str = "configured"):
+               threshold_origin: str = "configured", share_prefix: bool = True):
     if isinstance(code_space, str):
       from jaxicd.ontology import get_ontology  # pylint: disable=import-outside-toplevel
       code_space = get_ontology().code_space(code_space)
@@ -197,6 +198,7 @@ class Coder:
     self.stop_ids = sorted({i for i in (tokenizer.end_of_turn_id,
                                         getattr(tokenizer, "eos_id", None)) if i is not None})
     self.bucket, self.temperature, self.seed = bucket, temperature, seed
+    self.share_prefix = share_prefix
     self._generate = self._model_generate
     if generate_fn is not None:  # a scripted model: plain document prompts need no keywords
       self._generate = lambda batch, note_ranges, code_only: (
@@ -216,7 +218,7 @@ class Coder:
         pad_id=self.tokenizer.pad_id or 0, constraint=self.constraint,
         temperature=self.temperature, key=key, bucket=16 if code_only else self.bucket,
         batch_size=self.recode_batch_size if code_only else self.batch_size,
-        note_ranges=note_ranges, code_only=code_only)
+        note_ranges=note_ranges, code_only=code_only, share_prefix=self.share_prefix)
 
   def code_documents(self, docs: Sequence[Document]) -> list[list[CodedEvidence]]:
     """Codes each document; returns its evidence list (see `CodedEvidence`), in `docs` order.

@@ -9,7 +9,9 @@ from ``jaxicd.train.sharding``; the leading ``layers`` axis has no rule and stay
 ``param_shardings`` turns them into ``NamedSharding``s for a mesh.
 
 Attention masks come from ``segment_ids`` (0 = padding): a token attends to itself and to earlier
-tokens of its own segment, so packed rows work when ``positions`` restart per segment.
+tokens of its own segment, so packed rows work when ``positions`` restart per segment. A negative
+segment also reads segment 1, a prompt prefix its row's examples share (their positions continue
+after it): shared-prompt packing computes that prefix once per row instead of once per example.
 
 Decoding uses a ``KVCache`` with per-row lengths: rows are right-padded, a call with ``cache=``
 writes its tokens at slots ``lengths[b] + t`` of row ``b`` and advances ``lengths[b]`` by the
@@ -381,7 +383,8 @@ class Llama(nnx.Module):
       positions: int32 ``[B, T]`` RoPE positions. Default: ``arange(T)`` without a cache,
         ``cache.lengths[:, None] + arange(T)`` with one.
       segment_ids: int32 ``[B, T]``; 0 marks padding. Without a cache, a token attends to
-        earlier tokens of its own segment. With a cache, nonzero marks the real tokens, which
+        earlier tokens of its own segment; a token of a negative segment also to segment 1 (a
+        prompt prefix shared by the row's examples, placed first; shared-prompt packing). With a cache, nonzero marks the real tokens, which
         must come first in each row (right padding); only they advance ``cache.lengths``.
       cache: a ``KVCache`` from ``init_cache``.
     """
@@ -404,7 +407,10 @@ class Llama(nnx.Module):
         positions = jnp.broadcast_to(steps, (B, T))
       seg = jnp.ones((B, T), jnp.int32) if segment_ids is None else segment_ids
       causal = steps[:, :, None] >= steps[:, None, :]  # [1, T(query), T(key)]
-      mask = causal & (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] != 0)
+      same = seg[:, :, None] == seg[:, None, :]
+      # Negative segments also read segment 1: the prompt prefix their row shares.
+      shared = (seg[:, :, None] < 0) & (seg[:, None, :] == 1)
+      mask = causal & (same | shared) & (seg[:, None, :] != 0)
       slots = None
     else:
       slots = cache.lengths[:, None] + steps  # [B, T]: where this call's tokens are written.

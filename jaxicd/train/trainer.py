@@ -218,7 +218,7 @@ class StepFunctions:
     params = _tree_where(ok, new_params, params)
     opt_state = _tree_where(ok, new_opt_state, opt_state)
     rest = _tree_where(ok, new_rest, rest)
-    tokens = jnp.sum((batch["segment_ids"] > 0).astype(jnp.float32))
+    tokens = jnp.sum((batch["segment_ids"] != 0).astype(jnp.float32))
     metrics = dict(loss=loss, grad_norm=grad_norm, accuracy=correct / total_weight,
                    target_tokens=total_weight, tokens=tokens, finite=ok.astype(jnp.float32))
     return params, opt_state, rest, metrics

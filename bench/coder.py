@@ -1,0 +1,87 @@
+"""Benchmark: the coder's notes per minute on demo test notes, and where the time goes.
+
+Codes the first `--notes` demo test notes with a run's adapters (its latest checkpoint; the
+untrained base model when the workdir has none), the evaluation's way: the document pass (every
+window of every note, constrained evidence-first decoding), then the span re-coding stage over
+the evidence it found. Each layout in `--layouts` (``shared``: the prompt prefix a batch shares
+is prefilled once; ``unshared``: every row prefills its whole prompt) runs on the same notes
+with the same batch sizes; a warm-up call per layout compiles first. Prints one JSON line per
+layout and, last, one with the ratios.
+
+  .venv/bin/python bench/coder.py --workdir=runs/experiment/mixed [--config=configs/mixed.py]
+      [--notes=8] [--batch_size=16] [--recode_batch_size=32] [--max_new=96]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import pathlib
+import time
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+
+
+def _config(path: str):
+  spec = importlib.util.spec_from_file_location("bench_config", REPO / path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--workdir", default="runs/experiment/mixed")
+  parser.add_argument("--config", default="configs/mixed.py")
+  parser.add_argument("--notes", type=int, default=8)
+  parser.add_argument("--batch_size", type=int, default=16)
+  parser.add_argument("--recode_batch_size", type=int, default=32)
+  parser.add_argument("--max_new", type=int, default=96)
+  parser.add_argument("--layouts", default="shared,unshared")
+  args = parser.parse_args()
+
+  from jaxicd.data import pipeline  # pylint: disable=import-outside-toplevel
+  from jaxicd.infer import coder as coder_lib  # pylint: disable=import-outside-toplevel
+  from jaxicd.train import trainer as trainer_lib  # pylint: disable=import-outside-toplevel
+
+  cfg = _config(args.config)
+  cfg.eval_coding.update(max_new_tokens=args.max_new, batch_size=args.batch_size,
+                         recode_batch_size=args.recode_batch_size, threshold=0.0, recode=False)
+  docs = [d for d in pipeline.load_documents(cfg.data) if d.split == "test"][:args.notes]
+  trainer = trainer_lib.Trainer(cfg, pathlib.Path(args.workdir))
+  step = trainer.restore_latest(with_data=False) if trainer.checkpointer.all_steps() else 0
+  model = trainer.parts.merge(trainer.params, trainer.base, trainer.rest)
+  coder = coder_lib.build_coder(cfg, model, trainer.tokenizer)
+  results = {}
+  for layout in args.layouts.split(","):
+    coder.share_prefix = layout == "shared"
+    coder.recode_evidence(docs[:1], coder.code_documents(docs[:1]))  # compile
+    t0 = time.perf_counter()
+    first = coder.code_documents(docs)
+    t1 = time.perf_counter()
+    coder.recode_evidence(docs, first)
+    t2 = time.perf_counter()
+    stats = coder.stats
+    results[layout] = {
+        "bench": "coder", "layout": layout, "step": int(step or 0), "notes": len(docs),
+        "windows": stats["windows"], "generated_tokens": stats["generated_tokens"],
+        "recoded_spans": stats["recoded_spans"], "document_pass_s": round(t1 - t0, 2),
+        "recode_s": round(t2 - t1, 2), "notes_per_minute": round(60 * len(docs) / (t2 - t0), 2),
+        "batch_size": args.batch_size, "recode_batch_size": args.recode_batch_size,
+        "cpu_count": os.cpu_count()}
+    print(json.dumps(results[layout]), flush=True)
+  trainer.close()
+  if {"shared", "unshared"} <= results.keys():
+    s, u = results["shared"], results["unshared"]
+    print(json.dumps({
+        "bench": "coder_summary", "notes": len(docs),
+        "document_pass_speedup": round(u["document_pass_s"] / s["document_pass_s"], 3),
+        "recode_speedup": round(u["recode_s"] / s["recode_s"], 3),
+        "notes_per_minute_speedup": round(s["notes_per_minute"] / u["notes_per_minute"], 3)}),
+        flush=True)
+
+
+if __name__ == "__main__":
+  main()
