@@ -364,10 +364,12 @@ def test_mixture_proportions_over_many_batches(tok, docs, spans):
   assert by_examples < 0.65 and abs(tok_frac - 0.7) < abs(by_examples - 0.7)
 
 
-def test_restored_iterator_yields_identical_next_batch(tok, docs, spans, tmp_path):
+@pytest.mark.parametrize("share_prompt", [False, True])
+def test_restored_iterator_yields_identical_next_batch(tok, docs, spans, tmp_path, share_prompt):
   import grain  # pylint: disable=g-import-not-at-top
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  cfg = data_cfg(num_threads=2)  # reader threads and the prefetch thread, as in training
+  # Reader threads and the prefetch thread, as in training.
+  cfg = data_cfg(num_threads=2, share_prompt=share_prompt)
   it = pipeline.make_train_iterator(cfg, tok, documents=docs, spans=spans)
   for _ in range(7):
     next(it)
