@@ -28,6 +28,9 @@ def test_toy_run_writes_the_table_json_and_figure(tmp_path):
       assert 0.0 <= m["micro_f1"] <= 1.0 and m["documents"] == 1.0
     # Calibration never makes val-chosen thresholds negative; raw variants keep every code.
     assert r["variants"]["doc"]["threshold"] == r["variants"]["recode"]["threshold"] == 0.0
+    # The arm's inference is the calibrated variant best on val.
+    f1 = r["val_variant_f1"]
+    assert r["chosen_variant"] == max(("recode+cal", "doc+cal"), key=f1.get)
   md = (out / "results.md").read_text()
   assert "| mixed at 20% of the budget |" in md and "| zero-shot (untrained adapters) |" in md
   assert md.count("| mixed at 20% of the budget | recode+cal |") == 1
@@ -48,3 +51,16 @@ def test_comparisons_against_document_only():
   assert cmp["mixed_20_token_ratio"] == 0.2
   assert abs(cmp["mixed_20_macro_f1_gain"] - 0.10) < 1e-12
   assert abs(cmp["mixed_20_unseen_micro_f1_gain"] - 0.35) < 1e-12
+
+
+def test_each_arm_is_compared_with_its_val_chosen_variant():
+  doc = {"tokens": 1000, "chosen_variant": "doc+cal", "variants": {
+      "doc+cal": {"macro_f1": 0.60, "unseen_micro_f1": 0.30},
+      "recode+cal": {"macro_f1": 0.20, "unseen_micro_f1": 0.05}}}
+  mixed = {"tokens": 200, "variants": {  # recorded before the choice: the default variant
+      "doc+cal": {"macro_f1": 0.10, "unseen_micro_f1": 0.10},
+      "recode+cal": {"macro_f1": 0.70, "unseen_micro_f1": 0.50}}}
+  assert experiment.chosen(mixed) == experiment.DEFAULT_VARIANT == "recode+cal"
+  cmp = experiment.comparisons({"doc_only": doc, "mixed_20": mixed})
+  assert abs(cmp["mixed_20_macro_f1_gain"] - 0.10) < 1e-12       # 0.70 - 0.60
+  assert abs(cmp["mixed_20_unseen_micro_f1_gain"] - 0.20) < 1e-12
