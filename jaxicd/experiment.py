@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import hashlib
 import importlib.util
 import json
 import os
@@ -177,13 +178,52 @@ def _import_eval():
   return pipeline, calibration, metrics, coder_lib, coding_eval, trainer_lib
 
 
-def _code(coder, docs):
-  """Document-pass and re-coded predictions of `docs` (every candidate kept)."""
-  coder.threshold, coder.recode = 0.0, False
-  first = coder.code_documents(docs)
-  stats = dict(coder.stats)
-  recoded = coder.recode_evidence(docs, first)
-  return {"doc": first, "recode": recoded}, stats
+class _EvalCache:
+  """Finished pieces of an arm's evaluation (JSON files under ``<workdir>/eval_cache``), so that
+  an interrupted evaluation resumes where it stopped. A piece's name holds a hash of what it
+  depends on (settings, notes, step, decoding config): changed settings never reuse it."""
+
+  def __init__(self, workdir: pathlib.Path, settings: Settings, cfg: Any):
+    self.dir = workdir / "eval_cache"
+    self._key = json.dumps([dataclasses.asdict(settings), cfg.eval_coding.to_dict(),
+                            cfg.data.get("answer_format", "")], sort_keys=True, default=str)
+
+  def get(self, name: str, ids: Sequence[str], compute, encode=lambda x: x,
+          decode=lambda x: x):
+    digest = hashlib.sha256((self._key + json.dumps(list(ids))).encode()).hexdigest()[:12]
+    path = self.dir / f"{name}-{digest}.json"
+    if path.exists():
+      log(f"reusing {path.name}")
+      return decode(json.loads(path.read_text()))
+    value = compute()
+    self.dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(encode(value)))
+    tmp.replace(path)  # a piece is complete or absent
+    return value
+
+
+def _code(coder, docs, cache: _EvalCache, name: str):
+  """Document-pass and re-coded predictions of `docs` (every candidate kept), and the
+  document pass's counts."""
+  coder_lib = _import_eval()[3]
+
+  def compute():
+    coder.threshold, coder.recode = 0.0, False
+    first = coder.code_documents(docs)
+    stats = dict(coder.stats)
+    return {"doc": first, "recode": coder.recode_evidence(docs, first)}, stats
+
+  def encode(value):
+    preds, stats = value
+    return {"preds": {k: [[dataclasses.asdict(e) for e in doc] for doc in v]
+                      for k, v in preds.items()}, "stats": stats}
+
+  def decode(saved):
+    return ({k: [[coder_lib.CodedEvidence(**e) for e in doc] for doc in v]
+             for k, v in saved["preds"].items()}, saved["stats"])
+
+  return cache.get(name, [d.id for d in docs], compute, encode, decode)
 
 
 def evaluate_arm(arm: Arm, settings: Settings, workdir: pathlib.Path) -> dict[str, Any]:
@@ -196,6 +236,7 @@ def evaluate_arm(arm: Arm, settings: Settings, workdir: pathlib.Path) -> dict[st
   trained = {c for d in documents if d.split == "train" for c in d.codes}
   spans = coding_eval.evidence_span_documents(test, settings.spans)
   t0 = time.perf_counter()
+  cache = _EvalCache(workdir, settings, cfg)
   trainer = trainer_lib.Trainer(cfg, workdir)
   try:
     steps = trainer.checkpointer.all_steps() if arm_steps(arm, settings) else []
@@ -209,8 +250,9 @@ def evaluate_arm(arm: Arm, settings: Settings, workdir: pathlib.Path) -> dict[st
       model = trainer.parts.merge(trainer.params, trainer.base, trainer.rest)
       if coder is None:
         coder = coder_lib.build_coder(cfg, model, trainer.tokenizer)
-      coder.model = model
-      val_pred, _ = _code(coder, val)
+      else:
+        coder.model = coder_lib.decoding_model(cfg, model)
+      val_pred, _ = _code(coder, val, cache, f"val-step{step or 0}")
       gold = [d.codes for d in val]
       thresholds = {k: calibration.choose_threshold(gold, [coder_lib.code_scores(p) for p in ps])
                     for k, ps in val_pred.items()}
@@ -226,8 +268,9 @@ def evaluate_arm(arm: Arm, settings: Settings, workdir: pathlib.Path) -> dict[st
     step, _, thresholds, model = best
     if step is not None and arm.select_best and step != candidates[-1]:
       trainer.restore_latest(with_data=False, step=step)
-      coder.model = trainer.parts.merge(trainer.params, trainer.base, trainer.rest)
-    test_pred, stats = _code(coder, test)
+      coder.model = coder_lib.decoding_model(
+          cfg, trainer.parts.merge(trainer.params, trainer.base, trainer.rest))
+    test_pred, stats = _code(coder, test, cache, f"test-step{step or 0}")
     unseen = metrics.unseen_in_training(trained, coder.code_space,
                                         (c for d in test for c in d.codes))
     variants = {}
@@ -240,7 +283,8 @@ def evaluate_arm(arm: Arm, settings: Settings, workdir: pathlib.Path) -> dict[st
       m["threshold"] = threshold
       m["codes_per_note"] = sum(len({ev.code for ev in p}) for p in kept) / max(len(kept), 1)
       variants[name] = m
-    span_codes = coder.code_spans([s.text for s in spans])
+    span_codes = cache.get(f"spans-step{step or 0}", [s.text for s in spans],
+                           lambda: coder.code_spans([s.text for s in spans]))
     span_preds = [[coder_lib.CodedEvidence(c, 0, len(s.text), s.text, p)] if c else []
                   for s, (c, p) in zip(spans, span_codes)]
     span_unseen = {s.codes[0] for s in spans if s.codes[0] not in trained}

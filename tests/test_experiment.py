@@ -40,6 +40,14 @@ def test_toy_run_writes_the_table_json_and_figure(tmp_path):
   # Rerun: every arm is reused (no training, no evaluation).
   again = experiment.run(TOY, tmp_path / "runs", out, arms=("mixed_20", "zero_shot"))
   assert again == results
+  # An evaluation stopped before its result.json resumes from its finished pieces (val and
+  # test predictions, span codes), giving the same scores.
+  cached = sorted(p.name.split("-")[0] for p in (tmp_path / "runs/zero_shot/eval_cache").iterdir())
+  assert cached == ["spans", "test", "val"]
+  (tmp_path / "runs/zero_shot/result.json").unlink()
+  resumed = experiment.run(TOY, tmp_path / "runs", out, arms=("zero_shot",))["zero_shot"]
+  assert resumed["variants"] == results["zero_shot"]["variants"]
+  assert resumed["spans"] == results["zero_shot"]["spans"]
 
 
 def test_comparisons_against_document_only():

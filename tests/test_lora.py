@@ -10,9 +10,11 @@ import pytest
 from flax import nnx
 
 from conftest import random_hf_llama, require_reference
+from jaxicd.infer import generate as gen
+from jaxicd.model import llama as llama_lib
 from jaxicd.model import lora as lora_lib
 from jaxicd.model import weights
-from jaxicd.model.config import LoraConfig
+from jaxicd.model.config import LoraConfig, preset
 
 LORA = LoraConfig(rank=4, alpha=8.0, dropout=0.0)
 PROJECTIONS = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
@@ -194,3 +196,25 @@ def test_training_grads_match_peft(hf_dir):
         ref = params[f"base_model.model.model.layers.{layer}.{long}.{torch_name}.default.weight"]
         np.testing.assert_allclose(ours[layer], ref.grad.numpy().T, atol=2e-5, rtol=1e-4,
                                    err_msg=f"{short}.{name}[{layer}]")
+
+
+def test_decoding_copy_folds_adapters_and_casts_without_touching_the_model():
+  cfg = preset("tiny").replace(dtype="bfloat16", param_dtype="bfloat16")
+  model = llama_lib.create(cfg, seed=2, lora=LoraConfig(rank=4, alpha=8.0))
+  for path, v in nnx.iter_graph(model):  # non-zero adapters (B starts at zero)
+    if isinstance(v, nnx.LoRAParam):
+      v[...] = jax.random.normal(jax.random.key(len(path)), v[...].shape) * 0.05
+  copy = lora_lib.decoding_copy(model, "float32")
+  assert copy.cfg.dtype == "float32" and copy.cfg.lora.rank == 0
+  assert not list(nnx.state(copy, nnx.LoRAParam).flat_state())
+  assert model.cfg.dtype == "bfloat16" and lora_lib.num_params(model) > 0  # the model is unchanged
+  # Reference: the same weights widened to float32, adapters kept apart (x W + s (x A) B).
+  wide = llama_lib.create(cfg.replace(dtype="float32", param_dtype="float32"), seed=2,
+                          lora=LoraConfig(rank=4, alpha=8.0))
+  nnx.update(wide, jax.tree.map(lambda x: x.astype(jnp.float32), nnx.state(model, nnx.Param)))
+  tokens = jnp.asarray(np.random.default_rng(0).integers(1, cfg.vocab_size, (2, 12)))
+  np.testing.assert_allclose(np.asarray(copy(tokens)), np.asarray(wide(tokens)), atol=2e-5)
+  prompts = [np.asarray(t) for t in np.asarray(tokens)]
+  a = gen.generate(copy, prompts, max_new_tokens=6, stop_ids=[])
+  b = gen.generate(wide, prompts, max_new_tokens=6, stop_ids=[])
+  np.testing.assert_array_equal(a.tokens, b.tokens)

@@ -47,6 +47,7 @@ from jaxicd.data import pipeline, prompts
 from jaxicd.data.records import Document
 from jaxicd.eval import calibration
 from jaxicd.infer import generate as generate_lib
+from jaxicd.model import lora
 
 log = logging.getLogger(__name__)
 
@@ -367,6 +368,13 @@ class Coder:
     return out
 
 
+def decoding_model(cfg: Any, model: Any) -> Any:
+  """The model the coder decodes with: `model` itself, or with ``eval_coding.dtype`` set, a
+  copy in that dtype with the adapters folded in (`jaxicd.model.lora.decoding_copy`)."""
+  dtype = cfg.eval_coding.get("dtype", "")
+  return lora.decoding_copy(model, dtype) if dtype else model
+
+
 def build_coder(cfg: Any, model: Any, tokenizer: Any, workdir: Any = None) -> Coder:
   """The `Coder` a run config describes: windows as ``cfg.data`` (seq_len, window_overlap),
   the code space ``cfg.data.code_space`` and decoding as ``cfg.eval_coding``; the decision
@@ -375,7 +383,7 @@ def build_coder(cfg: Any, model: Any, tokenizer: Any, workdir: Any = None) -> Co
   threshold, origin = calibration.resolve_threshold(float(cfg.eval_coding.get("threshold", 0.0)),
                                                     workdir)
   ec, data = cfg.eval_coding, cfg.data
-  return Coder(model, tokenizer, code_space=data.code_space, seq_len=int(data.seq_len),
+  return Coder(decoding_model(cfg, model), tokenizer, code_space=data.code_space, seq_len=int(data.seq_len),
                window_overlap=int(data.window_overlap), max_new_tokens=int(ec.max_new_tokens),
                batch_size=int(ec.batch_size), constrained=bool(ec.constrained),
                unique_codes=bool(ec.get("unique_codes", True)),

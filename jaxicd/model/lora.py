@@ -62,3 +62,17 @@ def merge(model: Llama) -> Llama:
   model.cfg = model.cfg.replace(lora=LoraConfig())
   model.dropout_rngs = None
   return model
+
+
+def decoding_copy(model: Llama, dtype: str | None = None) -> Llama:
+  """A copy of `model` for decoding: weights (and compute) cast to `dtype` when given, then every
+  adapter folded into its kernel (`merge`), so a decode step runs no adapter matmuls. `model`
+  is left as it is. On a CPU without bf16 units, float32 decodes ~1.8x faster than bfloat16
+  (XLA:CPU widens bf16 weights at every step; SmolLM2 measured on a 2-core EPYC)."""
+  copy = nnx.clone(model)
+  if dtype:
+    for _, v in nnx.iter_graph(copy):
+      if isinstance(v, nnx.Param):
+        v.set_value(v.get_value().astype(dtype))
+    copy.cfg = copy.cfg.replace(dtype=jnp.dtype(dtype).name, param_dtype=jnp.dtype(dtype).name)
+  return merge(copy) if _adapted_linears(copy) else copy

@@ -35,7 +35,8 @@ from jaxicd.eval import calibration
 from jaxicd.eval import metrics as metrics_lib
 from jaxicd.eval import report as report_lib
 from jaxicd.infer import predict as predict_lib
-from jaxicd.infer.coder import CodedEvidence, apply_threshold, build_coder, code_scores
+from jaxicd.infer.coder import (CodedEvidence, apply_threshold, build_coder, code_scores,
+                                decoding_model)
 
 # The metrics worth a progress line; everything goes to metrics.jsonl / TensorBoard.
 _HEADLINE = ("micro_f1", "macro_f1", "unseen_micro_f1", "evidence_span_f1", "valid_code_rate",
@@ -91,7 +92,8 @@ class CodingEval:
   def _get_coder(self, model):
     if self._coder is None:
       self._coder = build_coder(self.cfg, model, self.tokenizer)
-    self._coder.model = model  # same graph, new adapter values: no recompilation
+    else:  # same graph, new adapter values: no recompilation
+      self._coder.model = decoding_model(self.cfg, model)
     return self._coder
 
   def _write_report(self, predictions, step: int, threshold: float) -> None:

@@ -68,6 +68,9 @@ def base_config() -> ml_collections.ConfigDict:
       # Re-code each evidence span the document pass found with the span prompt; its code and
       # probability replace the document pass's (jaxicd.infer.coder).
       recode=True, recode_batch_size=32,
+      # "" decodes with the trained model as it is; a dtype decodes with a copy in that dtype
+      # with the adapters folded into the base (a CPU without bf16 units: "float32").
+      dtype="",
       # Keep codes scored >= threshold; negative: the workdir's calibration.json (none: keep all).
       threshold=-1.0,
       calibrate=False,               # choose the threshold on these notes (on split val only)
