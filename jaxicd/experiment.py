@@ -303,6 +303,7 @@ def evaluate_arm(arm: Arm, settings: Settings, workdir: pathlib.Path) -> dict[st
       "gold_codes_per_note": sum(len(d.codes) for d in test) / max(len(test), 1),
       "val_notes": len(val), "test_notes": len(test), "test_spans": len(spans),
       "eval_seconds": time.perf_counter() - t0,
+      "decode_dtype": cfg.eval_coding.get("dtype", "") or str(cfg.model.dtype),
   }
   return result
 
@@ -411,6 +412,9 @@ def write_report(results: dict[str, dict], settings: Settings, out: pathlib.Path
       f"- Test: the first {any_r.get('test_notes', 0)} test notes ({gold:.1f} gold codes per "
       f"note) and their {any_r.get('test_spans', 0)} gold evidence spans; the threshold is "
       f"calibrated on {any_r.get('val_notes', 0)} val notes; unseen-code scores are strict.",
+      "- Decoding dtype per arm: " + ", ".join(
+          f"{a} {results[a].get('decode_dtype', 'bfloat16')}" for a in order)
+      + " (the same greedy decoding; float32 runs faster on CPUs without bf16 units).",
       f"- Default inference (`{DEFAULT_VARIANT}`): evidence-first document pass, each evidence "
       "span re-coded with the span prompt, codes kept at the calibrated threshold. Each arm is "
       "scored with its calibrated variant (`doc+cal` or `recode+cal`) that is best on the val "
