@@ -48,6 +48,7 @@ def main() -> None:
 
   from jaxicd.data import prompts
   from jaxicd.infer import generate as gen
+  from jaxicd.infer import grammar
   from jaxicd.model import weights
   fwd = _forward_bench()
   model, tok = weights.load_model("smollm2", dtype="float32", param_dtype="float32")
@@ -92,7 +93,7 @@ def main() -> None:
     from jaxicd.ontology import get_ontology
     codes = get_ontology().code_space(args.constrained)
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    constraint = gen.build_constraint(tok, codes)
+    constraint = grammar.build_constraint(tok, codes)
     rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     batch = max(int(b) for b in args.batches.split(","))
     rows = [np.roll(base, i) for i in range(batch)]

@@ -13,6 +13,7 @@ from flax import nnx
 
 from jaxicd.data import prompts
 from jaxicd.infer import generate as gen
+from jaxicd.infer import grammar
 from jaxicd.model import llama
 from jaxicd.model.config import preset
 
@@ -171,22 +172,22 @@ def _walk(constraint, tok, tokens, *, unique=False, allowed_after=False):
   with `allowed_after`, returns the set of token texts allowed after all of `tokens` instead.
   """
   ca = constraint.device_arrays(tok.vocab_size)
-  state, first = jnp.array([gen.ROOT], jnp.int32), jnp.array([True])
-  left = gen.initial_left(ca, 1) if unique else None
+  state, first = jnp.array([grammar.ROOT], jnp.int32), jnp.array([True])
+  left = grammar.initial_left(ca, 1) if unique else None
   stops = jnp.array([tok.end_of_turn_id], jnp.int32)
   for i, t in enumerate(tokens):
-    mask, toks, nxt, ok = gen._allowed_tokens(ca, constraint.max_fanout, state, first, stops,
+    mask, toks, nxt, ok = grammar.allowed_tokens(ca, constraint.max_fanout, state, first, stops,
                                               tok.vocab_size, left)
     if not bool(mask[0, t]):
       assert not allowed_after, f"token {i} rejected"
       return i
     t = jnp.array([t], jnp.int32)
     if unique:
-      left = gen._use_codes(ca, constraint.max_depth, left, state, t, toks, nxt, ok,
+      left = grammar.use_codes(ca, constraint.max_depth, left, state, t, toks, nxt, ok,
                             jnp.array([True]))
-    state, first = gen._advance(ca, state, first, t, toks, nxt, ok)
+    state, first = grammar.advance(ca, state, first, t, toks, nxt, ok)
   if allowed_after:
-    mask = gen._allowed_tokens(ca, constraint.max_fanout, state, first, stops, tok.vocab_size,
+    mask = grammar.allowed_tokens(ca, constraint.max_fanout, state, first, stops, tok.vocab_size,
                                left)[0]
     return {tok.vocab[i] for i in np.flatnonzero(np.asarray(mask[0]))}
   return -1
@@ -195,10 +196,10 @@ def _walk(constraint, tok, tokens, *, unique=False, allowed_after=False):
 def test_trie_accepts_exactly_the_code_set_hand_cases():
   tok = CharTokenizer()
   codes = ["A1", "A12", "N1", "S02.0XXA"]
-  c = gen.build_constraint(tok, codes)
+  c = grammar.build_constraint(tok, codes)
   expected = {tuple(tok.encode(x)) for x in codes + ["NONE"]}
   assert c.sequences() == expected
-  assert gen.build_constraint(tok, codes, allow_none=False).sequences() == expected - {
+  assert grammar.build_constraint(tok, codes, allow_none=False).sequences() == expected - {
       tuple(tok.encode("NONE"))}
   eot = [tok.end_of_turn_id]
 
@@ -230,7 +231,7 @@ def smol_tok():
 @pytest.fixture(scope="module")
 def demo_constraint(smol_tok):
   from jaxicd.ontology import get_ontology
-  return gen.build_constraint(smol_tok, get_ontology().code_space("demo"))
+  return grammar.build_constraint(smol_tok, get_ontology().code_space("demo"))
 
 
 def test_trie_over_demo_space_matches_code_tokens(smol_tok, demo_constraint):
@@ -281,7 +282,7 @@ def test_constrained_sampling_emits_only_valid_codes(smol_tok, demo_constraint):
 def test_trie_scales_to_all_billable_codes(smol_tok):
   from jaxicd.ontology import get_ontology
   codes = get_ontology().code_space("all")
-  c = gen.build_constraint(smol_tok, codes)
+  c = grammar.build_constraint(smol_tok, codes)
   expected = {tuple(smol_tok.encode(x)) for x in codes + ("NONE",)}
   assert len(codes) == 74719 and c.sequences() == expected
   assert c.nbytes < 20e6  # sparse: a few MB, not states x vocab
@@ -291,7 +292,7 @@ def test_trie_scales_to_all_billable_codes(smol_tok):
   assert _walk(c, smol_tok, smol_tok.encode("I50.2") + eot) == 5   # a category, not billable
   assert _walk(c, smol_tok, smol_tok.encode("I50.29") + eot) == 5  # no such code
   # Unique codes over the full space: the used code's line is refused, its siblings are not.
-  assert int(c.arrays.codes_below[gen.ROOT]) == 74719
+  assert int(c.arrays.codes_below[grammar.ROOT]) == 74719
   assert c.max_depth == max(len(smol_tok.encode(x)) for x in codes)
   again = smol_tok.encode("I50.23\nI50.23") + eot
   assert _walk(c, smol_tok, again) == -1
@@ -305,9 +306,9 @@ def test_trie_scales_to_all_billable_codes(smol_tok):
 def test_unique_codes_block_only_the_exact_code_used():
   # A1 prefixes A12 and A13; A12 and A13 share the path A-1. Allowed sets by hand.
   tok = CharTokenizer()
-  c = gen.build_constraint(tok, ["A1", "A12", "A13", "B2"])
+  c = grammar.build_constraint(tok, ["A1", "A12", "A13", "B2"])
   assert c.unique_codes and c.max_depth == 3
-  assert c.arrays.codes_below[gen.ROOT] == 4
+  assert c.arrays.codes_below[grammar.ROOT] == 4
   after = lambda text: _walk(c, tok, tok.encode(text), unique=True, allowed_after=True)
   ends = {" |", "\n", "<eot>"}
   assert after("A1") == ends | {"2", "3"}        # nothing used yet
@@ -345,7 +346,7 @@ class _Bigram(nnx.Module):
 
 def test_unique_codes_greedy_stops_repeating_a_code():
   tok = CharTokenizer()
-  c = gen.build_constraint(tok, ["A1", "A12", "B2"])
+  c = grammar.build_constraint(tok, ["A1", "A12", "B2"])
   # Preferences after each token, best first: the model loves "A1\n" forever.
   prefs = {"#": "A", "$": "B", "A": "1", "B": "2", "1": ["\n", "2"], "2": ["\n", "<eot>"],
            "\n": ["A", "B"]}
@@ -378,7 +379,7 @@ def test_unique_codes_allowed_set_is_never_empty():
   # complete a code twice.
   tok = CharTokenizer()
   codes = ["A1", "A12", "A13", "A2", "B1", "N1"]
-  c = gen.build_constraint(tok, codes)
+  c = grammar.build_constraint(tok, codes)
   ca = c.device_arrays(tok.vocab_size)
   B, steps = 48, 160
   stops = jnp.array([tok.end_of_turn_id], jnp.int32)
@@ -387,21 +388,21 @@ def test_unique_codes_allowed_set_is_never_empty():
 
   @jax.jit
   def step(state, first, left, done, u):
-    mask, toks, nxt, ok = gen._allowed_tokens(ca, c.max_fanout, state, first, stops,
+    mask, toks, nxt, ok = grammar.allowed_tokens(ca, c.max_fanout, state, first, stops,
                                               tok.vocab_size, left)
     # Prefer structural tokens (line ends), then anything allowed; the stop token rarely.
     w = jnp.where(mask, 1.0 + 200.0 * structural, 0.0)
     w = w.at[:, tok.end_of_turn_id].multiply(0.02)
     tok_ = jax.random.categorical(u, jnp.log(w), axis=-1).astype(jnp.int32)
     active = ~done
-    new_left = gen._use_codes(ca, c.max_depth, left, state, tok_, toks, nxt, ok, active)
-    new_state, new_first = gen._advance(ca, state, first, tok_, toks, nxt, ok)
+    new_left = grammar.use_codes(ca, c.max_depth, left, state, tok_, toks, nxt, ok, active)
+    new_state, new_first = grammar.advance(ca, state, first, tok_, toks, nxt, ok)
     return (mask.any(axis=1), tok_, jnp.where(done, state, new_state), new_first, new_left,
             done | (tok_ == tok.end_of_turn_id))
 
-  state = jnp.full((B,), gen.ROOT, jnp.int32)
+  state = jnp.full((B,), grammar.ROOT, jnp.int32)
   first, done = jnp.ones((B,), bool), jnp.zeros((B,), bool)
-  left = gen.initial_left(ca, B)
+  left = grammar.initial_left(ca, B)
   out = [[] for _ in range(B)]
   key = jax.random.key(0)
   for _ in range(steps):
@@ -477,7 +478,7 @@ def narrow_smol_model(smol_tok):
 
 def test_evidence_first_greedy_matches_a_reference_grammar_loop(smol_tok, narrow_smol_model):
   codes = ["A1", "A12", "B2", "I10"]
-  c = gen.build_constraint(smol_tok, codes, answer_format=prompts.EVIDENCE_FIRST)
+  c = grammar.build_constraint(smol_tok, codes, answer_format=prompts.EVIDENCE_FIRST)
   stop = smol_tok.end_of_turn_id
   model = narrow_smol_model
   texts = ("Hypertension, on lisinopril. A1 and B2 noted.", "No complaints today.")
@@ -506,7 +507,7 @@ def test_evidence_first_greedy_matches_a_reference_grammar_loop(smol_tok, narrow
 def test_evidence_first_sampling_stays_in_the_grammar(smol_tok, narrow_smol_model):
   from jaxicd.ontology import get_ontology
   codes = get_ontology().code_space("demo")
-  c = gen.build_constraint(smol_tok, codes, answer_format=prompts.EVIDENCE_FIRST)
+  c = grammar.build_constraint(smol_tok, codes, answer_format=prompts.EVIDENCE_FIRST)
   assert c.sequences() == {tuple(smol_tok.encode(" " + x))
                            for x in codes}  # no NONE line: an empty answer says it
   assert [smol_tok.decode([t]) for t in smol_tok.encode(" I50.23")] == [
@@ -531,7 +532,7 @@ def test_evidence_first_sampling_stays_in_the_grammar(smol_tok, narrow_smol_mode
 def test_code_only_decodes_one_code_after_the_prompt(smol_tok, narrow_smol_model):
   codes = ["A1", "A12", "B2", "I10"]
   for fmt in prompts.ANSWER_FORMATS:
-    c = gen.build_constraint(smol_tok, codes, answer_format=fmt)
+    c = grammar.build_constraint(smol_tok, codes, answer_format=fmt)
     g = gen.generate(narrow_smol_model, [prompts.encode_prompt(smol_tok, "HTN")],
                      max_new_tokens=c.max_depth + 1, stop_ids=[smol_tok.end_of_turn_id],
                      constraint=c, code_only=True, temperature=1.0, key=jax.random.key(2))
@@ -543,5 +544,5 @@ def test_code_only_decodes_one_code_after_the_prompt(smol_tok, narrow_smol_model
     assert any(tuple(out[:len(h)]) == h for h in heads), smol_tok.decode(out)
   with pytest.raises(ValueError, match="note_ranges"):
     gen.generate(narrow_smol_model, [[1, 2]], max_new_tokens=2, stop_ids=[0],
-                 constraint=gen.build_constraint(smol_tok, codes,
+                 constraint=grammar.build_constraint(smol_tok, codes,
                                                  answer_format=prompts.EVIDENCE_FIRST))

@@ -47,6 +47,7 @@ from jaxicd.data import pipeline, prompts
 from jaxicd.data.records import Document
 from jaxicd.eval import calibration
 from jaxicd.infer import generate as generate_lib
+from jaxicd.infer import grammar
 from jaxicd.model import lora
 
 log = logging.getLogger(__name__)
@@ -153,7 +154,7 @@ class Coder:
     window_overlap: overlap of consecutive windows, in tokens.
     max_new_tokens: answer budget per window.
     batch_size: windows per generation call.
-    constrained: decode with the code-space grammar (`generate.build_constraint`).
+    constrained: decode with the code-space grammar (`grammar.build_constraint`).
     unique_codes: with `constrained`, each code at most once per window's answer (repeated code
       lines would only spend the token budget: codes are merged per document anyway).
     bucket: prompt-length bucket (compilations are per bucket).
@@ -188,7 +189,7 @@ class Coder:
     self.evidence_first = answer_format == prompts.EVIDENCE_FIRST
     self.recode, self.recode_batch_size = recode, recode_batch_size
     self.threshold, self.threshold_origin = threshold, threshold_origin
-    self.constraint = (generate_lib.build_constraint(tokenizer, self.code_space,
+    self.constraint = (grammar.build_constraint(tokenizer, self.code_space,
                                                      unique_codes=unique_codes,
                                                      answer_format=answer_format)
                        if constrained and generate_fn is None else None)
