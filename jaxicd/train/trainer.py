@@ -28,12 +28,16 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jaxicd.data import pipeline
+from jaxicd.model import weights
+from jaxicd.model.config import LoraConfig
+from jaxicd.model.tokenizer import load_tokenizer
 from jaxicd.train import losses
 from jaxicd.train import sharding as shd
 from jaxicd.train.checkpoint import Checkpointer, abstract_like, check_compatible
 from jaxicd.train.metrics_writer import MetricsWriter
 
-BATCH_FIELDS = ("inputs", "targets", "loss_weights", "segment_ids", "positions")
+BATCH_FIELDS = pipeline.BATCH_KEYS  # what a step reads of a batch
 
 
 class TrainingDivergedError(RuntimeError):
@@ -259,7 +263,6 @@ class StepFunctions:
 
 
 def lora_config(cfg):
-  from jaxicd.model.config import LoraConfig  # pylint: disable=g-import-not-at-top
   return LoraConfig(rank=int(cfg.lora.rank), alpha=float(cfg.lora.alpha),
                     dropout=float(cfg.lora.get("dropout", 0.0)),
                     targets=tuple(cfg.lora.targets))
@@ -267,7 +270,6 @@ def lora_config(cfg):
 
 def load_model_and_tokenizer(cfg, mesh: Mesh | None = None, rules=shd.DEFAULT_RULES):
   """The base model with fresh adapters, and its tokenizer (``config.model.tokenizer`` if set)."""
-  from jaxicd.model import weights  # pylint: disable=g-import-not-at-top
   mcfg = cfg.model
   kwargs = dict(dtype=mcfg.get("dtype") or None, param_dtype=mcfg.get("param_dtype") or None,
                 remat=mcfg.get("remat") or None, lora=lora_config(cfg), mesh=mesh, rules=rules,
@@ -277,7 +279,6 @@ def load_model_and_tokenizer(cfg, mesh: Mesh | None = None, rules=shd.DEFAULT_RU
     kwargs["overrides"] = overrides
   model, tokenizer = weights.load_model(mcfg.source, **kwargs)
   if mcfg.get("tokenizer"):
-    from jaxicd.model.tokenizer import load_tokenizer  # pylint: disable=g-import-not-at-top
     tokenizer = load_tokenizer(mcfg.tokenizer)
   if tokenizer is None:
     raise ValueError(f"config.model.source={mcfg.source!r} has no tokenizer: set "
@@ -286,7 +287,6 @@ def load_model_and_tokenizer(cfg, mesh: Mesh | None = None, rules=shd.DEFAULT_RU
 
 
 def base_fingerprint(source: str) -> dict:
-  from jaxicd.model import weights  # pylint: disable=g-import-not-at-top
   return weights.source_fingerprint(source)
 
 
@@ -385,7 +385,6 @@ class Trainer:
 
   def data_iterator(self):
     if self._data_iter is None:
-      from jaxicd.data import pipeline  # pylint: disable=g-import-not-at-top
       self._data_iter = pipeline.make_train_iterator(
           self.cfg.data, self.tokenizer, process_index=jax.process_index(),
           process_count=jax.process_count(), with_sources=True)
@@ -431,7 +430,6 @@ class Trainer:
 
   def evaluate(self, max_batches: int | None = None, split: str = "val") -> dict[str, float]:
     """Mean token cross-entropy over the validation split (target tokens only)."""
-    from jaxicd.data import pipeline  # pylint: disable=g-import-not-at-top
     max_batches = max_batches if max_batches is not None else int(
         self.cfg.train.get("eval_batches", 0) or 0)
     # Every process must run the same number of eval steps (each is a collective), though their
