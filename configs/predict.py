@@ -7,15 +7,14 @@ config, run that config with --config.mode=predict: the model and LoRA settings 
 checkpoint's.
 """
 
-import importlib.util
 import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+import mixed  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def get_config():
-  spec = importlib.util.spec_from_file_location(
-      "_mixed_config", pathlib.Path(__file__).with_name("mixed.py"))
-  mixed = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mixed)
   config = mixed.get_config()
   config.mode = "predict"
   # Whole notes rather than the 2 validation notes training codes: a larger answer budget.
