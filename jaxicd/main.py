@@ -9,9 +9,11 @@
 Training resumes from the newest checkpoint in ``--workdir``; metrics go to
 ``<workdir>/metrics.jsonl`` and TensorBoard event files under ``<workdir>/tensorboard``.
 
-Expected failures (bad input or config, missing files, a refused resume; `jaxicd.errors`) print
-one message naming the file, line or key and exit with status 2, without a traceback
-(``--verbose`` shows it); anything else keeps its traceback.
+A config is checked before anything is written (`jaxicd.train.config.validate`): unknown keys,
+values that cannot work, data that lacks what the run needs, a checkpoint made with other
+settings. Expected failures (bad input or config, missing files, a refused resume, an unreadable
+checkpoint; `jaxicd.errors`) print one message naming the file, line or key and exit with status
+2, without a traceback (``--verbose`` shows it); anything else keeps its traceback.
 """
 
 from __future__ import annotations
@@ -57,27 +59,41 @@ def _add_xla_flags(flags: str) -> None:
 
 
 def run(config, workdir: str) -> dict:
-  """Runs ``config.mode`` in ``workdir``; returns a JSON-able summary."""
+  """Runs ``config.mode`` in ``workdir``; returns a JSON-able summary.
+
+  Everything that can refuse the run comes before the first write: the config's keys and
+  values, its data (train, eval), predict's input and outputs, and the compatibility of the
+  workdir's checkpoint. Only then is ``config.<mode>.json`` written (a refused run leaves the
+  record of the last good one).
+  """
   mode = config.mode
   if mode not in MODES:
     raise errors.ConfigError(f"config.mode={mode!r}: choose one of {', '.join(MODES)}")
+  from jaxicd.train import config as config_lib  # pylint: disable=g-import-not-at-top
+  config_lib.validate(config)
   _add_xla_flags(config.get("cpu_xla_flags", ""))
   # Imported here, not at the top: keeps --help fast.
   import jax  # pylint: disable=g-import-not-at-top
   from jaxicd.train import sharding, trainer  # pylint: disable=g-import-not-at-top
   # Multi-host: before anything else touches JAX (CPU collectives use gloo, JAX's default).
   sharding.maybe_initialize_distributed(config.get("distributed", None))
-  plan = None
-  if mode == "predict":  # input, output paths and checkpoint, before the workdir is touched
+  plan = tokenizer = None
+  if mode == "predict":  # input, output paths and checkpoint
     from jaxicd.infer import predict  # pylint: disable=g-import-not-at-top
     plan = predict.preflight(config, workdir)
+  if mode in ("train", "eval"):
+    from jaxicd.data import pipeline  # pylint: disable=g-import-not-at-top
+    tokenizer = trainer.config_tokenizer(config)
+    config_lib.validate_data(config, tokenizer, pipeline.load_documents(config.data))
+  trainer.check_checkpoints(config, workdir, resume=mode == "train",
+                            warn=lambda line: print(line, file=sys.stderr, flush=True))
   pathlib.Path(workdir).mkdir(parents=True, exist_ok=True)
   if jax.process_index() == 0:  # processes share the workdir; one copy is enough
     # Keep the exact config of every invocation next to the run.
     (pathlib.Path(workdir) / f"config.{mode}.json").write_text(
         config.to_json_best_effort(indent=2))
   if mode == "train":
-    summary = trainer.run_train(config, workdir)
+    summary = trainer.run_train(config, workdir, tokenizer)
     summary.pop("history", None)
     return summary
   if mode == "predict":
@@ -85,7 +101,7 @@ def run(config, workdir: str) -> dict:
   if mode == "export":
     from jaxicd.model import export  # pylint: disable=g-import-not-at-top
     return export.run_export(config, workdir)
-  return trainer.run_eval(config, workdir)
+  return trainer.run_eval(config, workdir, tokenizer)
 
 
 def _fail(message: str) -> NoReturn:

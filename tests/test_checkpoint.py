@@ -13,6 +13,8 @@ import pytest
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 import train_worker  # pylint: disable=wrong-import-position
 
+from jaxicd import errors
+from jaxicd.data import prompts
 from jaxicd.train import checkpoint as ckpt_lib
 
 
@@ -76,7 +78,8 @@ def test_refuses_other_base_weights(trained, tokenizer_dir, tmp_path):
   t = trainer.Trainer(config, workdir, print_fn=lambda s: None)
   try:
     with pytest.raises(ckpt_lib.CheckpointMismatchError,
-                       match=r"base weights differ.*other\.gguf.*fresh --workdir"):
+                       match=r"\n  base weights: gguf /elsewhere/other\.gguf \(sha256 000000000000\) "
+                             r"-> preset tiny \(sha256 [0-9a-f]{12}\)\nUse a fresh --workdir"):
       t.restore_latest(with_data=False)
   finally:
     t.close()
@@ -88,7 +91,9 @@ def test_refuses_other_lora_shapes(trained, tokenizer_dir):
   config.lora.rank = 8  # the checkpoint has rank 4
   t = trainer.Trainer(config, trained[0], print_fn=lambda s: None)
   try:
-    with pytest.raises(ckpt_lib.CheckpointMismatchError, match=r"LoRA adapters differ"):
+    with pytest.raises(ckpt_lib.CheckpointMismatchError,
+                       match=r"\n  lora\.rank: 4 -> 8\n  LoRA shapes .*shape changed "
+                             r"\['layers\.down\.lora_a'"):
       t.restore_latest(with_data=False)
   finally:
     t.close()
@@ -105,6 +110,27 @@ TINY_LORA_SHAPES = {
     "layers.up.lora_a": [2, 64, 4], "layers.up.lora_b": [2, 4, 128],
     "layers.down.lora_a": [2, 128, 4], "layers.down.lora_b": [2, 4, 64],
 }
+
+
+# What a resume must agree on (configs/tiny.py), recorded in every checkpoint's meta.
+TINY_SETTINGS = {
+    "lora.rank": 4, "lora.alpha": 8.0, "lora.dropout": 0.0,
+    "lora.targets": ["q", "k", "v", "o", "gate", "up", "down"],
+    "data.answer_format": "evidence_first", "prompt_version": "see prompts.PROMPT_VERSION",
+    "data.seq_len": 256, "data.window_overlap": 32, "data.code_space": "demo"}
+
+
+def _checksums(state) -> dict[str, int]:
+  """Each array's position-weighted sum of its bit patterns, mod 2**32 (numpy, by hand)."""
+  import jax
+  out = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
+    x = np.ascontiguousarray(np.asarray(leaf)).reshape(-1)
+    bits = x.view({1: np.uint8, 2: np.uint16, 4: np.uint32}[x.dtype.itemsize]).astype(np.uint64)
+    weights = (np.arange(x.size, dtype=np.uint64) * 0x9E3779B1 + 1) % 2**32
+    out[jax.tree_util.keystr(path, simple=True, separator="/")] = int(
+        np.sum((bits * weights) % 2**32) % 2**32)
+  return out
 
 
 def test_saved_items(trained, tokenizer_dir):
@@ -138,8 +164,11 @@ def test_saved_items(trained, tokenizer_dir):
         "base_fingerprint": {"kind": "preset", "name": "tiny",
                              "sha256": metas[step]["base_fingerprint"]["sha256"]},
         "lora_shapes": TINY_LORA_SHAPES, "mesh": {"data": 1, "fsdp": 1, "tensor": 1},
-        "step": step}
+        "settings": dict(TINY_SETTINGS, prompt_version=prompts.PROMPT_VERSION),
+        "checksums": metas[step]["checksums"], "step": step}
     assert re.fullmatch(r"[0-9a-f]{64}", metas[step]["base_fingerprint"]["sha256"])
+    # One checksum per saved array, recomputed here from the restored values.
+    assert metas[step]["checksums"] == _checksums(state), step
   assert metas[2]["base_fingerprint"] == metas[4]["base_fingerprint"]
   # The last checkpoint is the run's end state, exactly.
   for k, v in params.items():
@@ -176,14 +205,285 @@ def test_saved_items(trained, tokenizer_dir):
 
 def test_check_compatible_by_hand():
   same = dict(base_fingerprint={"kind": "gguf", "sha256": "a", "path": "/a/m.gguf", "mtime": 1},
-              lora_shapes={"x": [1, 2]})
+              lora_shapes={"x": [1, 2]},
+              settings={"lora.alpha": 8.0, "data.seq_len": 256, "prompt_version": "1-aa"})
   ckpt_lib.check_compatible(same, same, "dir")
   # The same file copied elsewhere (new path and mtime) is the same base.
   moved = dict(same, base_fingerprint={"kind": "gguf", "sha256": "a", "path": "/b/m.gguf",
                                        "mtime": 2})
   ckpt_lib.check_compatible(same, moved, "dir")
-  with pytest.raises(ckpt_lib.CheckpointMismatchError, match="base weights differ"):
-    ckpt_lib.check_compatible(same, dict(same, base_fingerprint={"kind": "gguf", "sha256": "b"}),
-                              "dir")
+  with pytest.raises(ckpt_lib.CheckpointMismatchError,
+                     match=r"\n  base weights: gguf /a/m\.gguf \(sha256 a\) -> gguf /c/m\.gguf "
+                           r"\(sha256 b\)\n"):
+    ckpt_lib.check_compatible(same, dict(same, base_fingerprint={
+        "kind": "gguf", "sha256": "b", "path": "/c/m.gguf"}), "dir")
   with pytest.raises(ckpt_lib.CheckpointMismatchError, match="shape changed"):
     ckpt_lib.check_compatible(same, dict(same, lora_shapes={"x": [1, 3]}), "dir")
+  other = dict(same, settings={"lora.alpha": 16.0, "data.seq_len": 128, "prompt_version": "1-bb"})
+  with pytest.raises(ckpt_lib.CheckpointMismatchError) as e:
+    ckpt_lib.check_compatible(same, other, "ckpt/7", workdir="run")
+  assert str(e.value).splitlines() == [
+      "cannot resume --workdir=run: its checkpoint ckpt/7 was made with other settings "
+      "(checkpoint -> this run):",
+      "  data.seq_len: 256 -> 128", "  lora.alpha: 8.0 -> 16.0",
+      "  prompt_version: '1-aa' -> '1-bb'",
+      "Use a fresh --workdir, or rerun with the checkpoint's settings."]
+  # Eval, predict and export may change what only shapes training examples.
+  with pytest.raises(ckpt_lib.CheckpointMismatchError) as e:
+    ckpt_lib.check_compatible(same, other, "ckpt/7", resume=False)
+  assert "seq_len" not in str(e.value) and "  lora.alpha: 8.0 -> 16.0" in str(e.value)
+  # Settings the checkpoint did not record are unknown: one warning per checkpoint folder.
+  warned = []
+  legacy = {k: v for k, v in same.items() if k != "settings"}
+  for step in (1, 2):
+    ckpt_lib.check_compatible(legacy, other, f"by_hand/{step}", warn=warned.append)
+  assert warned == ["warning: the checkpoints in by_hand predate recorded settings: "
+                    "lora.alpha, data.seq_len, prompt_version cannot be checked; using this "
+                    "run's values"]
+
+
+# --- compatibility of a resume, corrupt and legacy checkpoints -----------------------------------
+
+
+def _copy(trained, tmp_path) -> pathlib.Path:
+  import shutil
+  workdir = tmp_path / "copy"
+  shutil.copytree(trained[0], workdir)
+  return workdir
+
+
+def _saved_params(workdir: pathlib.Path, step: int) -> dict[str, np.ndarray]:
+  import orbax.checkpoint as ocp
+  state = ocp.StandardCheckpointer().restore(workdir / "checkpoints" / str(step) / "state")
+  return {k: np.asarray(v) for k, v in state["params"].items()}
+
+
+def _restore(config, workdir, **kwargs):
+  """(step restored or the exception raised, params, printed lines) of a fresh trainer."""
+  from jaxicd.train import trainer
+  lines: list[str] = []
+  t = trainer.Trainer(config, workdir, print_fn=lines.append)
+  try:
+    try:
+      step = t.restore_latest(**kwargs)
+    except Exception as e:  # pylint: disable=broad-except
+      step = e
+    return step, t.lora_params_host(), lines
+  finally:
+    t.close()
+
+
+def test_resume_with_other_settings_is_refused_with_a_diff(trained, tokenizer_dir, tmp_path):
+  """LoRA alpha, answer format and the data settings that shape examples used to be free to
+  change on a resume: training continued on other examples, or with other adapter scaling."""
+  workdir = _copy(trained, tmp_path)
+  config = train_worker.tiny_config(tokenizer_dir, steps=4)
+  config.lora.alpha = 16.0
+  config.data.update(seq_len=128, answer_format="code_first")
+  error, _, _ = _restore(config, workdir)
+  assert isinstance(error, ckpt_lib.CheckpointMismatchError) and errors.is_expected(error)
+  lines = str(error).splitlines()
+  assert lines[0] == (f"cannot resume --workdir={workdir}: its checkpoint "
+                      f"{workdir / 'checkpoints' / '4'} was made with other settings "
+                      "(checkpoint -> this run):")
+  assert lines[1:4] == ["  data.answer_format: 'evidence_first' -> 'code_first'",
+                        "  data.seq_len: 256 -> 128",
+                        "  lora.alpha: 8.0 -> 16.0"]
+  assert "fresh --workdir" in lines[4]
+
+
+def test_inference_restores_ignore_training_only_settings(trained, tokenizer_dir, tmp_path):
+  """Eval, predict and export may use other windows and code space, not another adapter
+  scaling or answer format."""
+  workdir = trained[0]
+  config = train_worker.tiny_config(tokenizer_dir, steps=4)
+  config.data.update(seq_len=128, window_overlap=8, code_space="all")
+  config.lora.dropout = 0.1
+  step, params, _ = _restore(config, workdir, with_data=False)
+  assert step == 4
+  for k, v in trained[1].items():
+    np.testing.assert_array_equal(params[k], v, err_msg=k)
+  with pytest.raises(ckpt_lib.CheckpointMismatchError, match=r"\n  data\.seq_len: 256 -> 128\n"):
+    raise _restore(config, workdir)[0]
+  config = train_worker.tiny_config(tokenizer_dir, steps=4)
+  config.data.answer_format = "code_first"
+  error = _restore(config, workdir, with_data=False)[0]
+  assert isinstance(error, ckpt_lib.CheckpointMismatchError)
+  assert "\n  data.answer_format: 'evidence_first' -> 'code_first'\n" in str(error)
+
+
+def _strip_settings(workdir: pathlib.Path) -> None:
+  """Makes the checkpoints look like those written before settings and checksums were
+  recorded (their meta had exactly the other keys: see test_saved_items' history)."""
+  for meta_file in workdir.glob("checkpoints/*/meta/metadata"):
+    meta = json.loads(meta_file.read_text())
+    del meta["settings"], meta["checksums"]
+    meta_file.write_text(json.dumps(meta))
+
+
+def test_checkpoints_without_recorded_settings_restore_with_one_warning(trained, tokenizer_dir,
+                                                                        tmp_path):
+  from jaxicd.train import trainer
+  workdir = _copy(trained, tmp_path)
+  _strip_settings(workdir)
+  config = train_worker.tiny_config(tokenizer_dir, steps=4)
+  config.lora.alpha = 16.0  # unknown to such a checkpoint: cannot be checked
+  lines: list[str] = []
+  t = trainer.Trainer(config, workdir, print_fn=lines.append)
+  try:
+    assert t.restore_latest(with_data=False, step=2) == 2
+    assert t.restore_latest() == 4
+  finally:
+    t.close()
+  warnings = [line for line in lines if line.startswith("warning: ")]
+  assert len(warnings) == 1, lines
+  assert warnings[0].startswith(f"warning: the checkpoints in {workdir / 'checkpoints'} predate "
+                                "recorded settings: ")
+  assert "lora.alpha" in warnings[0] and "data.seq_len" in warnings[0]
+  for k, v in trained[1].items():
+    np.testing.assert_array_equal(np.asarray(t.params[k]), v, err_msg=k)
+  # The LoRA shapes such checkpoints did record are still checked.
+  config.lora.rank = 8
+  assert isinstance(_restore(config, workdir)[0], ckpt_lib.CheckpointMismatchError)
+
+
+def _truncate(path: pathlib.Path) -> None:
+  path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+
+
+def _garble(path: pathlib.Path) -> None:
+  """Flips 64 bytes in the middle of the file (its length stays)."""
+  data = bytearray(path.read_bytes())
+  mid = len(data) // 2
+  data[mid:mid + 64] = bytes(b ^ 0xFF for b in data[mid:mid + 64])
+  path.write_bytes(bytes(data))
+
+
+def _largest_array_file(step_dir: pathlib.Path) -> pathlib.Path:
+  return max((p for p in (step_dir / "state").rglob("*") if p.parent.name == "d"),
+             key=lambda p: p.stat().st_size)
+
+
+def _change_one_value(step_dir: pathlib.Path) -> None:
+  """Moves one float of params/layers.q.lora_b up one ulp, written through tensorstore: the
+  files stay valid, as after bit rot inside a compressed block that still decodes, and Orbax
+  restores the changed value without complaint."""
+  import tensorstore as ts
+  array = ts.open({"driver": "zarr", "kvstore": {
+      "driver": "ocdbt", "base": f"file://{step_dir / 'state'}/",
+      "path": "params.layers.q.lora_b/"}}).result()
+  values = array.read().result()
+  values.flat[5] = np.nextafter(values.flat[5], np.float32(np.inf))
+  array.write(values).result()
+
+
+# name -> (corrupt the step folder, the file the message names, relative to it)
+CORRUPTIONS = {
+    "meta truncated": (lambda s: _truncate(s / "meta" / "metadata"), "meta/metadata"),
+    "meta garbled": (lambda s: (s / "meta" / "metadata").write_bytes(b"\x00\xff{garbage"),
+                     "meta/metadata"),
+    "state metadata truncated": (lambda s: _truncate(s / "state" / "_METADATA"),
+                                 "state/_METADATA"),
+    "array file truncated": (lambda s: _truncate(_largest_array_file(s)), "state"),
+    "array file garbled": (lambda s: _garble(_largest_array_file(s)), "state"),
+    # Only the checksums recorded at save time catch this one.
+    "array value changed": (_change_one_value, "state"),
+    "data iterator truncated": (lambda s: _truncate(s / "data_iter" / "process_0-of-1.json"),
+                                "data_iter/process_0-of-1.json"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CORRUPTIONS))
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous(case, trained, tokenizer_dir,
+                                                              tmp_path):
+  corrupt, name = CORRUPTIONS[case]
+  workdir = _copy(trained, tmp_path)
+  step_dir = workdir / "checkpoints" / "4"
+  corrupt(step_dir)
+  config = train_worker.tiny_config(tokenizer_dir, steps=4)
+  step, params, lines = _restore(config, workdir)
+  assert step == 2, (step, lines)
+  expected = _saved_params(trained[0], 2)
+  assert sorted(params) == sorted(expected)
+  for k, v in expected.items():
+    np.testing.assert_array_equal(params[k], v, err_msg=k)
+  warnings = [line for line in lines if line.startswith("warning: ")]
+  assert len(warnings) == 1, lines
+  assert warnings[0].startswith(f"warning: {step_dir / name}"), warnings
+  assert f"using step 2 ({workdir / 'checkpoints' / '2'}) instead" in warnings[0]
+  # A training resume moves the unreadable checkpoint aside (step 4 will be saved again).
+  assert f"moved to {workdir / 'checkpoints' / '4.unreadable'}" in warnings[0]
+  assert (workdir / "checkpoints" / "4.unreadable").is_dir() and not step_dir.exists()
+
+
+def test_resume_after_a_corrupt_checkpoint_ends_like_an_uninterrupted_run(trained, tokenizer_dir,
+                                                                          tmp_path):
+  from jaxicd.train import trainer
+  workdir = _copy(trained, tmp_path)
+  _change_one_value(workdir / "checkpoints" / "4")
+  config = train_worker.tiny_config(tokenizer_dir, steps=4, eval_batches=0)
+  lines: list[str] = []
+  t = trainer.Trainer(config, workdir, print_fn=lines.append)
+  try:
+    assert t.train()["step"] == 4
+    params = t.lora_params_host()
+  finally:
+    t.close()
+  assert any(line.startswith("warning: ") and "using step 2" in line for line in lines), lines
+  for k, v in trained[1].items():
+    np.testing.assert_array_equal(params[k], v, err_msg=k)
+  assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["2", "4", "4.unreadable"]
+
+
+def test_inference_restore_falls_back_without_moving_anything(trained, tokenizer_dir, tmp_path):
+  workdir = _copy(trained, tmp_path)
+  _truncate(workdir / "checkpoints" / "4" / "meta" / "metadata")
+  config = train_worker.tiny_config(tokenizer_dir, steps=4)
+  step, params, lines = _restore(config, workdir, with_data=False)
+  assert step == 2
+  expected = _saved_params(trained[0], 2)
+  for k, v in expected.items():
+    np.testing.assert_array_equal(params[k], v, err_msg=k)
+  assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["2", "4"]
+  assert any("using step 2" in line and "moved" not in line for line in lines), lines
+
+
+@pytest.mark.parametrize("case", ["meta truncated", "array value changed"])
+def test_corrupt_checkpoint_without_a_previous_one_names_its_file(case, trained, tokenizer_dir,
+                                                                  tmp_path):
+  import shutil
+  corrupt, name = CORRUPTIONS[case]
+  workdir = _copy(trained, tmp_path)
+  shutil.rmtree(workdir / "checkpoints" / "2")
+  corrupt(workdir / "checkpoints" / "4")
+  config = train_worker.tiny_config(tokenizer_dir, steps=4)
+  error = _restore(config, workdir)[0]
+  assert isinstance(error, Exception) and errors.is_expected(error), error
+  text = errors.message(error)
+  assert text.startswith(str(workdir / "checkpoints" / "4" / name)), text
+  assert "no earlier checkpoint to fall back to" in text
+  if case == "array value changed":
+    assert text == (f"{workdir / 'checkpoints' / '4' / 'state'}: 1 arrays differ from their "
+                    "checksums at save time (a garbled array file): params/layers.q.lora_b; no "
+                    "earlier checkpoint to fall back to. Move "
+                    f"{workdir / 'checkpoints' / '4'} away to start over"), text
+  # Nothing was moved: there is no good checkpoint to continue from.
+  assert (workdir / "checkpoints" / "4").is_dir()
+
+
+def test_a_run_whose_checkpoints_are_all_unreadable_writes_nothing(trained, tokenizer_dir,
+                                                                   tmp_path):
+  """Refused before the model loads, like any refused run: no config.train.json."""
+  import shutil
+  from jaxicd import main
+  workdir = _copy(trained, tmp_path)
+  shutil.rmtree(workdir / "checkpoints" / "2")
+  _truncate(workdir / "checkpoints" / "4" / "meta" / "metadata")
+  before = sorted(p.name for p in workdir.iterdir())
+  config = train_worker.tiny_config(tokenizer_dir, steps=6)
+  with pytest.raises(ckpt_lib.CheckpointCorruptError,
+                     match=rf"^{re.escape(str(workdir / 'checkpoints' / '4' / 'meta' / 'metadata'))}"
+                           r": not valid JSON .*; no earlier checkpoint to fall back to"):
+    main.run(config, str(workdir))
+  assert sorted(p.name for p in workdir.iterdir()) == before
+  assert not (workdir / "config.train.json").exists()

@@ -271,6 +271,29 @@ def test_export_mode_writes_the_checkpoint_as_peft_and_merged_hf(cli_run, tmp_pa
   assert main.run(config, str(workdir))["step"] == 3
 
 
+def test_refused_resume_exits_2_and_keeps_the_recorded_config(cli_run, tmp_path):
+  """A resume with other LoRA / data settings used to carry on (and overwrite
+  config.train.json first); it is refused before the model loads, naming what changed."""
+  import shutil
+  workdir, tok, _ = cli_run
+  copy = tmp_path / "copy"
+  shutil.copytree(workdir, copy)
+  recorded = (copy / "config.train.json").read_text()
+  proc = _main("--config=configs/tiny.py", f"--workdir={copy}", f"--config.model.tokenizer={tok}",
+               "--config.train.steps=6", "--config.lora.alpha=16",
+               "--config.data.window_overlap=16")
+  assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-4000:]
+  assert "Traceback" not in proc.stderr
+  lines = proc.stderr[proc.stderr.index("error: "):].splitlines()
+  assert lines[:3] == [
+      f"error: cannot resume --workdir={copy}: its checkpoint {copy / 'checkpoints' / '3'} was "
+      "made with other settings (checkpoint -> this run):",
+      "  data.window_overlap: 32 -> 16",
+      "  lora.alpha: 8.0 -> 16.0"]
+  assert (copy / "config.train.json").read_text() == recorded
+  assert "loaded in" not in proc.stdout  # refused before the model was loaded
+
+
 def test_expected_errors_print_one_line_without_traceback(tmp_path):
   """Bad input, config and missing files used to end in a Python traceback (the message on its
   last line) and, for a mistyped override, before any check of the rest."""

@@ -229,3 +229,56 @@ def test_divergence_stops_with_clear_message_and_keeps_checkpoint(tmp_path, toke
   for step in saved:  # every kept checkpoint is finite
     state = ocp.StandardCheckpointer().restore(tmp_path / "checkpoints" / str(step) / "state")
     assert all(np.all(np.isfinite(np.asarray(v))) for v in state["params"].values())
+
+
+def test_a_step_without_target_tokens_stops_training(tmp_path, tokenizer_dir, monkeypatch):
+  """A batch whose answers were all cut off (loss weights all 0) used to train on as loss 0.0,
+  and the optimizer still moved the adapters (Adam's momentum) at every such step."""
+  import jax
+  from jaxicd.data import pipeline
+  from jaxicd.train import trainer
+  make_train_iterator = pipeline.make_train_iterator
+
+  def answerless_second_batch(*args, **kwargs):
+    it = make_train_iterator(*args, **kwargs)
+
+    class Wrapped:
+      n = 0
+
+      def __next__(self):
+        batch = next(it)
+        self.n += 1
+        if self.n == 2:
+          batch = dict(batch, loss_weights=np.zeros_like(batch["loss_weights"]))
+        return batch
+
+    return Wrapped()
+
+  config = _tiny_config(tokenizer_dir)
+  lines = []
+  t = trainer.Trainer(config, tmp_path, print_fn=lines.append)
+  after = []
+  train_step = t.fns.train_step
+
+  def recording_step(*args):
+    out = train_step(*args)
+    after.append({k: np.asarray(v) for k, v in jax.device_get(out[0]).items()})
+    return out
+
+  t.fns.train_step = recording_step
+  monkeypatch.setattr(pipeline, "make_train_iterator", answerless_second_batch)
+  try:
+    with pytest.raises(Exception, match=r"step 2 has no answer tokens to learn from .*"
+                       r"config\.data\.seq_len=256.*the update was skipped and training "
+                       r"stopped") as stopped:
+      t.train()
+    params = t.lora_params_host()
+  finally:
+    t.close()
+  assert len(after) == 2
+  for k, v in after[0].items():  # the adapters of step 1, untouched by step 2
+    np.testing.assert_array_equal(params[k], v, err_msg=k)
+    np.testing.assert_array_equal(after[1][k], v, err_msg=k)
+  assert _finalized_steps(tmp_path) == []
+  from jaxicd import errors
+  assert errors.is_expected(stopped.value)  # one line, exit status 2

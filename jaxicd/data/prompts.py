@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import hashlib
 import re
 from typing import Any, Callable, Collection, Sequence
 
@@ -54,6 +55,10 @@ NONE = "NONE"
 SEPARATOR = " | "
 CODE_FIRST, EVIDENCE_FIRST = "code_first", "evidence_first"
 ANSWER_FORMATS = (CODE_FIRST, EVIDENCE_FIRST)
+# Checkpoints record it: adapters trained on other prompts are refused on resume. The digest
+# follows the prompt strings; bump the number when the encoding of answers changes.
+PROMPT_VERSION = "1-" + hashlib.sha256(
+    "\0".join((SYSTEM_PROMPT, INSTRUCTION, NONE, SEPARATOR)).encode()).hexdigest()[:8]
 
 
 def check_answer_format(answer_format: str) -> str:

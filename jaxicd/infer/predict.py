@@ -49,6 +49,7 @@ from typing import Any, Callable, Sequence
 from jaxicd.data.records import Document
 from jaxicd.errors import ConfigError, InputError
 from jaxicd.infer.coder import CodedEvidence
+from jaxicd.train.config import checkpoint_directory
 
 TEXT_SOURCE = "text"
 ACCEPTED = ".txt note, .jsonl file of notes, or a folder of .txt notes"
@@ -229,10 +230,6 @@ def has_checkpoint(directory: str | os.PathLike) -> bool:
   return path.is_dir() and any(p.name.isdigit() and p.is_dir() for p in path.iterdir())
 
 
-def checkpoint_dir(cfg: Any, workdir: str | os.PathLike) -> str:
-  return str(cfg.checkpoint.get("directory", "") or pathlib.Path(workdir) / "checkpoints")
-
-
 def preflight(cfg: Any, workdir: str | os.PathLike) -> Plan:
   """Reads and checks the input, output paths and checkpoint: refuses before any side effect."""
   max_chars = int(cfg.get("max_note_chars", 0))
@@ -246,7 +243,7 @@ def preflight(cfg: Any, workdir: str | os.PathLike) -> Plan:
     raise ConfigError(f"config.report and config.output are the same file {output}")
   outputs = [output, plan.partial, *([report_path] if report_path else [])]
   _check_outputs(pathlib.Path(cfg.input), notes, outputs)
-  directory = checkpoint_dir(cfg, workdir)
+  directory = checkpoint_directory(cfg, workdir)
   if not bool(cfg.get("allow_untrained", False)) and not has_checkpoint(directory):
     where = "" if pathlib.Path(workdir).exists() else f" (--workdir={workdir} does not exist)"
     raise InputError(

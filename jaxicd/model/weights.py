@@ -500,13 +500,17 @@ def load_model(source: str | os.PathLike = "smollm2", *, dtype=None, param_dtype
   """
   model = build_model(source, dtype=dtype, param_dtype=param_dtype, remat=remat, lora=lora,
                       mesh=mesh, rules=rules, seed=seed)
+  return model, source_tokenizer(source)
+
+
+def source_tokenizer(source: str | os.PathLike = "smollm2"):
+  """The tokenizer that comes with ``source``; None for a preset (random weights)."""
   src = resolve_source(source)
-  tokenizer = None
-  if src.kind != "preset":
-    from jaxicd.model.tokenizer import load_tokenizer  # pylint: disable=import-outside-toplevel
-    embedded_name = str(src.name).lower() in embedded.EMBEDDED_NAMES
-    tokenizer = load_tokenizer("smollm2" if embedded_name else str(src.path))
-  return model, tokenizer
+  if src.kind == "preset":
+    return None
+  from jaxicd.model.tokenizer import load_tokenizer  # pylint: disable=import-outside-toplevel
+  embedded_name = str(src.name).lower() in embedded.EMBEDDED_NAMES
+  return load_tokenizer("smollm2" if embedded_name else str(src.path))
 
 
 def _sample_hash(path: pathlib.Path, chunk: int = 1 << 20) -> str:

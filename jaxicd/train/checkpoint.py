@@ -3,8 +3,15 @@
 Layout of one checkpoint (``<workdir>/checkpoints/<step>/``), saved as one Orbax ``Composite``:
   state      LoRA params (flat dict ``path -> array``), optimizer state, step (``StandardSave``)
   data_iter  the grain iterator's state, one JSON per process (``grain.checkpoint``)
-  meta       config, base-weight fingerprint, mesh and LoRA shapes (``JsonSave``)
+  meta       config, base-weight fingerprint, mesh, LoRA shapes, the run settings a resume must
+             keep (`run_settings`) and a checksum of every saved array (``JsonSave``)
 Base weights are never saved: they are re-read from their source, whose fingerprint must match.
+
+A restore checks the meta against the run (`check_compatible`: one line per changed setting) and
+the restored arrays against their checksums: Orbax reads a garbled array file back without
+complaint. A checkpoint that cannot be read back raises `CheckpointCorruptError` naming the file.
+Checkpoints written before settings and checksums were recorded still restore (what they lack is
+unknown; one warning says so).
 """
 
 from __future__ import annotations
@@ -12,21 +19,110 @@ from __future__ import annotations
 import json
 import logging
 import pathlib
-from typing import Any, Mapping
+import re
+from typing import Any, Callable, Mapping
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from etils import epath
 
+from jaxicd import errors
+
 _ITEMS = ("state", "data_iter", "meta")
+# Settings that only shape training examples: an eval / predict / export restore may differ.
+RESUME_ONLY = ("lora.dropout", "data.seq_len", "data.window_overlap", "data.code_space")
 
 
 class CheckpointMismatchError(RuntimeError):
-  """A checkpoint does not belong to the current base weights or LoRA configuration."""
+  """A checkpoint does not belong to the current base weights, LoRA or data settings."""
+
+
+class CheckpointCorruptError(errors.UserError):
+  """A checkpoint file cannot be read back (the message names it)."""
+
+  def last_resort(self, step_dir) -> "CheckpointCorruptError":
+    """The error when no earlier checkpoint can take this one's place."""
+    return CheckpointCorruptError(f"{self}; no earlier checkpoint to fall back to. Move "
+                                  f"{step_dir} away to start over")
 
 
 def _jsonable(value):
   return json.loads(json.dumps(value, default=str))
+
+
+def run_settings(cfg) -> dict[str, Any]:
+  """What a checkpoint's adapters depend on besides the base weights: LoRA settings, the answer
+  format and prompt version, and the data settings that shape training examples."""
+  from jaxicd.data import prompts  # pylint: disable=import-outside-toplevel
+  return _jsonable({
+      "lora.rank": cfg.lora.rank, "lora.alpha": cfg.lora.alpha,
+      "lora.dropout": cfg.lora.dropout, "lora.targets": list(cfg.lora.targets),
+      "data.answer_format": cfg.data.answer_format, "prompt_version": prompts.PROMPT_VERSION,
+      "data.seq_len": cfg.data.seq_len, "data.window_overlap": cfg.data.window_overlap,
+      "data.code_space": cfg.data.code_space})
+
+
+# --- checksums ------------------------------------------------------------------------------------
+
+_CHECKSUM_MULTIPLIER = 0x9E3779B1  # odd: every position gets a distinct weight mod 2**32
+_UINT = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}
+
+
+def _leaf_checksum(x):
+  """Position-weighted sum of the bit patterns, mod 2**32 (uint32 wraps; exact in any order)."""
+  bits = jax.lax.bitcast_convert_type(x, _UINT[x.dtype.itemsize]).astype(jnp.uint32)
+  weights = (jax.lax.iota(jnp.uint32, x.size).reshape(x.shape) * jnp.uint32(_CHECKSUM_MULTIPLIER)
+             + jnp.uint32(1))
+  return jnp.sum(bits * weights, dtype=jnp.uint32)
+
+
+def checksums(tree: Any) -> dict[str, int]:
+  """``{"params/layers.q.lora_a": checksum}`` of every array of ``tree``, computed where the
+  arrays live (sharded arrays are never gathered)."""
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  if not leaves:
+    return {}
+  names = [jax.tree_util.keystr(path, simple=True, separator="/") for path, _ in leaves]
+  arrays = tuple(x for _, x in leaves)
+  sharding = getattr(arrays[0], "sharding", None)
+  # Replicated results: every process of a multi-host run can read them.
+  out = (jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+         if isinstance(sharding, jax.sharding.NamedSharding) else None)
+  values = jax.jit(lambda xs: tuple(_leaf_checksum(x) for x in xs), out_shardings=out)(arrays)
+  return {name: int(v) for name, v in zip(names, jax.device_get(values))}
+
+
+# --- reading a checkpoint back ----------------------------------------------------------------------
+
+
+def _json_files(step_dir) -> list:
+  files = [step_dir / "meta" / "metadata", step_dir / "state" / "_METADATA"]
+  if (step_dir / "data_iter").exists():
+    files += sorted((step_dir / "data_iter").glob("*.json"))
+  return files
+
+
+def _one_line(text: str, limit: int = 200) -> str:
+  text = " ".join(str(text).split())
+  return text if len(text) <= limit else text[:limit] + "..."
+
+
+def diagnose(step_dir, exc: BaseException) -> str:
+  """``"<file>: <what is wrong>"`` for a checkpoint that failed to read back: the first of its
+  JSON files that does not parse, else the checkpoint file the error names, else the folder."""
+  for path in _json_files(step_dir):
+    if not path.exists():
+      return f"{path}: missing"
+    try:
+      json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+      return f"{path}: not valid JSON ({_one_line(e)})"
+  # The most specific path the error names (tensorstore names the database, then the file).
+  named = sorted({m.rstrip("/") for m in re.findall(re.escape(str(step_dir)) + r"/[^\s\"'\\,]*",
+                                                     str(exc))}, key=len)
+  where = named[-1] if named else str(step_dir)
+  return f"{where}: unreadable ({type(exc).__name__}: {_one_line(exc)})"
 
 
 class Checkpointer:
@@ -37,7 +133,7 @@ class Checkpointer:
   """
 
   def __init__(self, directory: str | pathlib.Path, *, keep: int = 3, every: int = 0,
-               async_save: bool = True):
+               async_save: bool = True, create: bool = True):
     text = str(directory)
     # Cloud storage (gs://...) for multi-host runs, whose hosts share no local disk.
     self.directory = (epath.Path(text) if "://" in text
@@ -46,7 +142,7 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep if keep and keep > 0 else None,
         enable_async_checkpointing=async_save,
-        create=True,
+        create=create,
     )
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=_ITEMS)
 
@@ -61,17 +157,43 @@ class Checkpointer:
   def should_save(self, step: int) -> bool:
     return self.every > 0 and step % self.every == 0
 
+  def step_dir(self, step: int):
+    return self.directory / str(step)
+
   def read_meta(self, step: int) -> dict:
-    restored = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-    return dict(restored["meta"])
+    try:
+      restored = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+      meta = restored["meta"]
+      if not isinstance(meta, Mapping):
+        raise ValueError(f"meta is a {type(meta).__name__}, not a JSON object")
+    except Exception as e:  # pylint: disable=broad-except
+      raise CheckpointCorruptError(diagnose(self.step_dir(step), e)) from e
+    return dict(meta)
+
+  def move_aside(self, step: int):
+    """Renames an unreadable checkpoint to ``<step>.unreadable`` (kept for inspection; Orbax
+    ignores the name) so that training can save that step again; returns the new path."""
+    src = self.step_dir(step)
+    dst = self.directory / f"{step}.unreadable"
+    n = 0
+    while dst.exists():
+      n += 1
+      dst = self.directory / f"{step}.unreadable.{n}"
+    if jax.process_index() == 0:
+      src.rename(dst)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices(f"jaxicd_move_aside_{step}")
+    self.manager.reload()
+    return dst
 
   # --- save / restore -------------------------------------------------------------------------
 
   def save(self, step: int, state: Any, *, data_iter=None, meta: Mapping[str, Any] | None = None,
            force: bool = True) -> bool:
     """Saves ``state`` (a pytree of arrays); ``data_iter`` must not advance until this returns."""
-    items = dict(state=ocp.args.StandardSave(state),
-                 meta=ocp.args.JsonSave(_jsonable(dict(meta or {}, step=int(step)))))
+    meta = dict(meta or {}, checksums=checksums(state), step=int(step))
+    items = dict(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(_jsonable(meta)))
     if data_iter is not None:
       import grain  # pylint: disable=g-import-not-at-top
       items["data_iter"] = grain.checkpoint.CheckpointSave(data_iter)
@@ -84,14 +206,27 @@ class Checkpointer:
     """Restores ``state`` onto the shardings of ``abstract_state`` (``ShapeDtypeStruct``s).
 
     The target shardings may differ from the saving run's mesh. ``data_iter``'s state is set in
-    place when given.
+    place when given. Raises `CheckpointCorruptError` when a file cannot be read back or an
+    array differs from its checksum at save time.
     """
+    expected = self.read_meta(step).get("checksums")
     items = dict(state=ocp.args.StandardRestore(abstract_state))
     if data_iter is not None:
       import grain  # pylint: disable=g-import-not-at-top
       items["data_iter"] = grain.checkpoint.CheckpointRestore(data_iter)
-    restored = self.manager.restore(int(step), args=ocp.args.Composite(**items))
-    return restored["state"]
+    try:
+      state = self.manager.restore(int(step), args=ocp.args.Composite(**items))["state"]
+    except Exception as e:  # pylint: disable=broad-except
+      raise CheckpointCorruptError(diagnose(self.step_dir(step), e)) from e
+    if expected is not None:  # None: saved before checksums were recorded
+      got = checksums(state)
+      bad = sorted(k for k in set(expected) | set(got) if expected.get(k) != got.get(k))
+      if bad:
+        raise CheckpointCorruptError(
+            f"{self.step_dir(step) / 'state'}: {len(bad)} arrays differ from their checksums at "
+            f"save time (a garbled array file): {', '.join(bad[:4])}"
+            + (f" and {len(bad) - 4} more" if len(bad) > 4 else ""))
+    return state
 
   def wait(self) -> None:
     self.manager.wait_until_finished()
@@ -101,24 +236,53 @@ class Checkpointer:
     self.manager.close()
 
 
-def check_compatible(saved: Mapping[str, Any], current: Mapping[str, Any], directory) -> None:
-  """Raises ``CheckpointMismatchError`` if the base weights or LoRA shapes differ."""
-  problems = []
+_legacy_warned: set[str] = set()
+
+
+def check_compatible(saved: Mapping[str, Any], current: Mapping[str, Any], directory, *,
+                     workdir=None, resume: bool = True,
+                     warn: Callable[[str], None] = logging.warning) -> None:
+  """Raises ``CheckpointMismatchError`` listing, one line each, the base weights, LoRA shapes
+  and run settings (`run_settings`) that differ between the checkpoint ``saved`` (its meta,
+  in ``directory``) and the run ``current``. ``resume=False`` (eval, predict, export) ignores the
+  training-only settings (`RESUME_ONLY`). Settings the checkpoint did not record are unknown:
+  ``warn`` says so once per checkpoint folder."""
+  diff = []
   saved_fp, current_fp = saved.get("base_fingerprint"), _jsonable(current.get("base_fingerprint"))
   if _identity(saved_fp) != _identity(current_fp):
-    problems.append(f"base weights differ: checkpoint was trained on {saved_fp}, "
-                    f"the current source is {current_fp}")
+    diff.append(f"base weights: {_describe(saved_fp)} -> {_describe(current_fp)}")
+  recorded = saved.get("settings") or {}
+  now = _jsonable(current.get("settings") or {})
+  unknown = [k for k in now if k not in recorded]
+  for key in sorted(set(recorded) & set(now)):
+    if recorded[key] != now[key] and (resume or key not in RESUME_ONLY):
+      diff.append(f"{key}: {recorded[key]!r} -> {now[key]!r}")
   saved_shapes, current_shapes = saved.get("lora_shapes"), _jsonable(current.get("lora_shapes"))
-  if saved_shapes is not None and saved_shapes != current_shapes:
-    missing = sorted(set(saved_shapes) ^ set(current_shapes or {}))[:5]
-    changed = sorted(k for k in set(saved_shapes) & set(current_shapes or {})
+  if saved_shapes is not None and current_shapes is not None and saved_shapes != current_shapes:
+    only = sorted(set(saved_shapes) ^ set(current_shapes))[:5]
+    changed = sorted(k for k in set(saved_shapes) & set(current_shapes)
                      if saved_shapes[k] != current_shapes[k])[:5]
-    problems.append(f"LoRA adapters differ (config.lora changed?): params only on one side "
-                    f"{missing}, shape changed {changed}")
-  if problems:
+    diff.append(f"LoRA shapes (config.lora or the model changed?): params only on one side "
+                f"{only}, shape changed {changed}")
+  if diff:
+    where = f"--workdir={workdir}" if workdir is not None else str(directory)
     raise CheckpointMismatchError(
-        f"cannot resume from {directory}: " + "; ".join(problems)
-        + ". Use a fresh --workdir, or restore the original base model / LoRA config.")
+        f"cannot {'resume' if resume else 'restore'} {where}: its checkpoint {directory} was "
+        "made with other settings (checkpoint -> this run):\n"
+        + "".join(f"  {line}\n" for line in diff)
+        + "Use a fresh --workdir, or rerun with the checkpoint's settings.")
+  folder = str(epath.Path(str(directory)).parent)
+  if unknown and folder not in _legacy_warned:
+    _legacy_warned.add(folder)
+    warn(f"warning: the checkpoints in {folder} predate recorded settings: "
+         f"{', '.join(unknown)} cannot be checked; using this run's values")
+
+
+def _describe(fingerprint) -> str:
+  if not isinstance(fingerprint, dict):
+    return "unknown"
+  name = fingerprint.get("path") or fingerprint.get("name") or "?"
+  return f"{fingerprint.get('kind')} {name} (sha256 {str(fingerprint.get('sha256'))[:12]})"
 
 
 def _identity(fingerprint) -> tuple | None:

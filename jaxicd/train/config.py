@@ -1,14 +1,28 @@
-"""The run configuration schema (ml_collections) shared by every file in ``configs/``.
+"""The run configuration schema (ml_collections) shared by every file in ``configs/``, and its
+checks.
 
 ``configs/*.py`` start from ``base_config()`` and change what their recipe needs; any key can be
-overridden on the command line (``--config.train.steps=100``).
+overridden on the command line (``--config.train.steps=100``). ``jaxicd.main`` refuses a config
+that cannot work before it writes anything: `validate` (keys and values) and, for train and eval,
+`validate_data` (against the tokenizer and the documents).
 """
 
 from __future__ import annotations
 
+import difflib
+import pathlib
+from typing import Any, Sequence
+
 import ml_collections
 
+from jaxicd.errors import ConfigError
 from jaxicd.model.config import LORA_TARGETS
+
+SPLITS = ("train", "val", "test")
+# Keys a config may add beyond base_config(): free-form values read with a default.
+OPTIONAL_KEYS = ("rules",)  # sharding rules, ((logical axis, mesh axis), ...): sharding.py
+# The longest form of an ICD-10-CM code (7 characters and the dot): the seq_len bound's answer.
+_LONGEST_CODE = "S72.001A"
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -50,7 +64,12 @@ def base_config() -> ml_collections.ConfigDict:
       # "code_first" (code, then quote); see jaxicd.data.prompts. Training and inference agree.
       answer_format="evidence_first",
       batch_size=8,                  # global batch (rows); each process reads its share
-      shuffle_seed=0, on_error="raise", data_dir="", num_threads=2))
+      shuffle_seed=0, on_error="raise", data_dir="", num_threads=2,
+      span_files="",                 # users' own span JSONL files, comma-separated
+      expansion_seed=0,              # seed of the code-space span expansion
+      cache_tokens=32_000_000,       # encoded examples kept for later epochs (tokens)
+      pack_bins=0,                   # first-fit packing bins (0: from the batch size)
+      read_buffer=16))               # grain prefetch buffer per source
 
   config.train = ml_collections.ConfigDict(dict(
       steps=100, lr=2e-4, warmup_steps=10, final_lr_fraction=0.1, weight_decay=0.0,
@@ -84,3 +103,150 @@ def base_config() -> ml_collections.ConfigDict:
   config.checkpoint = ml_collections.ConfigDict(dict(every=100, keep=3, async_save=True,
                                                      directory=""))
   return config
+
+
+def checkpoint_directory(config: Any, workdir) -> str:
+  """Where the run's checkpoints live: ``checkpoint.directory``, else ``<workdir>/checkpoints``."""
+  return str(config.checkpoint.get("directory", "") or pathlib.Path(workdir) / "checkpoints")
+
+
+# --- checks -------------------------------------------------------------------------------------
+
+
+def _unknown_keys(config: Any, schema: Any, prefix: str) -> list[str]:
+  problems = []
+  valid = sorted(set(schema) | (set(OPTIONAL_KEYS) if not prefix else set()))
+  for key in config:
+    name = f"{prefix}.{key}" if prefix else key
+    if key not in valid:
+      close = difflib.get_close_matches(key, valid, n=1)
+      hint = f" (did you mean {close[0]!r}?)" if close else ""
+      problems.append(f"config.{name}: unknown key{hint}; valid keys of "
+                      f"config{'.' + prefix if prefix else ''}: {', '.join(valid)}")
+    elif isinstance(schema.get(key), ml_collections.ConfigDict):
+      if not isinstance(config[key], (ml_collections.ConfigDict, dict)):
+        problems.append(f"config.{name} must be a section with keys "
+                        f"{', '.join(sorted(schema[key]))}, got {config[key]!r}")
+      else:
+        problems.extend(_unknown_keys(config[key], schema[key], name))
+  return problems
+
+
+def _at_least(config: Any, key: str, low: float, *, strict: bool = False) -> None:
+  section, name = key.split(".")
+  value = config[section][name]
+  if value < low or (strict and value == low):
+    raise ConfigError(f"config.{key}={value!r}: must be {'>' if strict else '>='} {low}")
+
+
+def _one_of(config: Any, key: str, choices: Sequence[str]) -> None:
+  value = config
+  for part in key.split("."):
+    value = value[part]
+  if value not in choices:
+    raise ConfigError(f"config.{key}={value!r}: choose one of {', '.join(choices)}")
+
+
+def validate(config: Any) -> None:
+  """Refuses keys the schema lacks and values that cannot work (`ConfigError` naming the key).
+
+  Needs no data or tokenizer: ``jaxicd.main`` runs it first in every mode. What the mode does
+  not use is not checked (e.g. ``train.steps`` in predict mode).
+  """
+  from jaxicd.data.prompts import ANSWER_FORMATS  # pylint: disable=import-outside-toplevel
+  problems = _unknown_keys(config, base_config(), "")
+  if problems:
+    raise ConfigError("\n".join(problems))
+  mode = config.mode
+  _at_least(config, "lora.rank", 1)
+  if not 0.0 <= config.lora.dropout < 1.0:
+    raise ConfigError(f"config.lora.dropout={config.lora.dropout!r}: must be in [0, 1)")
+  unknown = [t for t in config.lora.targets if t not in LORA_TARGETS]
+  if unknown or not config.lora.targets:
+    raise ConfigError(f"config.lora.targets={tuple(config.lora.targets)!r}: choose one or more "
+                      f"of {', '.join(LORA_TARGETS)}")
+  for key in ("data.seq_len", "data.batch_size"):
+    _at_least(config, key, 1)
+  for key in ("data.window_overlap", "data.spans_per_code"):
+    _at_least(config, key, 0)
+  _one_of(config, "data.answer_format", ANSWER_FORMATS)
+  _one_of(config, "eval_coding.split", SPLITS)
+  if mode == "train":
+    for key in ("train.steps", "train.grad_accum"):
+      _at_least(config, key, 1)
+    for key in ("train.warmup_steps", "train.eval_every", "train.eval_batches",
+                "checkpoint.every"):
+      _at_least(config, key, 0)
+    _at_least(config, "train.lr", 0, strict=True)
+    _one_of(config, "data.mixture_unit", ("examples", "tokens"))
+    for key in ("data.span_weight", "data.doc_weight"):
+      _at_least(config, key, 0)
+    if config.data.span_weight + config.data.doc_weight <= 0:
+      raise ConfigError(f"config.data.span_weight={config.data.span_weight!r}, "
+                        f"config.data.doc_weight={config.data.doc_weight!r}: at least one must "
+                        "be > 0")
+  if _codes_notes(config):
+    _at_least(config, "eval_coding.max_new_tokens", 1)
+    if config.eval_coding.max_new_tokens >= config.data.seq_len:
+      raise ConfigError(f"config.eval_coding.max_new_tokens={config.eval_coding.max_new_tokens} "
+                        f"leaves no room for a prompt in config.data.seq_len="
+                        f"{config.data.seq_len}")
+
+
+def _codes_notes(config: Any) -> bool:
+  """Whether the run decodes answers (predict, or coding metrics in train / eval)."""
+  return config.mode == "predict" or (config.mode in ("train", "eval")
+                                      and config.eval_coding.documents > 0)
+
+
+def _splits(documents: Sequence[Any]) -> str:
+  present = {d.split for d in documents}
+  return ", ".join(s for s in SPLITS if s in present) or "no documents"
+
+
+def validate_data(config: Any, tokenizer: Any, documents: Sequence[Any]) -> None:
+  """The checks of a train or eval run that need its tokenizer and documents: room in
+  ``data.seq_len`` for a prompt and an answer, a source for every weighted part of the training
+  mixture, and the splits that evaluation reads."""
+  # pylint: disable=import-outside-toplevel
+  from jaxicd.data import pipeline, prompts
+  data, mode = config.data, config.mode
+  # The shortest example that teaches anything: no note text, one code without a quote. A
+  # shifted example of n tokens fills n - 1 positions.
+  needed = len(prompts.encode_target(tokenizer, "", [prompts.TargetLine(_LONGEST_CODE)],
+                                     data.answer_format)["tokens"])
+  if data.seq_len < needed - 1:
+    raise ConfigError(
+        f"config.data.seq_len={data.seq_len} is too short: the prompt with an empty note and a "
+        f"one-code answer (data.answer_format={data.answer_format!r}) takes {needed} tokens; "
+        f"set config.data.seq_len >= {needed - 1} (notes and quotes need more)")
+  source = f"data.source={data.source!r}"
+  if mode == "train" and data.span_weight > 0 and not (
+      data.spans_per_code > 0 or data.span_files
+      or (data.annotated_spans and pipeline.annotated_spans(documents))):
+    why = ("data.annotated_spans=False and no data.span_files" if not data.annotated_spans else
+           f"no data.span_files, and the 'train' documents of {source} have no evidence to "
+           "make annotated spans")
+    raise ConfigError(f"config.data.span_weight={data.span_weight!r} but there is no span "
+                      f"source: data.spans_per_code={data.spans_per_code}, {why}; set "
+                      "config.data.span_weight=0 to train on documents only")
+  if mode == "train" and data.doc_weight > 0 and not any(d.split == "train" for d in documents):
+    raise ConfigError(f"config.data.doc_weight={data.doc_weight!r} but {source} has no 'train' "
+                      f"documents (it has {_splits(documents)}); set config.data.doc_weight=0 "
+                      "to train on spans only")
+  if mode == "eval":
+    loss_keys, fix = ["config.mode='eval'"], "evaluate a source that has them"
+  else:
+    loss_keys = [f"config.train.{k}={config.train[k]!r}"
+                 for k in ("eval_batches", "eval_every", "eval_at_start") if config.train[k]]
+    fix = ("set config.train.eval_batches=0, eval_every=0 and eval_at_start=False to train "
+           "without it")
+  if loss_keys and not any(d.split == "val" for d in documents):
+    raise ConfigError(f"no 'val' documents in {source} (it has {_splits(documents)}), but "
+                      f"validation loss needs them ({', '.join(loss_keys)}); {fix}")
+  split = config.eval_coding.split
+  if _codes_notes(config) and not any(d.split == split for d in documents):
+    raise ConfigError(f"no {split!r} documents in {source} (it has {_splits(documents)}), but "
+                      f"coding metrics need them (config.eval_coding.split={split!r}, "
+                      f"config.eval_coding.documents={config.eval_coding.documents}); set "
+                      "config.eval_coding.documents=0 to turn coding off")

@@ -28,13 +28,16 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jaxicd import errors
 from jaxicd.data import pipeline
 from jaxicd.model import weights
 from jaxicd.model.config import LoraConfig
 from jaxicd.model.tokenizer import load_tokenizer
 from jaxicd.train import losses
 from jaxicd.train import sharding as shd
-from jaxicd.train.checkpoint import Checkpointer, abstract_like, check_compatible
+from jaxicd.train.checkpoint import (CheckpointCorruptError, Checkpointer, abstract_like,
+                                     check_compatible, run_settings)
+from jaxicd.train.config import checkpoint_directory
 from jaxicd.train.metrics_writer import MetricsWriter
 
 BATCH_FIELDS = pipeline.BATCH_KEYS  # what a step reads of a batch
@@ -42,6 +45,10 @@ BATCH_FIELDS = pipeline.BATCH_KEYS  # what a step reads of a batch
 
 class TrainingDivergedError(RuntimeError):
   """The loss or the gradient norm became NaN/Inf."""
+
+
+class NoTargetTokensError(errors.UserError):
+  """A training batch had no answer tokens (all loss weights 0)."""
 
 
 # --- Model parts --------------------------------------------------------------------------------
@@ -191,11 +198,13 @@ class StepFunctions:
     return loss, correct, rest, grads
 
   def _accumulated_grads(self, params, base, rest, batch):
-    """Loss and grads normalised by the target tokens of the whole (accumulated) global batch."""
-    total_weight = jnp.maximum(jnp.sum(batch["loss_weights"].astype(jnp.float32)), 1.0)
+    """Loss and grads normalised by the target tokens of the whole (accumulated) global batch;
+    also returns that count (0 when no answer token is left)."""
+    weight = jnp.sum(batch["loss_weights"].astype(jnp.float32))
+    total_weight = jnp.maximum(weight, 1.0)
     if self.grad_accum == 1:
       loss, correct, rest, grads = self._micro_grads(params, base, rest, batch, total_weight)
-      return loss, correct, total_weight, rest, grads
+      return loss, correct, weight, rest, grads
 
     def body(carry, micro):
       loss_acc, correct_acc, grads_acc, rest_c = carry
@@ -206,25 +215,27 @@ class StepFunctions:
     zeros = jax.tree.map(jnp.zeros_like, params)
     (loss, correct, grads, rest), _ = jax.lax.scan(
         body, (jnp.float32(0), jnp.float32(0), zeros, rest), batch)
-    return loss, correct, total_weight, rest, grads
+    return loss, correct, weight, rest, grads
 
   def _grads(self, params, base, rest, batch):
     loss, _, _, _, grads = self._accumulated_grads(params, base, rest, batch)
     return loss, grads
 
   def _train_step(self, params, opt_state, base, rest, batch):
-    loss, correct, total_weight, new_rest, grads = self._accumulated_grads(params, base, rest, batch)
+    loss, correct, weight, new_rest, grads = self._accumulated_grads(params, base, rest, batch)
     grad_norm = optax.tree.norm(grads)
     updates, new_opt_state = self.tx.update(grads, opt_state, params)
     new_params = optax.apply_updates(params, updates)
-    # NaN/Inf guard: a bad step leaves the state untouched; the host then stops the run.
-    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    # A bad step (NaN/Inf, or no answer token: Adam's momentum would still move the adapters)
+    # leaves the state untouched; the host then stops the run.
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & (weight > 0)
     params = _tree_where(ok, new_params, params)
     opt_state = _tree_where(ok, new_opt_state, opt_state)
     rest = _tree_where(ok, new_rest, rest)
     tokens = jnp.sum((batch["segment_ids"] != 0).astype(jnp.float32))
-    metrics = dict(loss=loss, grad_norm=grad_norm, accuracy=correct / total_weight,
-                   target_tokens=total_weight, tokens=tokens, finite=ok.astype(jnp.float32))
+    metrics = dict(loss=loss, grad_norm=grad_norm, accuracy=correct / jnp.maximum(weight, 1.0),
+                   target_tokens=weight, tokens=tokens,
+                   finite=(jnp.isfinite(loss) & jnp.isfinite(grad_norm)).astype(jnp.float32))
     return params, opt_state, rest, metrics
 
   def _eval_step(self, params, base, rest, batch):
@@ -268,26 +279,59 @@ def lora_config(cfg):
                     targets=tuple(cfg.lora.targets))
 
 
-def load_model_and_tokenizer(cfg, mesh: Mesh | None = None, rules=shd.DEFAULT_RULES):
-  """The base model with fresh adapters, and its tokenizer (``config.model.tokenizer`` if set)."""
-  mcfg = cfg.model
-  kwargs = dict(dtype=mcfg.get("dtype") or None, param_dtype=mcfg.get("param_dtype") or None,
-                remat=mcfg.get("remat") or None, lora=lora_config(cfg), mesh=mesh, rules=rules,
-                seed=int(cfg.seed))
-  overrides = dict(mcfg.get("overrides", None) or {})
-  if overrides:
-    kwargs["overrides"] = overrides
-  model, tokenizer = weights.load_model(mcfg.source, **kwargs)
-  if mcfg.get("tokenizer"):
-    tokenizer = load_tokenizer(mcfg.tokenizer)
+def config_tokenizer(cfg):
+  """The run's tokenizer: ``config.model.tokenizer`` if set, else the source's own."""
+  if cfg.model.get("tokenizer"):
+    return load_tokenizer(cfg.model.tokenizer)
+  tokenizer = weights.source_tokenizer(cfg.model.source)
   if tokenizer is None:
-    raise ValueError(f"config.model.source={mcfg.source!r} has no tokenizer: set "
-                     "config.model.tokenizer (e.g. 'smollm2')")
+    raise errors.ConfigError(f"config.model.source={cfg.model.source!r} has no tokenizer: set "
+                             "config.model.tokenizer (e.g. 'smollm2')")
+  return tokenizer
+
+
+def load_model_and_tokenizer(cfg, mesh: Mesh | None = None, rules=shd.DEFAULT_RULES,
+                             tokenizer=None):
+  """The base model with fresh adapters, and the run's tokenizer (`config_tokenizer`, unless
+  given)."""
+  mcfg = cfg.model
+  tokenizer = tokenizer or config_tokenizer(cfg)  # first: a config without one fails fast
+  model = weights.build_model(
+      mcfg.source, dtype=mcfg.get("dtype") or None, param_dtype=mcfg.get("param_dtype") or None,
+      remat=mcfg.get("remat") or None, lora=lora_config(cfg), mesh=mesh, rules=rules,
+      seed=int(cfg.seed))
   return model, tokenizer
 
 
 def base_fingerprint(source: str) -> dict:
   return weights.source_fingerprint(source)
+
+
+def check_checkpoints(cfg, workdir, *, resume: bool,
+                      warn: Callable[[str], None] = print) -> None:
+  """Refuses, before the model loads, a workdir whose newest readable checkpoint was made with
+  other base weights or settings (`check_compatible`; the LoRA shapes are checked on restore),
+  or whose checkpoints are all unreadable. The restore warns about those it falls back past."""
+  directory = checkpoint_directory(cfg, workdir)
+  if "://" not in directory and not pathlib.Path(directory).is_dir():
+    return
+  checkpointer = Checkpointer(directory, create=False)
+  try:
+    steps = sorted(checkpointer.all_steps(), reverse=True)
+    for step in steps:
+      try:
+        saved = checkpointer.read_meta(step)
+      except CheckpointCorruptError as e:
+        if step == steps[-1]:
+          raise e.last_resort(checkpointer.step_dir(step)) from e
+        continue
+      current = dict(base_fingerprint=base_fingerprint(cfg.model.source),
+                     settings=run_settings(cfg))
+      check_compatible(saved, current, checkpointer.step_dir(step), workdir=workdir,
+                       resume=resume, warn=warn)
+      return
+  finally:
+    checkpointer.close()
 
 
 def _format_eta(seconds: float) -> str:
@@ -327,6 +371,7 @@ class Trainer:
 
   def __init__(self, cfg, workdir: str | os.PathLike, *, mesh: Mesh | None = None,
                model=None, tokenizer=None, print_fn: Callable[[str], None] | None = None):
+    """``tokenizer`` without ``model``: the run's tokenizer, already loaded."""
     self.cfg = cfg
     self.workdir = pathlib.Path(workdir)
     self.workdir.mkdir(parents=True, exist_ok=True)
@@ -343,7 +388,7 @@ class Trainer:
       # on its shards as it loads, so no host holds a full copy of a large model.
       load_mesh = self.mesh if self.mesh.size > 1 else None
       with jax.set_mesh(self.mesh):
-        model, tokenizer = load_model_and_tokenizer(cfg, load_mesh, self.rules)
+        model, tokenizer = load_model_and_tokenizer(cfg, load_mesh, self.rules, tokenizer)
     self.tokenizer = tokenizer
     self.base_fingerprint = base_fingerprint(cfg.model.source)
     self.parts = split_model(model, self.rules)
@@ -358,8 +403,7 @@ class Trainer:
     self.opt_state = self.fns.init_opt_state(self.params)
     self.step = 0
     self.load_seconds = time.time() - t0
-    self.checkpointer = Checkpointer(cfg.checkpoint.get("directory", "")
-                                     or self.workdir / "checkpoints",
+    self.checkpointer = Checkpointer(checkpoint_directory(cfg, self.workdir),
                                      keep=int(cfg.checkpoint.get("keep", 3)),
                                      every=int(cfg.checkpoint.get("every", 0)),
                                      async_save=bool(cfg.checkpoint.get("async_save", True)))
@@ -373,7 +417,8 @@ class Trainer:
                 base_source=str(self.cfg.model.source),
                 base_fingerprint=self.base_fingerprint,
                 lora_shapes=self.parts.lora_shapes(),
-                mesh={k: int(v) for k, v in self.mesh.shape.items()})
+                mesh={k: int(v) for k, v in self.mesh.shape.items()},
+                settings=run_settings(self.cfg))
 
   def state_tree(self) -> dict:
     # The step is a global (replicated) array: Orbax cannot save a single-device one multi-host.
@@ -392,18 +437,37 @@ class Trainer:
 
   def restore_latest(self, *, with_data: bool = True, step: int | None = None) -> int | None:
     """Restores the newest checkpoint in the workdir (or the one of `step`), if any; returns
-    its step."""
-    step = self.checkpointer.latest_step() if step is None else step
-    if step is None:
-      return None
+    its step. ``with_data``: a training resume (the data position too, and every recorded
+    setting must match); else eval, predict or export.
+
+    An unreadable newest checkpoint gives way to the one before it, with a warning; a training
+    resume moves it aside (``<step>.unreadable``) to save that step again. With no earlier one
+    (or an explicit `step`) it raises `CheckpointCorruptError` naming the file.
+    """
+    steps = sorted(self.checkpointer.all_steps(), reverse=True) if step is None else [step]
+    for i, candidate in enumerate(steps):
+      try:
+        return self._restore(candidate, with_data)
+      except CheckpointCorruptError as e:
+        if step is not None:
+          raise
+        if i + 1 == len(steps):
+          raise e.last_resort(self.checkpointer.step_dir(candidate)) from e
+        moved = (f"; moved to {self.checkpointer.move_aside(candidate)}" if with_data else "")
+        self.print(f"warning: {e}; using step {steps[i + 1]} "
+                   f"({self.checkpointer.step_dir(steps[i + 1])}) instead{moved}")
+    return None
+
+  def _restore(self, step: int, with_data: bool) -> int:
     saved_meta = self.checkpointer.read_meta(step)
-    check_compatible(saved_meta, self.meta(), self.checkpointer.directory / str(step))
+    check_compatible(saved_meta, self.meta(), self.checkpointer.step_dir(step),
+                     workdir=self.workdir, resume=with_data, warn=self.print)
     restored = self.checkpointer.restore(
         step, self.fns.abstract_train_state(),
         data_iter=self.data_iterator() if with_data else None)
     self.params, self.opt_state = restored["params"], restored["opt_state"]
     self.step = int(restored["step"])
-    self.print(f"resumed from {self.checkpointer.directory / str(step)} at step {self.step}")
+    self.print(f"resumed from {self.checkpointer.step_dir(step)} at step {self.step}")
     return self.step
 
   def save(self, *, force: bool = True) -> None:
@@ -508,16 +572,17 @@ class Trainer:
           window[kind] += counts[kind]
         for kind in totals:
           totals[kind] += counts[kind]
+        if metrics["target_tokens"] == 0:
+          self._stop(writer, metrics, NoTargetTokensError,
+                     f"step {self.step + 1} has no answer tokens to learn from (every loss weight "
+                     f"of its batch is 0: answers cut off by config.data.seq_len="
+                     f"{cfg.data.seq_len}, or examples without answers)",
+                     "Raise config.data.seq_len or check the data.")
         if metrics["finite"] < 1:
-          last = self.checkpointer.latest_step()
-          writer.write(self.step + 1, metrics, prefix="train/")
-          writer.close()
-          self.checkpointer.wait()
-          raise TrainingDivergedError(
-              f"non-finite loss ({metrics['loss']}) or gradient norm ({metrics['grad_norm']}) at "
-              f"step {self.step + 1}: the update was skipped and training stopped. The last good "
-              f"checkpoint ({'step ' + str(last) if last is not None else 'none yet'}) in "
-              f"{self.checkpointer.directory} is kept. Lower config.train.lr or check the data.")
+          self._stop(writer, metrics, TrainingDivergedError,
+                     f"non-finite loss ({metrics['loss']}) or gradient norm "
+                     f"({metrics['grad_norm']}) at step {self.step + 1}",
+                     "Lower config.train.lr or check the data.")
         self.step += 1
         lr = float(self.schedule(self.step - 1))
         record = dict(metrics, lr=lr)
@@ -572,6 +637,18 @@ class Trainer:
                  f"{100 * totals['doc_target'] / max(targets, 1):.1f}% documents)")
     return summary
 
+  def _stop(self, writer: MetricsWriter, metrics: Mapping[str, float], error: type[Exception],
+            what: str, advice: str):
+    """Ends the run at a step whose update was skipped: records its metrics, keeps the
+    checkpoints and raises ``error``."""
+    last = self.checkpointer.latest_step()
+    writer.write(self.step + 1, metrics, prefix="train/")
+    writer.close()
+    self.checkpointer.wait()
+    raise error(f"{what}: the update was skipped and training stopped. The last good checkpoint "
+                f"({'step ' + str(last) if last is not None else 'none yet'}) in "
+                f"{self.checkpointer.directory} is kept. {advice}")
+
   def _run_eval(self, writer: MetricsWriter) -> dict[str, float]:
     t0 = time.time()
     result = self.evaluate()
@@ -612,8 +689,8 @@ def _add_coding_eval(trainer: Trainer) -> None:
     trainer.eval_hooks.append(CodingEval(trainer.cfg, trainer.tokenizer))
 
 
-def run_train(cfg, workdir: str) -> dict[str, Any]:
-  trainer = Trainer(cfg, workdir)
+def run_train(cfg, workdir: str, tokenizer=None) -> dict[str, Any]:
+  trainer = Trainer(cfg, workdir, tokenizer=tokenizer)
   _add_coding_eval(trainer)
   try:
     return trainer.train()
@@ -621,8 +698,8 @@ def run_train(cfg, workdir: str) -> dict[str, Any]:
     trainer.close()
 
 
-def run_eval(cfg, workdir: str) -> dict[str, float]:
-  trainer = Trainer(cfg, workdir)
+def run_eval(cfg, workdir: str, tokenizer=None) -> dict[str, float]:
+  trainer = Trainer(cfg, workdir, tokenizer=tokenizer)
   try:
     step = trainer.restore_latest(with_data=False)
     result = trainer.evaluate()
