@@ -29,6 +29,7 @@ Every piece is resumable: an arm's training runs as ``python -m jaxicd.main`` in
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import datetime
 import hashlib
@@ -203,9 +204,23 @@ class _EvalCache:
     return value
 
 
-def _code(coder, docs, cache: _EvalCache, name: str):
+def _code(coder, docs, cache: _EvalCache, name: str, chunk: int = 10):
   """Document-pass and re-coded predictions of `docs` (every candidate kept), and the
-  document pass's counts."""
+  document pass's counts; computed (and cached) `chunk` notes at a time, so an interrupted
+  evaluation loses at most one chunk."""
+  preds: dict[str, list] = {"doc": [], "recode": []}
+  stats: collections.Counter = collections.Counter()
+  for lo in range(0, len(docs), chunk):
+    part = docs[lo:lo + chunk]
+    part_name = name if len(docs) <= chunk else f"{name}-notes{lo}"
+    p, st = _code_chunk(coder, part, cache, part_name)
+    for k in preds:
+      preds[k] += p[k]
+    stats.update(st)
+  return preds, dict(stats)
+
+
+def _code_chunk(coder, docs, cache: _EvalCache, name: str):
   coder_lib = _import_eval()[3]
 
   def compute():

@@ -72,3 +72,37 @@ def test_each_arm_is_compared_with_its_val_chosen_variant():
   cmp = experiment.comparisons({"doc_only": doc, "mixed_20": mixed})
   assert abs(cmp["mixed_20_macro_f1_gain"] - 0.10) < 1e-12       # 0.70 - 0.60
   assert abs(cmp["mixed_20_unseen_micro_f1_gain"] - 0.20) < 1e-12
+
+
+def test_evaluation_pieces_are_cached_per_chunk_of_notes(tmp_path):
+  import ml_collections
+  from jaxicd.data.records import Document
+  from jaxicd.infer.coder import CodedEvidence
+
+  class FakeCoder:  # codes note i as "A<i>"; counts the notes it was asked to code
+    def __init__(self):
+      self.coded, self.stats = 0, {}
+
+    def code_documents(self, docs):
+      self.coded += len(docs)
+      self.stats = {"documents": len(docs), "windows": 2 * len(docs)}
+      return [[CodedEvidence(f"A{d.id}", 0, 1, "x", 0.5)] for d in docs]
+
+    def recode_evidence(self, docs, first):
+      return [[CodedEvidence(e.code + "r", 0, 1, "x", 0.9) for e in evs] for evs in first]
+
+  cfg = ml_collections.ConfigDict({"eval_coding": {"dtype": ""}, "data": {}})
+  cache = experiment._EvalCache(tmp_path, TOY, cfg)
+  docs = [Document(str(i), "t", (), (), "test", "x") for i in range(25)]
+  coder = FakeCoder()
+  preds, stats = experiment._code(coder, docs, cache, "test-step1", chunk=10)
+  assert [p[0].code for p in preds["doc"]] == [f"A{i}" for i in range(25)]
+  assert [p[0].code for p in preds["recode"]] == [f"A{i}r" for i in range(25)]
+  assert stats == {"documents": 25, "windows": 50}
+  assert len(list((tmp_path / "eval_cache").glob("test-step1-notes*"))) == 3
+  # A rerun after an interruption (one chunk never finished) codes only that chunk again.
+  (tmp_path / "eval_cache" / sorted(p.name for p in (tmp_path / "eval_cache").iterdir())[-1]
+   ).unlink()
+  again = FakeCoder()
+  preds2, stats2 = experiment._code(again, docs, cache, "test-step1", chunk=10)
+  assert again.coded in (5, 10) and preds2 == preds and stats2 == stats
