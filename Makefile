@@ -39,7 +39,7 @@ experiment: $(VENV)/.installed-test
 	$(PY) -m jaxicd.experiment $(EXPERIMENT_ARGS)
 
 bench: $(VENV)/.installed-test
-	for b in bench/*.py; do $(PY) $$b || exit 1; done
+	for b in bench/[!_]*.py; do $(PY) $$b || exit 1; done
 
 clean:
 	rm -rf $(VENV) runs

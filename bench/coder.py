@@ -7,10 +7,11 @@ the evidence it found. Each run in `--runs` (``shared``: the prompt prefix a bat
 prefilled once; ``unshared``: every row prefills its whole prompt; a ``-float32`` suffix decodes
 with a float32 copy with the adapters folded in, ``eval_coding.dtype``) codes the same notes
 with the same batch sizes; a warm-up call per run compiles first. Prints one JSON line per run
-and, last, one with the ratios to the first run.
+and, last, one with every run and the ratios to the first run.
 
   .venv/bin/python bench/coder.py --workdir=runs/experiment/mixed [--config=configs/mixed.py]
       [--notes=8] [--batch_size=16] [--recode_batch_size=32] [--max_new=96]
+      [--platform=cpu|gpu|tpu]
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import json
 import os
 import pathlib
 import time
+
+import _platform
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
@@ -41,8 +44,11 @@ def main() -> None:
   parser.add_argument("--recode_batch_size", type=int, default=32)
   parser.add_argument("--max_new", type=int, default=96)
   parser.add_argument("--runs", default="unshared,shared,shared-float32")
+  _platform.add_flag(parser)
   args = parser.parse_args()
+  _platform.use(args.platform)
 
+  import jax  # pylint: disable=import-outside-toplevel
   from jaxicd.data import pipeline  # pylint: disable=import-outside-toplevel
   from jaxicd.infer import coder as coder_lib  # pylint: disable=import-outside-toplevel
   from jaxicd.train import trainer as trainer_lib  # pylint: disable=import-outside-toplevel
@@ -89,7 +95,8 @@ def main() -> None:
                       "notes_per_minute": round(v["notes_per_minute"]
                                                 / first["notes_per_minute"], 3)}
                   for r, v in results.items()},
-      "target_notes_per_minute_speedup": 3.0}), flush=True)
+      "target_notes_per_minute_speedup": 3.0, "runs": results,
+      "platform": jax.devices()[0].platform}), flush=True)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/data.py [--seq_len=1024] [--batch_size=8] [--train_tokens_per_s=150]
 
-Prints one JSON object (and a short human summary on stderr):
+Prints a short human summary on stderr, then one JSON line with every figure:
 
 * ``packing``: non-pad token fraction of packed batches for the span-only mix (target >=
   97%), the mixed recipe and document-only training.
@@ -191,7 +191,6 @@ def main(argv=None) -> dict:
   result["epoch_tokens"] = epoch_tokens(cfg, tok, docs, spans)
   result["throughput"] = throughput(cfg, tok, docs, spans, args.seconds,
                                     args.train_tokens_per_s)
-  print(json.dumps(result, indent=1))
   pk, th, ep = result["packing"], result["throughput"], result["epoch_tokens"]
   print(f"packing non-pad: spans {pk['span_only']['non_pad_fraction']:.1%} (target 97%), "
         f"mixed {pk['mixed']['non_pad_fraction']:.1%}, docs {pk['doc_only']['non_pad_fraction']:.1%}"
@@ -199,7 +198,8 @@ def main(argv=None) -> dict:
         f"({th['cold']['ratio_to_train_step']}x), warm {th['warm']['padded_tokens_per_s']:.0f} "
         f"tok/s ({th['warm']['ratio_to_train_step']}x) vs {args.train_tokens_per_s} tok/s "
         f"train step\nepoch tokens: mixed (same examples) / doc-only = "
-        f"{ep['mixed_same_examples_vs_doc_only']:.2f}", file=sys.stderr)
+        f"{ep['mixed_same_examples_vs_doc_only']:.2f}", file=sys.stderr, flush=True)
+  print(json.dumps(result), flush=True)  # last: one line with every figure
   return result
 
 

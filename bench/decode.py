@@ -5,10 +5,10 @@ Same weights (the embedded GGUF, f32, copied into transformers' PyTorch Llama), 
 warm-up calls (jit compilation) are excluded and calls alternate between the two (shared
 machine). Also reports the cost of the code trie over all billable ICD-10-CM codes and decode
 speed with that constraint on, with and without the unique-codes rule. Times are best of
-`--iters` calls. Prints one JSON object per line.
+`--iters` calls. Prints one JSON object per line, the last with every figure.
 
   .venv/bin/python bench/decode.py [--batches=1,8] [--prompt=256] [--new=64] [--iters=2]
-      [--skip_torch]
+      [--skip_torch] [--platform=cpu|gpu|tpu]
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ import pathlib
 import resource
 
 import numpy as np
+
+import _platform
 
 
 def _forward_bench():
@@ -44,7 +46,9 @@ def main() -> None:
                       help="code space for the constrained run ('' to skip)")
   parser.add_argument("--skip_torch", action="store_true",
                       help="only the constrained-decoding run (no transformers comparison)")
+  _platform.add_flag(parser)
   args = parser.parse_args()
+  _platform.use(args.platform)
 
   from jaxicd.data import prompts
   from jaxicd.infer import generate as gen
@@ -61,6 +65,7 @@ def main() -> None:
     torch.set_num_threads(args.torch_threads)
     hf = fwd._torch_model(model)  # pylint: disable=protected-access
 
+  figures = []  # every line printed, repeated in the last one
   for batch in [] if args.skip_torch else [int(b) for b in args.batches.split(",")]:
     rows = np.stack([np.roll(base, i) for i in range(batch)]).astype(np.int32)
 
@@ -81,13 +86,14 @@ def main() -> None:
     theirs = run_torch()[:, args.prompt:].numpy()
     agree = float(np.mean([np.argmax(np.append(a != b, True)) for a, b in zip(ours, theirs)]))
     n = batch * args.new
-    print(json.dumps({
+    figures.append({
         "bench": "decode", "batch": batch, "prompt_tokens": args.prompt, "new_tokens": args.new,
         "dtype": "float32", "torch_threads": args.torch_threads, "cpu_count": os.cpu_count(),
         "jaxicd_tokens_per_s": round(n / jax_s, 1), "torch_tokens_per_s": round(n / torch_s, 1),
         "jaxicd_s": round(jax_s, 3), "torch_s": round(torch_s, 3),
         "ratio": round(torch_s / jax_s, 3),
-        "greedy_prefix_agreement_tokens": agree}), flush=True)
+        "greedy_prefix_agreement_tokens": agree})
+    print(json.dumps(figures[-1]), flush=True)
 
   if args.constrained:
     from jaxicd.ontology import get_ontology
@@ -106,7 +112,7 @@ def main() -> None:
     runs = [lambda: run(None), lambda: run(repeats), lambda: run(constraint)]
     free_s, repeats_s, constrained_s = map(min, fwd._time_interleaved(  # pylint: disable=protected-access
         runs, args.iters))
-    print(json.dumps({
+    figures.append({
         "bench": "constrained_decode", "code_space": args.constrained, "codes": len(codes),
         "trie_states": constraint.num_states, "trie_edges": constraint.num_edges,
         "max_fanout": constraint.max_fanout, "trie_mb": round(constraint.nbytes / 1e6, 2),
@@ -116,7 +122,11 @@ def main() -> None:
         "constrained_tokens_per_s": round(batch * args.new / constrained_s, 1),
         "constrained_overhead": round(constrained_s / free_s - 1, 3),
         "repeats_allowed_tokens_per_s": round(batch * args.new / repeats_s, 1),
-        "unique_codes_overhead": round(constrained_s / repeats_s - 1, 3)}), flush=True)
+        "unique_codes_overhead": round(constrained_s / repeats_s - 1, 3)})
+    print(json.dumps(figures[-1]), flush=True)
+  import jax  # pylint: disable=import-outside-toplevel
+  print(json.dumps({"bench": "decode_all", "platform": jax.devices()[0].platform,
+                    "runs": figures}), flush=True)
 
 
 if __name__ == "__main__":

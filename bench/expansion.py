@@ -1,7 +1,7 @@
 """Benchmark: ontology start-up, full-code-space span expansion, demo corpus generation.
 
 Targets: ontology ready in < 2 s in a fresh process; expansion of all billable ICD-10-CM codes in
-< 60 s with 100% coverage. Prints one JSON object.
+< 60 s with 100% coverage. Prints one JSON line.
 
   .venv/bin/python bench/expansion.py [--code_space=all] [--max_per_code=8] [--no_demo]
 """
@@ -61,7 +61,7 @@ def main() -> None:
     except Exception as e:  # report and go on without real token counts
       result["tokenizer_error"] = repr(e)
     result["demo"] = dict(demo_stats(corpus, tok), generation_s=round(gen_s, 2))
-  print(json.dumps(result, indent=1))
+  print(json.dumps(result))
 
 
 if __name__ == "__main__":

@@ -5,9 +5,10 @@ measured in one process, per dtype: float32 (the target's dtype: ratio >= 1.5) a
 frameworks on the CPU's bf16 matmul units). Warm-up calls (jit compilation) are excluded. Also
 prints each side's achieved GFLOP/s and what one 2048^3 matmul reaches in XLA and in torch: the
 ratio cannot exceed XLA's matmul peak over torch's achieved rate ("ratio_ceiling").
-Prints one JSON line per dtype, then one JSON object with everything.
+Prints one JSON line per dtype, then, last, one JSON line with everything.
 
   .venv/bin/python bench/forward.py [--dtypes=float32,bfloat16] [--batch=8] [--seq=256] [--iters=5]
+      [--platform=cpu|gpu|tpu]
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+import _platform
 
 
 def _torch_model(model):
@@ -146,7 +149,9 @@ def main() -> None:
   parser.add_argument("--dtypes", default="float32,bfloat16",
                       help="float32 is the target's dtype; bfloat16 runs both frameworks on "
                            "bf16 matmul units (AMX on recent Xeons) where the CPU has them")
+  _platform.add_flag(parser)
   args = parser.parse_args()
+  _platform.use(args.platform)
 
   import torch
   torch.set_num_threads(args.torch_threads)

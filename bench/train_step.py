@@ -4,6 +4,7 @@ Same batch (8 x 256 tokens, loss on every token but the first of each row), same
 (q, k, v, o, gate, up, down) and rank (16, alpha 32), AdamW, measured in one run:
 
   .venv/bin/python bench/train_step.py [--steps=5] [--dtypes=bfloat16,float32] [--remat=dots]
+      [--platform=cpu|gpu|tpu]
 
 jaxicd runs with the settings configs/mixed.py uses (XLA:CPU's default matmuls, remat "dots"),
 once per compute dtype, with the frozen base stored in that dtype: bfloat16 (its CPU default;
@@ -16,7 +17,8 @@ jaxicd >= 1.5x; bfloat16 is also compared with torch bfloat16), model-FLOPs util
 matmul peak measured here (2048^3, same dtype), and peak RSS after each jaxicd variant is set up
 and has run two steps (target <= 4 GB; before torch is imported; the bfloat16 variant runs
 first). The torch model has SmolLM2's exact architecture with random weights (throughput does
-not depend on the values); jaxicd loads the real embedded GGUF.
+not depend on the values); jaxicd loads the real embedded GGUF. The last line printed is one JSON
+object with every figure.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ import os
 import resource
 import sys
 import time
+
+import _platform
 
 
 def _parse():
@@ -42,10 +46,12 @@ def _parse():
   p.add_argument("--torch-dtypes", default="float32,bfloat16",
                  help="float32 is the baseline of the target; bfloat16 (autocast) for reference")
   p.add_argument("--skip-torch", action="store_true")
+  _platform.add_flag(p)
   return p.parse_args()
 
 
 ARGS = _parse()
+_platform.use(ARGS.platform)  # before JAX starts
 if ARGS.onednn:  # before JAX starts
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_use_onednn=true").strip()
 
@@ -171,8 +177,9 @@ def setup_torch(tokens: np.ndarray, dtype: str):
 def main() -> None:
   tokens = make_batch(49152, ARGS.batch, ARGS.seq)
   B, T = ARGS.batch, ARGS.seq
+  import jax
   result = dict(batch=B, seq=T, rank=ARGS.rank, threads=ARGS.threads, remat=ARGS.remat,
-                onednn=ARGS.onednn, jaxicd={})
+                onednn=ARGS.onednn, platform=jax.devices()[0].platform, jaxicd={})
   runners, peaks = {}, {}
   for dtype in ARGS.dtypes.split(","):
     peaks[dtype] = matmul_peak_gflops(dtype)

@@ -31,6 +31,9 @@ def get_config():
                       weight_decay=0.0, clip_norm=1.0, grad_accum=1,
                       log_every=50, eval_every=1000, eval_batches=32)
   config.mesh.update(data=1, fsdp=-1, tensor=1)
+  # mode=plan: the costs of this recipe on a v5e-32 slice (docs/benchmarks.md, "Beyond this
+  # machine"); notes of 1,500 and 5,000 tokens span MIMIC-IV discharge summaries.
+  config.plan.update(accelerator="v5e", chips=32, note_tokens=(1500, 5000))
   config.distributed.update(enabled=True)   # TPU pods: coordinator discovered from metadata
   # Hosts share no disk: checkpoints (and each host's data-iterator state) go to a bucket.
   config.checkpoint.update(every=500, keep=3, directory="gs://YOUR_BUCKET/jaxicd/llama31_8b")

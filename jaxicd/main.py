@@ -5,6 +5,7 @@
   python -m jaxicd.main --config=configs/mixed.py --workdir=runs/mixed --config.mode=eval
   python -m jaxicd.main --config=configs/predict.py --workdir=runs/mixed --config.input=note.txt
   python -m jaxicd.main --config=configs/mixed.py --workdir=runs/mixed --config.mode=export
+  python -m jaxicd.main --config=configs/mixed.py --config.mode=plan   # costs; no workdir needed
 
 Training resumes from the newest checkpoint in ``--workdir``; metrics go to
 ``<workdir>/metrics.jsonl`` and TensorBoard event files under ``<workdir>/tensorboard``.
@@ -35,12 +36,12 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Path to a config file in configs/ (any key overridable: --config.train.lr=1e-4).",
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, logs.")
-_MODE = flags.DEFINE_enum("mode", None, ["train", "eval", "predict", "export"],
+_MODE = flags.DEFINE_enum("mode", None, ["train", "eval", "predict", "export", "plan"],
                           "Shortcut for --config.mode.")
 _VERBOSE = flags.DEFINE_bool("verbose", False,
                              "Show the traceback of expected errors (bad input, config, files).")
 
-MODES = ("train", "eval", "predict", "export")
+MODES = ("train", "eval", "predict", "export", "plan")
 
 
 def _add_xla_flags(flags: str) -> None:
@@ -71,6 +72,9 @@ def run(config, workdir: str) -> dict:
     raise errors.ConfigError(f"config.mode={mode!r}: choose one of {', '.join(MODES)}")
   from jaxicd.train import config as config_lib  # pylint: disable=g-import-not-at-top
   config_lib.validate(config)
+  if mode == "plan":  # the cost model: no accelerator, no weights, nothing written
+    from jaxicd import cost_model  # pylint: disable=g-import-not-at-top
+    return cost_model.run_plan(config)
   _add_xla_flags(config.get("cpu_xla_flags", ""))
   # Imported here, not at the top: keeps --help fast.
   import jax  # pylint: disable=g-import-not-at-top
@@ -153,7 +157,7 @@ def _load_config():
 def _main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if _CONFIG.value is None or _WORKDIR.value is None:
+  if _CONFIG.value is None:
     raise app.UsageError("--config and --workdir are required")
   if not flags.FLAGS["verbosity"].present:
     # Orbax and grain log every file operation at INFO; progress lines are printed instead.
@@ -162,6 +166,8 @@ def _main(argv) -> None:
   if _MODE.value:
     with config.unlocked():
       config.mode = _MODE.value
+  if _WORKDIR.value is None and config.mode != "plan":
+    raise app.UsageError("--config and --workdir are required")
   summary = run(config, _WORKDIR.value)
   print(json.dumps({"mode": config.mode, **summary}, default=str), flush=True)
 

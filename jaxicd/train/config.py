@@ -27,7 +27,7 @@ _LONGEST_CODE = "S72.001A"
 
 def base_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
-  config.mode = "train"              # train | eval | predict | export
+  config.mode = "train"              # train | eval | predict | export | plan
   config.seed = 0
   # Extra XLA flags for the CPU backend, added to $XLA_FLAGS by jaxicd.main before JAX starts
   # (e.g. "--xla_cpu_use_onednn=true"; with jax 0.12 it made SmolLM2's bf16 CPU training slower).
@@ -96,6 +96,15 @@ def base_config() -> ml_collections.ConfigDict:
       at_start=False))               # also code before training (zero-shot)
 
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  # mode=plan (jaxicd.cost_model): tokens, FLOPs, hours and HBM per chip of this config on
+  # `chips` x `accelerator` (v4, v5e, v5p, v6e, a100, h100, h200; 0 chips = the mesh's size)
+  # at `mfu`, and the cost of coding notes of `note_tokens` tokens (() = the data's mean) with
+  # `codes_per_note` evidence spans re-coded (negative = the data's codes per document).
+  # Token statistics come from up to `sample_documents` documents per split and `sample_spans`
+  # spans (0 = all), packing from `packing_batches` batches; data=False skips the data.
+  config.plan = ml_collections.ConfigDict(dict(
+      accelerator="v5e", chips=0, mfu=0.45, note_tokens=(), codes_per_note=-1.0, data=True,
+      sample_documents=64, sample_spans=2000, packing_batches=2))
   # Multi-host: jax.distributed.initialize() (TPU pods discover the rest themselves).
   config.distributed = ml_collections.ConfigDict(dict(
       enabled=False, coordinator_address="", num_processes=-1, process_id=-1))
