@@ -16,7 +16,10 @@ from jaxicd.train.config import base_config
 def get_config():
   config = base_config()
   config.model.update(source="/mnt/models/Meta-Llama-3.1-8B-Instruct", tokenizer="",
-                      dtype="bfloat16", param_dtype="bfloat16", remat="dots")
+                      dtype="bfloat16", param_dtype="bfloat16",
+                      # Recompute each block in the backward pass: with remat="dots" the saved
+                      # activations alone outgrow v5e's 16 GB per chip (mode=plan: ~41 GB).
+                      remat="full")
   config.lora.update(rank=16, alpha=32.0, dropout=0.05)
   # The pipeline reads one document source per run: MIMIC-IV documents + code-system spans here.
   # MDACE's evidence spans come in through `source="mdace"` (annotated_spans=True turns its gold
@@ -25,10 +28,13 @@ def get_config():
       source="mimic_iv", manual_dir="/mnt/data/mimic", code_space="all",
       spans_per_code=8, negatives=True, annotated_spans=True,
       span_weight=0.8, doc_weight=0.2, mixture_unit="examples",
-      seq_len=4096, window_overlap=256, batch_size=64, data_dir="/mnt/data/tfds",
+      seq_len=4096, window_overlap=256, batch_size=32, data_dir="/mnt/data/tfds",
       on_error="skip", num_threads=8)
   config.train.update(steps=20_000, lr=2e-4, warmup_steps=500, final_lr_fraction=0.1,
-                      weight_decay=0.0, clip_norm=1.0, grad_accum=1,
+                      weight_decay=0.0, clip_norm=1.0,
+                      # 2 microbatches of 32 rows (64 per optimizer step): ~10 GB per v5e chip
+                      # with remat=full (mode=plan; 64-row microbatches need ~41 GB).
+                      grad_accum=2,
                       log_every=50, eval_every=1000, eval_batches=32)
   config.mesh.update(data=1, fsdp=-1, tensor=1)
   # mode=plan: the costs of this recipe on a v5e-32 slice (docs/benchmarks.md, "Beyond this
