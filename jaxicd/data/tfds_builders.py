@@ -20,6 +20,7 @@ fails the build. Records go in and come back as ``jaxicd.data.records`` dataclas
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -32,6 +33,7 @@ import tensorflow_datasets as tfds
 from tensorflow_datasets.core import utils as tfds_utils
 
 from jaxicd.data.records import Document, Evidence, RecordError, SkipReport, Span
+from jaxicd.data.sources.common import DocumentStream, InMemoryStream
 
 DOCUMENT_SOURCES = ("demo", "mimic_iv", "mdace", "codiesp", "jsonl")
 CREDENTIALED_SOURCES = ("mimic_iv", "mdace")
@@ -174,9 +176,9 @@ _EVIDENCE = tfds.features.Sequence({
 })
 
 
-class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-  """Common base: a fixed code path (TFDS otherwise probes it via `importlib_resources`,
-  which is not installed without TensorFlow's extras)."""
+class _CodePath:
+  """A fixed code path (TFDS otherwise probes it via `importlib_resources`, which is not
+  installed without TensorFlow's extras)."""
 
   @tfds_utils.classproperty
   @classmethod
@@ -184,8 +186,22 @@ class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     return epath.Path(__file__)
 
 
-class JaxicdDocuments(_Builder):
-  """Canonical documents of one source, split by document split."""
+class _Builder(_CodePath, tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """Examples from one generator per split (TFDS collects and sorts them before writing)."""
+
+
+# Documents per array_record shard. TFDS holds one shard's examples in memory while it writes
+# it: ~12 MB of MIMIC-IV discharge text.
+DOCUMENTS_PER_SHARD = 1000
+
+
+class JaxicdDocuments(_CodePath, tfds.core.ShardBasedBuilder, skip_registration=True):
+  """Canonical documents of one source, split by document split.
+
+  Written shard by shard (``DOCUMENTS_PER_SHARD``) straight from the source's
+  ``DocumentStream``, in its order: no step holds a whole split, and TFDS's sort of a split
+  (which keeps up to 1 GB in memory and, beyond that, needs TensorFlow) is not used.
+  """
 
   VERSION = tfds.core.Version("1.1.0")
   RELEASE_NOTES = {
@@ -204,6 +220,7 @@ class JaxicdDocuments(_Builder):
     self._source, self._demo_seed, self._manual_dir = source, int(demo_seed), manual_dir
     self._on_error, self._options, self._loader = on_error, dict(options or {}), loader
     self.skips = SkipReport()
+    self.read_stats: dict[str, Any] = {}
     name, self._inputs = _documents_key(source, demo_seed, manual_dir, on_error, self._options)
     config = tfds.core.BuilderConfig(name=name, version=self.VERSION,
                                      description=f"documents of source {source!r}")
@@ -222,40 +239,53 @@ class JaxicdDocuments(_Builder):
         metadata=tfds.core.MetadataDict(),
         disable_shuffling=True)
 
-  def _load(self, dl_manager) -> Sequence[Document]:
+  def _open(self, dl_manager) -> DocumentStream:
     if self._loader is not None:
-      return self._loader()
-    from jaxicd.data.sources import load_documents  # pylint: disable=g-import-not-at-top
+      return InMemoryStream(self._loader())
+    from jaxicd.data.sources import open_documents  # pylint: disable=g-import-not-at-top
     manual_dir = self._manual_dir
     if self._source != "demo" and not (manual_dir and os.path.exists(manual_dir)):
       # Raises TFDS's error quoting MANUAL_DOWNLOAD_INSTRUCTIONS. (A jsonl manual_dir may be
       # one file, which TFDS's own check rejects, so existing paths are used as given.)
       manual_dir = os.fspath(dl_manager.manual_dir)
-    docs = load_documents(self._source, manual_dir, on_error=self._on_error,
-                          skips=self.skips, demo_seed=self._demo_seed, **self._options)
+    stream = open_documents(self._source, manual_dir, on_error=self._on_error,
+                            skips=self.skips, demo_seed=self._demo_seed, **self._options)
+    # Every input file has been read to its end by now (what the stream yields later comes
+    # from its own copy).
     now = _file_states(self._source, self._manual_dir, self._options)
     if now != self._inputs:
+      stream.close()
       # The config name hashes the files as they were before: refuse to file other contents
       # under it.
       changed = sorted({p for p, *_ in set(now) ^ set(self._inputs)})
       raise RecordError(f"{self._source}: input files changed while the dataset was being built "
                         f"({', '.join(changed[:3])}); run again once they are complete")
-    return docs
+    return stream
 
-  def _split_generators(self, dl_manager):
-    docs = self._load(dl_manager)
-    by_split: dict[str, list[Document]] = {}
-    for d in docs:
-      by_split.setdefault(d.split, []).append(d)
-    if not by_split:
+  def download_and_prepare(self, *args, **kwargs):
+    try:
+      return super().download_and_prepare(*args, **kwargs)
+    finally:  # the stream opened by _shard_iterators_per_split, with its temporary file
+      stream, self._stream = getattr(self, "_stream", None), None
+      if stream is not None:
+        stream.close()
+
+  def _shard_iterators_per_split(self, dl_manager):
+    self._stream = stream = self._open(dl_manager)
+    if not stream.counts:
       raise ValueError(f"source {self._source!r} produced no documents")
     self.info.metadata["skips"] = self.skips.as_dict()
-    self.info.metadata["documents"] = {k: len(v) for k, v in by_split.items()}
-    return {split: self._generate_examples(ds) for split, ds in by_split.items()}
+    self.info.metadata["documents"] = dict(stream.counts)
+    self.read_stats = dict(getattr(stream, "stats", {}))  # the reader's timings and sizes
+    return {split: [functools.partial(self._generate_examples, stream, split, start,
+                                      min(start + DOCUMENTS_PER_SHARD, n))
+                    for start in range(0, n, DOCUMENTS_PER_SHARD)]
+            for split, n in stream.counts.items()}
 
-  def _generate_examples(self, docs: Sequence[Document]) -> Iterator[tuple[str, dict]]:
-    for i, d in enumerate(docs):
-      yield f"{i:09d}", document_to_example(d)
+  def _generate_examples(self, stream: DocumentStream, split: str, start: int, stop: int
+                         ) -> Iterator[tuple[int, dict]]:
+    for i, d in enumerate(stream.documents(split, start=start, stop=stop), start):
+      yield i, document_to_example(d)
 
 
 class JaxicdSpans(_Builder):

@@ -8,6 +8,9 @@
 * ``codiesp``: CodiEsp D and X tracks (public, downloaded by hand);
 * ``jsonl``: users' own documents (``manual_dir`` is a ``.jsonl`` file or a folder of them).
 
+``open_documents`` (same arguments) returns a ``DocumentStream`` instead: documents per split
+known up front, then yielded one at a time; the MIMIC-IV reader holds no note text meanwhile.
+
 Credentialed data is never downloaded: a reader whose files are missing raises
 ``MissingDataError`` with the PhysioNet address and where to put each file. Bad input raises
 ``RecordError`` naming the file and line (or field) with ``on_error="raise"``; with
@@ -23,12 +26,12 @@ from pathlib import Path
 from absl import logging
 
 from jaxicd.data.records import Document, RecordError, SkipReport
-from jaxicd.data.sources.common import FILTERED, MissingDataError
+from jaxicd.data.sources.common import FILTERED, DocumentStream, MissingDataError
 
 SOURCES = ("demo", "mimic_iv", "mdace", "codiesp", "jsonl")
 
-__all__ = ["SOURCES", "load_documents", "input_files", "read_spans", "MissingDataError",
-           "RecordError", "FILTERED"]
+__all__ = ["SOURCES", "load_documents", "open_documents", "input_files", "read_spans",
+           "DocumentStream", "MissingDataError", "RecordError", "FILTERED"]
 
 
 def _reader(source: str):
@@ -69,6 +72,19 @@ def load_documents(source: str, manual_dir: str | Path = "", *, on_error: str = 
     **options: reader options: ``split_file``, ``min_code_count`` (mimic_iv); ``split_dir``,
       ``annotation_dir`` (mdace).
   """
+  return _read(source, manual_dir, on_error, skips, demo_seed, ontology, options, stream=False)
+
+
+def open_documents(source: str, manual_dir: str | Path = "", *, on_error: str = "raise",
+                   skips: SkipReport | None = None, demo_seed: int = 0, ontology=None,
+                   **options) -> DocumentStream:
+  """``load_documents`` as a ``DocumentStream`` (close it, or use ``with``): every skipped or
+  filtered record is counted in ``skips`` when it returns; ``stream.documents(split)`` then
+  yields the documents. MIMIC-IV's are read back one at a time from a temporary file."""
+  return _read(source, manual_dir, on_error, skips, demo_seed, ontology, options, stream=True)
+
+
+def _read(source, manual_dir, on_error, skips, demo_seed, ontology, options, *, stream: bool):
   from jaxicd.data.sources import common  # pylint: disable=g-import-not-at-top
   if source not in SOURCES:
     raise ValueError(f"unknown source {source!r}; expected one of {', '.join(SOURCES)}")
@@ -77,16 +93,20 @@ def load_documents(source: str, manual_dir: str | Path = "", *, on_error: str = 
     if options:
       raise ValueError(f"source demo takes no options, got {sorted(options)}")
     from jaxicd.data.sources import demo  # pylint: disable=g-import-not-at-top
-    return demo.load(seed=demo_seed)
+    docs = demo.load(seed=demo_seed)
+    return common.InMemoryStream(docs) if stream else docs
   if not manual_dir:
     raise ValueError(f"source {source!r} needs manual_dir (--manual_dir / "
                      "config.data.manual_dir): the folder where its files were placed")
   issues = common.Issues(on_error, skips, ontology)
-  docs = _reader(source).load(manual_dir, issues=issues, **options)
+  if stream and source == "mimic_iv":
+    out = _reader(source).open_documents(manual_dir, issues=issues, **options)
+  else:
+    out = _reader(source).load(manual_dir, issues=issues, **options)
   if skips.total:
     logging.info("%s: read %d documents; skipped or filtered %d records: %s", source,
-                 len(docs), skips.total, skips.counts)
-  return docs
+                 len(out), skips.total, skips.counts)
+  return common.InMemoryStream(out) if stream and not isinstance(out, DocumentStream) else out
 
 
 def read_spans(path: str | Path, *, on_error: str = "raise", skips: SkipReport | None = None,

@@ -17,11 +17,12 @@ input file without a single record).
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 from pathlib import Path
-from typing import Callable, Iterable, Protocol
+from typing import Callable, Iterable, Iterator, Protocol
 
-from jaxicd.data.records import RecordError, SkipReport
+from jaxicd.data.records import Document, RecordError, SkipReport
 
 ON_ERROR = ("raise", "skip")
 SPLITS = ("train", "val", "test")
@@ -221,6 +222,50 @@ class Issues:
     self.skips.add(reason, f"{where} ({code!r})")
     invalid = self.skips.invalid_codes
     invalid[code] = invalid.get(code, 0) + 1
+
+
+class DocumentStream:
+  """The documents of one source, yielded one at a time, split by split.
+
+  ``counts`` (documents per split, in the order of each split's first document) is known when
+  the stream is opened, and so is every skipped or filtered record; ``documents(split)`` then
+  yields that split's documents (all splits, in source order, when ``split`` is None), or those
+  in ``[start, stop)`` of them, and may be called again. Close the stream (or use it in a
+  ``with``) to release what it holds.
+  """
+
+  counts: dict[str, int]
+
+  def documents(self, split: str | None = None, *, start: int = 0,
+                stop: int | None = None) -> Iterator[Document]:
+    raise NotImplementedError
+
+  def close(self) -> None:
+    pass
+
+  def __len__(self) -> int:
+    return sum(self.counts.values())
+
+  def __enter__(self) -> "DocumentStream":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+
+class InMemoryStream(DocumentStream):
+  """A stream over documents already read (the small sources, records built in code)."""
+
+  def __init__(self, docs: Iterable[Document]):
+    self._docs = list(docs)
+    self.counts = {}
+    for d in self._docs:
+      self.counts[d.split] = self.counts.get(d.split, 0) + 1
+
+  def documents(self, split: str | None = None, *, start: int = 0,
+                stop: int | None = None) -> Iterator[Document]:
+    docs = (d for d in self._docs if split is None or d.split == split)
+    return itertools.islice(docs, start, stop)
 
 
 def dedupe(items: Iterable[str]) -> tuple[str, ...]:
