@@ -512,13 +512,14 @@ def count_sources(batch: Mapping[str, np.ndarray]) -> dict[str, dict[str, int]]:
   """
   seg, src = batch["segment_ids"], batch["sources"]
   weights = batch["loss_weights"]
+  # An example starts where the segment changes; a shared prompt prefix is no example.
+  prev = np.pad(seg[:, :-1], ((0, 0), (1, 0)))
+  prefix = (seg == 1) & (seg < 0).any(axis=1, keepdims=True)
+  starts_any = (seg != prev) & (seg != 0) & ~prefix
   out = {}
   for name, sid in SOURCE_IDS.items():
     mask = src == sid
-    # An example starts where the segment changes; a shared prompt prefix is no example.
-    prev = np.pad(seg[:, :-1], ((0, 0), (1, 0)))
-    prefix = (seg == 1) & (seg < 0).any(axis=1, keepdims=True)
-    starts = mask & (seg != prev) & (seg != 0) & ~prefix
+    starts = mask & starts_any
     out[name] = {"examples": int(starts.sum()), "tokens": int(mask.sum()),
                  "target_tokens": int(weights[mask].sum())}
   return out
@@ -536,12 +537,9 @@ def _mean_example_tokens(ds: grain.MapDataset, n: int, flat: bool) -> float:
 def span_prompt_prefix(tokenizer: Any) -> np.ndarray:
   """The tokens span examples start with: the prompt up to the span text (the common prefix
   of prompts for texts that start differently, so no token reaching into a text is in it)."""
-  probes = [_prompts().encode_prompt(tokenizer, t) for t in ("A", "z", "1", "(", " x")]
-  n = min(len(p) for p in probes)
-  for p in probes[1:]:
-    diff = np.flatnonzero(p[:n] != probes[0][:n])
-    n = int(diff[0]) if diff.size else n
-  return probes[0][:n].copy()
+  prompts = _prompts()
+  probes = [prompts.encode_prompt(tokenizer, t) for t in ("A", "z", "1", "(", " x")]
+  return probes[0][:prompts.shared_prefix_length(probes)].copy()
 
 
 def _strip_prefix(example: Mapping[str, np.ndarray], prefix: np.ndarray,

@@ -174,6 +174,17 @@ def encode_prompt(tokenizer: Any, text: str) -> np.ndarray:
   return np.asarray(tokenizer.encode(prompt_text(tokenizer, text)), dtype=np.int32)
 
 
+def shared_prefix_length(token_arrays: Sequence[np.ndarray], limit: int | None = None) -> int:
+  """How many leading tokens every array in `token_arrays` shares (at most `limit`)."""
+  first = token_arrays[0]
+  n = min(len(a) for a in token_arrays)
+  n = n if limit is None else min(n, limit)
+  for a in token_arrays[1:]:
+    diff = np.flatnonzero(a[:n] != first[:n])
+    n = int(diff[0]) if diff.size else n
+  return n
+
+
 def encode_example(tokenizer: Any, text: str, target: str) -> dict[str, np.ndarray]:
   """A training example: the prompt, then the answer `target` and the end-of-turn token.
 

@@ -384,7 +384,8 @@ def build_coder(cfg: Any, model: Any, tokenizer: Any, workdir: Any = None) -> Co
   threshold, origin = calibration.resolve_threshold(float(cfg.eval_coding.get("threshold", 0.0)),
                                                     workdir)
   ec, data = cfg.eval_coding, cfg.data
-  return Coder(decoding_model(cfg, model), tokenizer, code_space=data.code_space, seq_len=int(data.seq_len),
+  return Coder(decoding_model(cfg, model), tokenizer, code_space=data.code_space,
+               seq_len=int(data.seq_len),
                window_overlap=int(data.window_overlap), max_new_tokens=int(ec.max_new_tokens),
                batch_size=int(ec.batch_size), constrained=bool(ec.constrained),
                unique_codes=bool(ec.get("unique_codes", True)),

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxicd.data import prompts as prompts_lib
 from jaxicd.infer import grammar
 from jaxicd.model import llama as llama_lib
 
@@ -191,11 +192,7 @@ def common_prefix(prompts: Sequence[np.ndarray],
   limit = min(len(p) for p in prompts) - 1
   if note_ranges is not None:
     limit = min(limit, min(int(r[0]) for r in note_ranges))
-  first = prompts[0][:limit]
-  n = limit
-  for p in prompts[1:]:
-    diff = np.flatnonzero(p[:n] != first[:n])
-    n = int(diff[0]) if diff.size else n
+  n = prompts_lib.shared_prefix_length(prompts, limit)
   return n if n >= min_shared else 0
 
 

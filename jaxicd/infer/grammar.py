@@ -10,7 +10,8 @@ as CSR arrays (per state a sorted slice of (token, next state) edges): a dense
 ``[states, vocab]`` table for the 74,719 billable codes would need 103,530 x 49,152 entries
 (5e9), and padding every state to the maximum fan-out (48) wastes most of the memory because few
 states fan out widely (the CSR arrays take 1.5 MB). Inside jit the edges of each row's state are
-read as a fixed window of ``max_fanout`` entries from the flat edge arrays and scattered into a ``[batch, vocab]`` mask.
+read as a fixed window of ``max_fanout`` entries from the flat edge arrays and scattered into a
+``[batch, vocab]`` mask.
 
 Unique codes (``build_constraint(..., unique_codes=True)``, the default): each code appears at
 most once per answer (a fine-tuned model otherwise tends to repeat one code line until the token

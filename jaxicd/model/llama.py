@@ -384,8 +384,9 @@ class Llama(nnx.Module):
         ``cache.lengths[:, None] + arange(T)`` with one.
       segment_ids: int32 ``[B, T]``; 0 marks padding. Without a cache, a token attends to
         earlier tokens of its own segment; a token of a negative segment also to segment 1 (a
-        prompt prefix shared by the row's examples, placed first; shared-prompt packing). With a cache, nonzero marks the real tokens, which
-        must come first in each row (right padding); only they advance ``cache.lengths``.
+        prompt prefix shared by the row's examples, placed first; shared-prompt packing). With
+        a cache, nonzero marks the real tokens, which must come first in each row (right
+        padding); only they advance ``cache.lengths``.
       cache: a ``KVCache`` from ``init_cache``.
     """
     x, new_cache = self.hidden_states(tokens, positions=positions, segment_ids=segment_ids,

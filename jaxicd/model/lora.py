@@ -75,4 +75,4 @@ def decoding_copy(model: Llama, dtype: str | None = None) -> Llama:
       if isinstance(v, nnx.Param):
         v.set_value(v.get_value().astype(dtype))
     copy.cfg = copy.cfg.replace(dtype=jnp.dtype(dtype).name, param_dtype=jnp.dtype(dtype).name)
-  return merge(copy) if _adapted_linears(copy) else copy
+  return merge(copy)
