@@ -45,6 +45,10 @@ from typing import Any, Sequence
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "configs"
+# Hand-written held-out notes in other styles than the demo generator's (SOAP notes, problem
+# lists, sign-outs, ED and consult notes, heavy abbreviation), codes from the demo code space:
+# never trained on, scored with each arm's val-calibrated decision to show how it generalises.
+STYLE_NOTES = REPO / "jaxicd" / "data" / "style_notes.jsonl"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -305,6 +309,9 @@ def evaluate_arm(arm: Arm, settings: Settings, workdir: pathlib.Path) -> dict[st
     span_unseen = {s.codes[0] for s in spans if s.codes[0] not in trained}
     span_metrics = metrics.span_accuracy([s.codes[0] for s in spans], span_preds,
                                          unseen_codes=span_unseen)
+    variant = max(("recode+cal", "doc+cal"), key=lambda v: thresholds[v.split("+")[0]][1])
+    style_metrics = _score_styles(coder, cache, step or 0, variant,
+                                  thresholds[variant.split("+")[0]][0], trained)
   finally:
     trainer.close()
   result = {
@@ -313,14 +320,65 @@ def evaluate_arm(arm: Arm, settings: Settings, workdir: pathlib.Path) -> dict[st
       "tokens": trained_tokens(workdir, int(step or 0)),
       "val_selection": selection, "variants": variants, "spans": span_metrics,
       "val_variant_f1": {"doc+cal": thresholds["doc"][1], "recode+cal": thresholds["recode"][1]},
-      "chosen_variant": max(("recode+cal", "doc+cal"),
-                            key=lambda v: thresholds[v.split("+")[0]][1]),
+      "chosen_variant": variant, "styles": style_metrics,
       "gold_codes_per_note": sum(len(d.codes) for d in test) / max(len(test), 1),
       "val_notes": len(val), "test_notes": len(test), "test_spans": len(spans),
       "eval_seconds": time.perf_counter() - t0,
       "decode_dtype": cfg.eval_coding.get("dtype", "") or str(cfg.model.dtype),
   }
   return result
+
+
+def style_notes():
+  """The held-out other-style notes (`STYLE_NOTES`) as `Document`s."""
+  from jaxicd.data.sources import jsonl  # pylint: disable=g-import-not-at-top
+  return jsonl.read_documents(STYLE_NOTES)
+
+
+def _score_styles(coder, cache: _EvalCache, step: int, variant: str, threshold: float,
+                  trained: set[str]) -> dict[str, Any]:
+  """Metrics of `variant` at `threshold` on the other-style notes, overall and per style."""
+  _, _, metrics, coder_lib, _, _ = _import_eval()
+  docs = style_notes()
+  preds, stats = _code(coder, docs, cache, f"styles-step{step}", chunk=len(docs))
+  kept = coder_lib.apply_threshold(preds["recode" if variant.startswith("recode") else "doc"],
+                                   threshold)
+  unseen = metrics.unseen_in_training(trained, coder.code_space, (c for d in docs for c in d.codes))
+  out = metrics.evaluate(docs, kept, code_space=coder.code_space, unseen_codes=unseen,
+                         output_stats=stats)
+  out["codes_per_note"] = sum(len({ev.code for ev in p}) for p in kept) / max(len(kept), 1)
+  out["notes"] = len(docs)
+  by_style = collections.defaultdict(list)
+  for i, d in enumerate(docs):
+    by_style[d.id.split("-")[0]].append(i)
+  out["by_style"] = {
+      style: metrics.evaluate([docs[i] for i in idx], [kept[i] for i in idx])["micro_f1"]
+      for style, idx in sorted(by_style.items())}
+  log(f"other-style notes ({len(docs)}): micro-F1 {out['micro_f1']:.3f} macro-F1 "
+      f"{out['macro_f1']:.3f} evidence span F1 {out['evidence_span_f1']:.3f}")
+  return out
+
+
+def add_styles(arm: Arm, settings: Settings, workdir: pathlib.Path,
+               result: dict[str, Any]) -> dict[str, Any]:
+  """Scores an arm evaluated before the other-style notes existed on them, with its recorded
+  checkpoint, variant and threshold."""
+  pipeline, _, _, coder_lib, _, trainer_lib = _import_eval()
+  cfg = load_config(arm, settings)
+  trained = {c for d in pipeline.load_documents(cfg.data) if d.split == "train"
+             for c in d.codes}
+  variant = chosen(result)
+  trainer = trainer_lib.Trainer(cfg, workdir)
+  try:
+    if result["step"]:
+      trainer.restore_latest(with_data=False, step=result["step"])
+    model = trainer.parts.merge(trainer.params, trainer.base, trainer.rest)
+    coder = coder_lib.build_coder(cfg, model, trainer.tokenizer)
+    styles = _score_styles(coder, _EvalCache(workdir, settings, cfg), result["step"], variant,
+                           result["variants"][variant]["threshold"], trained)
+  finally:
+    trainer.close()
+  return {**result, "styles": styles}
 
 
 # ------------------------------------------------------------------------------- report
@@ -341,7 +399,8 @@ def _row(r: dict[str, Any], variant: str) -> list[str]:
   return [r["label"], f"{r['tokens']:,}", f"{m['micro_f1']:.3f} ({m['micro_precision']:.2f} / "
           f"{m['micro_recall']:.2f})", f"{m['macro_f1']:.3f}", f"{m['unseen_micro_f1']:.3f}",
           f"{m['evidence_span_f1']:.3f}", f"{m['codes_per_note']:.1f}",
-          f"{s['span_exact']:.3f}", f"{s.get('unseen_span_exact', 0.0):.3f}"]
+          f"{s['span_exact']:.3f}", f"{s.get('unseen_span_exact', 0.0):.3f}",
+          f"{r['styles']['micro_f1']:.3f}" if "styles" in r else "-"]
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -381,7 +440,8 @@ def write_report(results: dict[str, dict], settings: Settings, out: pathlib.Path
        "wall_seconds": wall_seconds, "arms": results, "comparisons": cmp}, indent=1))
   order = [a for a in DISPLAY if a in results]
   header = ["arm", "train tokens", "note micro-F1 (P / R)", "macro-F1", "unseen micro-F1",
-            "evidence span F1", "codes / note", "span exact", "unseen span exact", "inference"]
+            "evidence span F1", "codes / note", "span exact", "unseen span exact",
+            "other styles micro-F1", "inference"]
   main_rows = [_row(results[a], chosen(results[a])) + [chosen(results[a])] for a in order]
   variant_rows = []
   for a in order:
@@ -451,6 +511,25 @@ def write_report(results: dict[str, dict], settings: Settings, out: pathlib.Path
               "unseen micro-F1", "codes / note"], variant_rows),
       "",
   ]
+  styled = [a for a in order if "styles" in results[a]]
+  if styled:
+    st = results[styled[0]]["styles"]
+    md += ["## Notes in other styles", "",
+           f"{st['notes']} hand-written held-out notes (`{_shown(STYLE_NOTES)}`: SOAP "
+           "notes, problem lists, sign-outs, ED and consult notes, heavy abbreviation), none "
+           "in the demo generator's style and none trained on; each arm with its "
+           "val-calibrated inference.", "",
+           _table(["arm", "micro-F1 (P / R)", "macro-F1", "evidence span F1", "codes / note"]
+                  + [f"{k} micro-F1" for k in st["by_style"]],
+                  [[results[a]["label"],
+                    f"{results[a]['styles']['micro_f1']:.3f} "
+                    f"({results[a]['styles']['micro_precision']:.2f} / "
+                    f"{results[a]['styles']['micro_recall']:.2f})",
+                    f"{results[a]['styles']['macro_f1']:.3f}",
+                    f"{results[a]['styles']['evidence_span_f1']:.3f}",
+                    f"{results[a]['styles']['codes_per_note']:.1f}"]
+                   + [f"{v:.3f}" for v in results[a]["styles"]["by_style"].values()]
+                   for a in styled]), ""]
   if "doc_only" in results:
     sel = results["doc_only"]["val_selection"]
     md += ["Document-only checkpoint selection (val micro-F1 by step): "
@@ -489,6 +568,10 @@ def _figure(results: dict[str, dict], path: pathlib.Path) -> None:
   plt.close(fig)
 
 
+def _shown(path: pathlib.Path) -> str:
+  return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else path.name
+
+
 def _cpu_name() -> str:
   try:
     for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
@@ -513,6 +596,10 @@ def run(settings: Settings, workdir: pathlib.Path, out: pathlib.Path,
     if path.exists():
       results[arm.name] = json.loads(path.read_text())
       log(f"{arm.name}: evaluated earlier, reusing {path}")
+      if "styles" not in results[arm.name] and not train_only:
+        log(f"{arm.name}: scoring the other-style notes")
+        results[arm.name] = add_styles(arm, settings, workdir / arm.name, results[arm.name])
+        path.write_text(json.dumps(results[arm.name], indent=1))
       continue
     train(arm, settings, workdir / arm.name)
     if train_only:

@@ -12,8 +12,13 @@ TOY = dataclasses.replace(experiment.QUICK, steps=4, val_notes=1, test_notes=1, 
                           max_new_tokens=12, batch_size=4)
 
 
-def test_toy_run_writes_the_table_json_and_figure(tmp_path):
+def test_toy_run_writes_the_table_json_and_figure(tmp_path, monkeypatch):
   out = tmp_path / "out"
+  # Two of the other-style notes (a SOAP note and a sign-out) keep the toy run short.
+  lines = experiment.STYLE_NOTES.read_text().splitlines()
+  few = tmp_path / "styles.jsonl"
+  few.write_text("\n".join([lines[0], lines[6]]) + "\n")
+  monkeypatch.setattr(experiment, "STYLE_NOTES", few)
   results = experiment.run(TOY, tmp_path / "runs", out, arms=("mixed_20", "zero_shot"),
                            command="test")
   assert set(results) == {"mixed_20", "zero_shot"}
@@ -31,9 +36,12 @@ def test_toy_run_writes_the_table_json_and_figure(tmp_path):
     # The arm's inference is the calibrated variant best on val.
     f1 = r["val_variant_f1"]
     assert r["chosen_variant"] == max(("recode+cal", "doc+cal"), key=f1.get)
+    assert r["styles"]["notes"] == 2 and set(r["styles"]["by_style"]) == {"soap", "signout"}
+    assert 0.0 <= r["styles"]["micro_f1"] <= 1.0 and r["styles"]["documents"] == 2.0
   md = (out / "results.md").read_text()
   assert "| mixed at 20% of the budget |" in md and "| zero-shot (untrained adapters) |" in md
   assert md.count("| mixed at 20% of the budget | recode+cal |") == 1
+  assert "## Notes in other styles" in md and "signout micro-F1" in md
   saved = json.loads((out / "results.json").read_text())
   assert saved["arms"]["mixed_20"]["tokens"] == results["mixed_20"]["tokens"]
   assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -43,11 +51,37 @@ def test_toy_run_writes_the_table_json_and_figure(tmp_path):
   # An evaluation stopped before its result.json resumes from its finished pieces (val and
   # test predictions, span codes), giving the same scores.
   cached = sorted(p.name.split("-")[0] for p in (tmp_path / "runs/zero_shot/eval_cache").iterdir())
-  assert cached == ["spans", "test", "val"]
+  assert cached == ["spans", "styles", "test", "val"]
   (tmp_path / "runs/zero_shot/result.json").unlink()
   resumed = experiment.run(TOY, tmp_path / "runs", out, arms=("zero_shot",))["zero_shot"]
   assert resumed["variants"] == results["zero_shot"]["variants"]
   assert resumed["spans"] == results["zero_shot"]["spans"]
+  assert resumed["styles"] == results["zero_shot"]["styles"]
+  # A result from before the other-style notes gets them scored on rerun, with its recorded
+  # checkpoint and threshold: the same figures as an evaluation that scored them itself.
+  path = tmp_path / "runs/mixed_20/result.json"
+  path.write_text(json.dumps({k: v for k, v in results["mixed_20"].items() if k != "styles"}))
+  for piece in (tmp_path / "runs/mixed_20/eval_cache").glob("styles-*"):
+    piece.unlink()  # computed again, not read back
+  backfilled = experiment.run(TOY, tmp_path / "runs", out, arms=("mixed_20",))["mixed_20"]
+  assert backfilled["styles"] == results["mixed_20"]["styles"]
+  assert json.loads(path.read_text())["styles"] == results["mixed_20"]["styles"]
+
+
+def test_other_style_notes_are_valid_held_out_test_notes():
+  from jaxicd import ontology
+  from jaxicd.data.demo import DEMO_CODES, demo_corpus
+  docs = experiment.style_notes()  # the reader checks every quote against text[begin:end]
+  assert len(docs) == 12 and {d.split for d in docs} == {"test"}
+  assert {d.id.split("-")[0] for d in docs} == {"soap", "problems", "signout", "ed", "consult"}
+  codes = {c for d in docs for c in d.codes}
+  assert codes <= set(DEMO_CODES)
+  assert all(ontology.normalize_code(c) == c for c in codes)
+  # Every gold code has evidence; no note is a demo note.
+  for d in docs:
+    assert {e.code for e in d.evidence} == set(d.codes)
+  demo_texts = {d.text for d in demo_corpus().documents}
+  assert not demo_texts & {d.text for d in docs}
 
 
 def test_comparisons_against_document_only():
