@@ -288,7 +288,7 @@ class InferenceSetup:
 def note_windows(setup: InferenceSetup, note_tokens: int) -> list[int]:
   """Note tokens in each window: a window's prompt plus ``max_new_tokens`` fits ``seq_len``;
   consecutive windows share ``window_overlap`` tokens, at most half a window. The planner
-  (``jaxicd.data.pipeline.inference_windows``) cuts at whitespace and accepts a window once it
+  (``jaxicd.data.windows.inference_windows``) cuts at whitespace and accepts a window once it
   fills 95% of the budget: windows are taken to fill 97.5% of it."""
   budget = setup.seq_len - setup.max_new_tokens
   room = (budget if note_tokens + setup.prompt_tokens <= budget else int(0.975 * budget)
@@ -391,21 +391,21 @@ def data_statistics(data_cfg: Any, tokenizer: Any, *, sample_documents: int, sam
   exact; tokens are measured on an evenly spread sample per split (and of the spans) and scaled
   to the counts. ``packing_batches`` training batches measure the non-pad fraction and each
   example kind's share of the tokens."""
-  from jaxicd.data import pipeline, prompts  # pylint: disable=import-outside-toplevel
+  from jaxicd.data import pipeline, prompts, windows  # pylint: disable=import-outside-toplevel
   get = lambda k, d=None: pipeline.cfg_get(data_cfg, k, d)  # noqa: E731
   seq_len, overlap = int(get("seq_len", 1024)), int(get("window_overlap", 128))
   answer_format = get("answer_format", "code_first")
   docs = pipeline.load_documents(data_cfg)
   splits: dict[str, Any] = {}
-  stats = pipeline.PipelineStats()
+  stats = windows.PipelineStats()
   for split in sorted({d.split for d in docs}, key=lambda s: (_SPLIT_ORDER.get(s, 9), s)):
     group = [d for d in docs if d.split == split]
     sample = _evenly(group, sample_documents)
-    windows = tokens = targets = note = codes = 0
+    n_windows = tokens = targets = note = codes = 0
     for doc in sample:
-      ws = pipeline.document_windows(doc, tokenizer, seq_len=seq_len, window_overlap=overlap,
-                                     stats=stats, answer_format=answer_format)
-      windows += len(ws)
+      ws = windows.document_windows(doc, tokenizer, seq_len=seq_len, window_overlap=overlap,
+                                    stats=stats, answer_format=answer_format)
+      n_windows += len(ws)
       tokens += sum(len(w.tokens) - 1 for w in ws)          # shifted: inputs per example
       targets += sum(int(w.loss_mask[1:].sum()) for w in ws)
       note += len(tokenizer.encode(doc.text))
@@ -413,10 +413,10 @@ def data_statistics(data_cfg: Any, tokenizer: Any, *, sample_documents: int, sam
     scale = len(group) / max(len(sample), 1)
     splits[split] = {
         "documents": len(group), "sampled": len(sample),
-        "windows": round(windows * scale), "tokens": round(tokens * scale),
+        "windows": round(n_windows * scale), "tokens": round(tokens * scale),
         "target_tokens": round(targets * scale),
-        "windows_per_document": windows / max(len(sample), 1),
-        "tokens_per_window": tokens / max(windows, 1),
+        "windows_per_document": n_windows / max(len(sample), 1),
+        "tokens_per_window": tokens / max(n_windows, 1),
         "note_tokens_per_document": note / max(len(sample), 1),
         "codes_per_document": codes / max(len(sample), 1)}
   train_docs = [d for d in docs if d.split == "train"]
@@ -427,7 +427,7 @@ def data_statistics(data_cfg: Any, tokenizer: Any, *, sample_documents: int, sam
   measured: dict[str, list[float]] = collections.defaultdict(lambda: [0, 0, 0])
   text_tokens = prompt_tokens = 0
   for span in sample:
-    ex = pipeline.encode_span(tokenizer, span, seq_len, stats, answer_format=answer_format)
+    ex = windows.encode_span(tokenizer, span, seq_len, stats, answer_format=answer_format)
     m = measured[span.origin]
     m[0] += 1
     m[1] += len(ex["tokens"]) - 1
@@ -688,14 +688,13 @@ def _recoded_spans(config, evaluated: Mapping[str, Any] | None) -> float:
 
 
 def _inference(config, cfg, weights, mesh, tokenizer, stats, acc, mfu) -> dict[str, Any]:
-  from jaxicd import ontology  # pylint: disable=import-outside-toplevel
-  from jaxicd.data import pipeline, prompts  # pylint: disable=import-outside-toplevel
+  from jaxicd.data import demo, pipeline, prompts  # pylint: disable=import-outside-toplevel
   ec, data = config.eval_coding, config.data
   answer_format = data.get("answer_format", "code_first")
   probe = prompts.encode_prompt_with_note(tokenizer, "Patient with chest pain.")
   prompt_tokens = len(probe.tokens) - (probe.note_hi - probe.note_lo)
   prefix = len(pipeline.span_prompt_prefix(tokenizer))
-  codes = ontology.get_ontology().code_space(data.get("code_space", "demo"))
+  codes = demo.code_space(data.get("code_space", "demo"))
   code_tokens = 1 + max(len(prompts.code_token_ids(tokenizer, c, answer_format)) for c in codes)
   recode = bool(ec.get("recode", False))
   span_stats = (stats or {}).get("spans", {})

@@ -320,9 +320,8 @@ class JaxicdSpans(_Builder):
   def _load(self) -> Sequence[Span]:
     if self._loader is not None:
       return self._loader()
-    from jaxicd import ontology  # pylint: disable=g-import-not-at-top
-    from jaxicd.data import expansion  # pylint: disable=g-import-not-at-top
-    codes = ontology.get_ontology().code_space(self._code_space)
+    from jaxicd.data import demo, expansion  # pylint: disable=g-import-not-at-top
+    codes = demo.code_space(self._code_space)
     result = expansion.expand(codes, seed=self._seed, max_per_code=self._max_per_code,
                               negatives=self._negatives)
     self.report = dict(result.report)
