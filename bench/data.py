@@ -26,13 +26,16 @@ import time
 import numpy as np
 
 from jaxicd.data import pipeline, windows
+from jaxicd.train.config import base_config
 
 
 def _cfg(args, **overrides):
-  cfg = dict(source="demo", demo_seed=args.demo_seed, code_space="demo",
+  cfg = base_config().data
+  cfg.update(source="demo", demo_seed=args.demo_seed, code_space="demo",
              spans_per_code=args.spans_per_code, negatives=True, annotated_spans=True,
              span_weight=0.8, doc_weight=0.2, seq_len=args.seq_len, window_overlap=128,
-             batch_size=args.batch_size, shuffle_seed=0, num_threads=args.num_threads)
+             batch_size=args.batch_size, shuffle_seed=0, num_threads=args.num_threads,
+             answer_format="code_first")  # the figures in docs/benchmarks.md are code-first
   cfg.update(overrides)
   return cfg
 

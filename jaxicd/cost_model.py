@@ -392,9 +392,8 @@ def data_statistics(data_cfg: Any, tokenizer: Any, *, sample_documents: int, sam
   to the counts. ``packing_batches`` training batches measure the non-pad fraction and each
   example kind's share of the tokens."""
   from jaxicd.data import pipeline, prompts, windows  # pylint: disable=import-outside-toplevel
-  get = lambda k, d=None: pipeline.cfg_get(data_cfg, k, d)  # noqa: E731
-  seq_len, overlap = int(get("seq_len", 1024)), int(get("window_overlap", 128))
-  answer_format = get("answer_format", "code_first")
+  seq_len, overlap = int(data_cfg.seq_len), int(data_cfg.window_overlap)
+  answer_format = data_cfg.answer_format
   docs = pipeline.load_documents(data_cfg)
   splits: dict[str, Any] = {}
   stats = windows.PipelineStats()
@@ -421,7 +420,7 @@ def data_statistics(data_cfg: Any, tokenizer: Any, *, sample_documents: int, sam
         "codes_per_document": codes / max(len(sample), 1)}
   train_docs = [d for d in docs if d.split == "train"]
   # The spans only when the mixture trains on them (documents are read for eval and coding too).
-  spans = pipeline.load_spans(data_cfg, train_docs) if float(get("span_weight", 0.8)) > 0 else []
+  spans = pipeline.load_spans(data_cfg, train_docs) if float(data_cfg.span_weight) > 0 else []
   sample = _evenly(spans, sample_spans)
   by_origin = collections.Counter(s.origin for s in spans)
   measured: dict[str, list[float]] = collections.defaultdict(lambda: [0, 0, 0])
@@ -455,16 +454,16 @@ def data_statistics(data_cfg: Any, tokenizer: Any, *, sample_documents: int, sam
       "text_tokens_per_span": text_tokens / max(len(sample), 1),
       "recode_prompt_tokens": prompt_tokens / len(sample) if sample else None,
       "prompt_prefix_tokens": prefix}
-  if get("share_prompt", False) and spans:
+  if data_cfg.share_prompt and spans:
     # One prefix per packed row instead of one per example.
     span_summary["row_tokens_shared_prompt"] = round(
         (span_tokens - len(spans) * prefix) * seq_len / (seq_len - prefix))
   doc_epoch = (splits.get("train", {}).get("tokens", 0)
-               if float(get("doc_weight", 0.2)) > 0 else 0)
+               if float(data_cfg.doc_weight) > 0 else 0)
   epoch = {"spans": span_summary.get("row_tokens_shared_prompt", span_tokens),
            "documents": doc_epoch}
   epoch["total"] = epoch["spans"] + epoch["documents"]
-  result = {"source": get("source", "demo"), "code_space": get("code_space", "demo"),
+  result = {"source": data_cfg.source, "code_space": data_cfg.code_space,
             "splits": splits, "spans": span_summary, "epoch_tokens": epoch,
             # What encoding the sampled documents and spans truncated or split.
             "pipeline": {k: v for k, v in stats.as_dict().items()
@@ -517,12 +516,11 @@ def model_config(config) -> LlamaConfig:
     path = pathlib.Path(src.path) / "config.json"
     cfg = weights_lib.config_from_hf(json.loads(path.read_text()), path)
   lora = config.lora
-  overrides = dict(mcfg.get("overrides", None) or {})
-  fields = dict(dtype=mcfg.get("dtype") or cfg.dtype,
-                param_dtype=mcfg.get("param_dtype") or cfg.param_dtype,
-                remat=mcfg.get("remat") or cfg.remat,
+  overrides = dict(mcfg.overrides)
+  fields = dict(dtype=mcfg.dtype or cfg.dtype, param_dtype=mcfg.param_dtype or cfg.param_dtype,
+                remat=mcfg.remat or cfg.remat,
                 lora=LoraConfig(rank=int(lora.rank), alpha=float(lora.alpha),
-                                dropout=float(lora.get("dropout", 0.0)),
+                                dropout=float(lora.dropout),
                                 targets=tuple(lora.targets)))
   return cfg.replace(**{**fields, **overrides})
 
@@ -531,7 +529,7 @@ def _tokenizer(config):
   from jaxicd.model import weights as weights_lib  # pylint: disable=import-outside-toplevel
   from jaxicd.model.tokenizer import load_tokenizer  # pylint: disable=import-outside-toplevel
   mcfg = config.model
-  if mcfg.get("tokenizer"):
+  if mcfg.tokenizer:
     return load_tokenizer(mcfg.tokenizer)
   src = weights_lib.resolve_source(mcfg.source)
   if src.kind == "preset":
@@ -552,7 +550,7 @@ def mesh_for(config, chips: int) -> dict[str, int]:
 
 
 def _chips(config) -> int:
-  chips = int(config.plan.get("chips", 0) or 0)
+  chips = int(config.plan.chips)
   if chips > 0:
     return chips
   sizes = [int(v) for v in dict(config.mesh).values()]
@@ -591,7 +589,7 @@ def plan(config) -> dict[str, Any]:
   mesh = mesh_for(config, chips)
   data = config.data
   seq_len, rows = int(data.seq_len), int(data.batch_size)
-  grad_accum = int(config.train.get("grad_accum", 1) or 1)
+  grad_accum = int(config.train.grad_accum)
   steps = int(config.train.steps)
   split = mesh["data"] * mesh["fsdp"]
   if rows % split:
@@ -604,7 +602,7 @@ def plan(config) -> dict[str, Any]:
   tokenizer = _tokenizer(config)
 
   stats = None
-  if pcfg.get("data", True):
+  if pcfg.data:
     stats = data_statistics(data, tokenizer,
                             sample_documents=int(pcfg.sample_documents),
                             sample_spans=int(pcfg.sample_spans),
@@ -615,13 +613,13 @@ def plan(config) -> dict[str, Any]:
   per_token = train_flops_per_token(cfg, seq_len)
   train_flops = tokens * per_token["model"]
   evals = 0
-  eval_every = int(config.train.get("eval_every", 0) or 0)
+  eval_every, eval_batches = int(config.train.eval_every), int(config.train.eval_batches)
   if eval_every:
     evals += (steps - 1) // eval_every
-  if eval_every or int(config.train.get("eval_batches", 0) or 0):
+  if eval_every or eval_batches:
     evals += 1                                  # after the last step
-  evals += int(bool(config.train.get("eval_at_start", False)))
-  eval_tokens = evals * int(config.train.get("eval_batches", 0) or 0) * rows * seq_len
+  evals += int(bool(config.train.eval_at_start))
+  eval_tokens = evals * eval_batches * rows * seq_len
   eval_flops = eval_tokens * per_token["forward"]
   rate = acc.peak_tflops * 1e12 * mfu * chips
   training = {
@@ -656,8 +654,8 @@ def plan(config) -> dict[str, Any]:
                                   hbm_bytes=hbm)}
 
   inference = _inference(config, cfg, weights, mesh, tokenizer, stats, acc, mfu)
-  if evals and int(config.eval_coding.get("documents", 0) or 0) and inference.get("eval_note"):
-    n = evals + int(bool(config.eval_coding.get("at_start", False)))
+  if evals and int(config.eval_coding.documents) and inference.get("eval_note"):
+    n = evals + int(bool(config.eval_coding.at_start))
     coding = n * int(config.eval_coding.documents) * inference["eval_note"]["flops"]["total"]
     training["eval_coding_flops"] = coding
     training["hours"] += coding / rate / 3600
@@ -678,7 +676,7 @@ def plan(config) -> dict[str, Any]:
 def _recoded_spans(config, evaluated: Mapping[str, Any] | None) -> float:
   """Evidence spans the coder re-codes per note: one per answer line, taken as the codes per
   document of the evaluated split (``plan.codes_per_note`` when set or without data)."""
-  given = float(config.plan.get("codes_per_note", -1.0))
+  given = float(config.plan.codes_per_note)
   if given >= 0:
     return given
   if evaluated is None:
@@ -690,13 +688,13 @@ def _recoded_spans(config, evaluated: Mapping[str, Any] | None) -> float:
 def _inference(config, cfg, weights, mesh, tokenizer, stats, acc, mfu) -> dict[str, Any]:
   from jaxicd.data import demo, pipeline, prompts  # pylint: disable=import-outside-toplevel
   ec, data = config.eval_coding, config.data
-  answer_format = data.get("answer_format", "code_first")
+  answer_format = data.answer_format
   probe = prompts.encode_prompt_with_note(tokenizer, "Patient with chest pain.")
   prompt_tokens = len(probe.tokens) - (probe.note_hi - probe.note_lo)
   prefix = len(pipeline.span_prompt_prefix(tokenizer))
-  codes = demo.code_space(data.get("code_space", "demo"))
+  codes = demo.code_space(data.code_space)
   code_tokens = 1 + max(len(prompts.code_token_ids(tokenizer, c, answer_format)) for c in codes)
-  recode = bool(ec.get("recode", False))
+  recode = bool(ec.recode)
   span_stats = (stats or {}).get("spans", {})
   split_stats = (stats or {}).get("splits", {})
   evaluated = next((split_stats[s] for s in ("test", "val", "train") if s in split_stats), None)
@@ -707,10 +705,10 @@ def _inference(config, cfg, weights, mesh, tokenizer, stats, acc, mfu) -> dict[s
       recode_spans=_recoded_spans(config, evaluated) if recode else 0.0,
       # Without measured spans: the prompt around a short span, its quote and the separator.
       span_prompt_tokens=span_stats.get("recode_prompt_tokens") or prompt_tokens + 8.0,
-      code_tokens=code_tokens, recode_batch_size=int(ec.get("recode_batch_size", 32)))
+      code_tokens=code_tokens, recode_batch_size=int(ec.recode_batch_size))
   held = weight_bytes_per_chip(weights, mesh)
   whole = weight_bytes_per_chip(weights, {"data": 1, "fsdp": 1, "tensor": 1})
-  notes = list(config.plan.get("note_tokens", ()) or ())
+  notes = list(config.plan.note_tokens or ())
   if not notes and evaluated:
     notes = [round(evaluated["note_tokens_per_document"])]
   if not notes:

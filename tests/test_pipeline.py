@@ -16,6 +16,7 @@ import pytest
 
 from jaxicd.data import pipeline, prompts, windows
 from jaxicd.data.records import Document, Evidence, Span
+from jaxicd.train.config import base_config
 
 SPECIALS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>")
 
@@ -108,10 +109,20 @@ def varied_spans(n: int, seed: int = 0) -> list[Span]:
 
 
 def data_cfg(**overrides):
-  cfg = dict(source="test", span_weight=0.8, doc_weight=0.2, seq_len=512, window_overlap=16,
-             batch_size=4, shuffle_seed=0, num_threads=0)
+  """``config.data`` as these tests set it: code-first answers (the examples spelled out
+  below), 512-token rows of 4, no worker threads."""
+  cfg = base_config().data
+  cfg.update(source="test", span_weight=0.8, doc_weight=0.2, seq_len=512, window_overlap=16,
+             batch_size=4, shuffle_seed=0, num_threads=0, answer_format="code_first")
   cfg.update(overrides)
   return cfg
+
+
+def changed(cfg, **fields):
+  """A copy of a data config with ``fields`` changed."""
+  out = cfg.copy_and_resolve_references()
+  out.update(fields)
+  return out
 
 
 @pytest.fixture(scope="module")
@@ -268,7 +279,7 @@ def test_train_packing_is_first_fit_over_the_example_stream(tok):
   seq_len, spans = 512, varied_spans(200)
   cfg = data_cfg(span_weight=1.0, doc_weight=0.0, batch_size=4)
   by_tokens = {span_example(tok, s)[0]: (i, span_example(tok, s)) for i, s in enumerate(spans)}
-  one_bin = pipeline.make_train_iterator(dict(cfg, pack_bins=1), tok, spans=spans,
+  one_bin = pipeline.make_train_iterator(changed(cfg, pack_bins=1), tok, spans=spans,
                                          documents=[], prefetch=0)
   stream, fill = [], []
   for b in [next(one_bin) for _ in range(45)]:
@@ -294,7 +305,7 @@ def test_train_packing_is_first_fit_over_the_example_stream(tok):
       k += 1
     assert n_row == used and used + lengths[k] > seq_len
   # Eight bins: two batches of 4 rows per round.
-  eight = pipeline.make_train_iterator(dict(cfg, pack_bins=8), tok, spans=spans, documents=[],
+  eight = pipeline.make_train_iterator(changed(cfg, pack_bins=8), tok, spans=spans, documents=[],
                                        prefetch=0)
   reference = first_fit_pack([shifted(ex) for _, ex in stream], seq_len, 8)[:-1]
   rounds = 6
@@ -349,7 +360,7 @@ def test_mixture_proportions_over_many_batches(tok, docs, spans):
   frac = counts[1] / (counts[1] + counts[2])
   assert abs(frac - 0.7) < 0.03, (frac, counts)
   # Token fractions: documents are much longer, so weighting tokens changes the mix.
-  it = pipeline.make_train_iterator(dict(cfg, mixture_unit="tokens"), tok, documents=docs,
+  it = pipeline.make_train_iterator(changed(cfg, mixture_unit="tokens"), tok, documents=docs,
                                     spans=spans, with_sources=True, prefetch=0)
   tok_counts = collections.Counter()
   for _ in range(40):
@@ -441,9 +452,9 @@ def test_demo_corpus_end_to_end():
   """The real demo corpus, expansion spans and SmolLM2 tokenizer through the contract."""
   from jaxicd.model.tokenizer import load_tokenizer  # pylint: disable=g-import-not-at-top
   tok = load_tokenizer("smollm2")
-  cfg = dict(source="demo", demo_seed=0, code_space="demo", spans_per_code=4, negatives=True,
-             annotated_spans=True, span_weight=0.8, doc_weight=0.2, seq_len=1024,
-             window_overlap=64, batch_size=4, shuffle_seed=0)
+  cfg = data_cfg(source="demo", demo_seed=0, code_space="demo", spans_per_code=4, negatives=True,
+                 annotated_spans=True, span_weight=0.8, doc_weight=0.2, seq_len=1024,
+                 window_overlap=64, batch_size=4, shuffle_seed=0, num_threads=2)
   docs = pipeline.load_documents(cfg)
   train = [d for d in docs if d.split == "train"]
   spans = pipeline.load_spans(cfg, train)

@@ -23,6 +23,9 @@ note (or span) as the user turn, the target as the assistant turn, loss on the t
 Documents too long for ``seq_len`` become overlapping windows (``jaxicd.data.windows``); what
 could not fit is truncated and counted in ``PipelineStats``.
 
+``data_cfg`` is a run config's ``config.data``: ``jaxicd.train.config.base_config()`` holds every
+key read here, with its default.
+
 The returned iterators are grain ``DatasetIterator``s: ``get_state()``/``set_state()`` give
 JSON-serialisable states, so ``grain.checkpoint.CheckpointSave/Restore`` work with Orbax.
 """
@@ -50,16 +53,6 @@ SOURCE_IDS = {"spans": 1, "documents": 2}
 BATCH_KEYS = ("inputs", "targets", "loss_weights", "segment_ids", "positions")
 
 
-def cfg_get(cfg: Any, name: str, default: Any = None) -> Any:
-  """Reads a field from an ml_collections ConfigDict, a dict or an object."""
-  if isinstance(cfg, Mapping):
-    return cfg.get(name, default)
-  try:
-    return getattr(cfg, name)
-  except (AttributeError, KeyError):
-    return default
-
-
 # ----------------------------------------------------------------------------- records
 
 
@@ -83,9 +76,8 @@ def load_documents(data_cfg: Any, *, skips: SkipReport | None = None) -> Sequenc
   Results are memoised per setting (the trainer builds an eval iterator at every eval), unless
   a ``skips`` report is requested.
   """
-  key = (cfg_get(data_cfg, "source", "demo"), cfg_get(data_cfg, "manual_dir", "") or "",
-         cfg_get(data_cfg, "on_error", "raise"), int(cfg_get(data_cfg, "demo_seed", 0)),
-         cfg_get(data_cfg, "data_dir", "") or "")
+  key = (data_cfg.source, data_cfg.manual_dir, data_cfg.on_error, int(data_cfg.demo_seed),
+         data_cfg.data_dir)
   if skips is not None:
     return _load_documents(*key, skips=skips)
   return _load_documents_cached(*key)
@@ -110,28 +102,26 @@ def load_spans(data_cfg: Any, documents: Sequence[Document] = ()) -> list[Span]:
   """Expansion spans of ``data.code_space``, annotated training spans (if enabled) and the
   spans of ``data.span_files`` (JSONL paths, a list or comma-separated; optional)."""
   spans: list[Span] = []
-  if int(cfg_get(data_cfg, "spans_per_code", 8)) > 0:
-    seed = int(cfg_get(data_cfg, "expansion_seed", 0))
-    data_dir = cfg_get(data_cfg, "data_dir", "") or ""
-    kwargs = dict(seed=seed, max_per_code=int(cfg_get(data_cfg, "spans_per_code", 8)),
-                  negatives=bool(cfg_get(data_cfg, "negatives", True)))
-    if data_dir:
+  if data_cfg.spans_per_code > 0:
+    kwargs = dict(seed=int(data_cfg.expansion_seed), max_per_code=int(data_cfg.spans_per_code),
+                  negatives=bool(data_cfg.negatives))
+    if data_cfg.data_dir:
       from jaxicd.data import tfds_builders  # pylint: disable=g-import-not-at-top
-      spans.extend(tfds_builders.load_spans(cfg_get(data_cfg, "code_space", "demo"),
-                                            data_dir=data_dir, **kwargs))
+      spans.extend(tfds_builders.load_spans(data_cfg.code_space, data_dir=data_cfg.data_dir,
+                                            **kwargs))
     else:
       from jaxicd.data import demo, expansion  # pylint: disable=g-import-not-at-top
-      codes = demo.code_space(cfg_get(data_cfg, "code_space", "demo"))
+      codes = demo.code_space(data_cfg.code_space)
       spans.extend(expansion.expand(codes, **kwargs).spans)
-  if cfg_get(data_cfg, "annotated_spans", True):
+  if data_cfg.annotated_spans:
     spans.extend(annotated_spans(documents))
-  span_files = cfg_get(data_cfg, "span_files", ()) or ()
+  span_files = data_cfg.span_files or ()
   if isinstance(span_files, str):
     span_files = [f for f in span_files.split(",") if f]
   if span_files:
     from jaxicd.data.sources import read_spans  # pylint: disable=g-import-not-at-top
     for path in span_files:  # users' own spans (JSONL), e.g. synthesized by an LLM
-      spans.extend(read_spans(path, on_error=cfg_get(data_cfg, "on_error", "raise")))
+      spans.extend(read_spans(path, on_error=data_cfg.on_error))
   return spans
 
 
@@ -201,7 +191,7 @@ def _shard(n: int, process_index: int, process_count: int, what: str) -> grain.M
 
 
 def _per_process_batch(data_cfg: Any, process_count: int) -> int:
-  batch = int(cfg_get(data_cfg, "batch_size", 8))
+  batch = int(data_cfg.batch_size)
   if batch % process_count:
     raise ValueError(f"data.batch_size={batch} is not divisible by process_count="
                      f"{process_count}")
@@ -211,8 +201,8 @@ def _per_process_batch(data_cfg: Any, process_count: int) -> int:
 def _read_options(data_cfg: Any) -> grain.ReadOptions:
   # Encoding is Python + Rust tokenizer work: a couple of threads overlap it with the
   # training step without fighting it for the (few) cores.
-  return grain.ReadOptions(num_threads=int(cfg_get(data_cfg, "num_threads", 2)),
-                           prefetch_buffer_size=int(cfg_get(data_cfg, "read_buffer", 16)))
+  return grain.ReadOptions(num_threads=int(data_cfg.num_threads),
+                           prefetch_buffer_size=int(data_cfg.read_buffer))
 
 
 def _span_examples(spans: Sequence[Span], tokenizer: Any, seq_len: int, seed: int,
@@ -340,28 +330,27 @@ def build_train_dataset(data_cfg: Any, tokenizer: Any, *, process_index: int = 0
   ``train`` split of the documents is used. ``with_sources`` adds a ``sources`` feature
   (per token: 1 span, 2 document, 0 padding) for measuring the mixture.
   """
-  seq_len = int(cfg_get(data_cfg, "seq_len", 1024))
-  overlap = int(cfg_get(data_cfg, "window_overlap", 128))
-  answer_format = cfg_get(data_cfg, "answer_format", "code_first")
-  seed = int(cfg_get(data_cfg, "shuffle_seed", 0))
+  seq_len = int(data_cfg.seq_len)
+  overlap = int(data_cfg.window_overlap)
+  answer_format = data_cfg.answer_format
+  seed = int(data_cfg.shuffle_seed)
   per_process_batch = _per_process_batch(data_cfg, process_count)
   if documents is None:
     documents = load_documents(data_cfg)
   train_docs = [d for d in documents if d.split == "train"]
   if spans is None:
     spans = load_spans(data_cfg, train_docs)
-  weights = {"spans": float(cfg_get(data_cfg, "span_weight", 0.8)),
-             "documents": float(cfg_get(data_cfg, "doc_weight", 0.2))}
+  weights = {"spans": float(data_cfg.span_weight), "documents": float(data_cfg.doc_weight)}
   if any(w < 0 for w in weights.values()) or sum(weights.values()) <= 0:
     raise ValueError(f"data.span_weight/doc_weight must be >= 0 with a positive sum: {weights}")
   available = {"spans": len(spans), "documents": len(train_docs)}
   for name, w in weights.items():
     if w > 0 and not available[name]:
       raise ValueError(f"data.{'span' if name == 'spans' else 'doc'}_weight={w} but there are "
-                       f"no training {name} (source={cfg_get(data_cfg, 'source', 'demo')!r})")
+                       f"no training {name} (source={data_cfg.source!r})")
 
   stats = PipelineStats()
-  cache = _ExampleCache(int(cfg_get(data_cfg, "cache_tokens", 32_000_000)))
+  cache = _ExampleCache(int(data_cfg.cache_tokens))
   read = _read_options(data_cfg)
   maps: dict[str, grain.MapDataset] = {}
   if weights["spans"] > 0:
@@ -377,7 +366,7 @@ def build_train_dataset(data_cfg: Any, tokenizer: Any, *, process_index: int = 0
         _shard(len(train_docs), process_index, process_count, "training documents"), stats,
         doc_cache, answer_format=answer_format)
 
-  unit = cfg_get(data_cfg, "mixture_unit", "examples")
+  unit = data_cfg.mixture_unit
   example_weights = {k: weights[k] for k in maps}
   if unit == "tokens":
     # Token fractions -> example weights through each source's mean example length.
@@ -386,7 +375,7 @@ def build_train_dataset(data_cfg: Any, tokenizer: Any, *, process_index: int = 0
   elif unit != "examples":
     raise ValueError(f"data.mixture_unit={unit!r}: expected 'examples' or 'tokens'")
 
-  share = bool(cfg_get(data_cfg, "share_prompt", False)) and "spans" in maps
+  share = bool(data_cfg.share_prompt) and "spans" in maps
   prefix = span_prompt_prefix(tokenizer) if share else np.zeros(0, np.int32)
   if share and len(prefix) >= seq_len // 2:
     raise ValueError(f"data.share_prompt: the {len(prefix)}-token prompt prefix leaves too "
@@ -407,7 +396,7 @@ def build_train_dataset(data_cfg: Any, tokenizer: Any, *, process_index: int = 0
   features = ["inputs", "targets", "loss_weights"] + (["sources"] if with_sources else [])
   # More bins leave less padding when ~1k-token windows meet ~60-token spans (bench/data.py:
   # 32 -> 128 bins took the 80/20 mix from 97.3% to 98.0% non-pad); rows are small, so cheap.
-  bins = int(cfg_get(data_cfg, "pack_bins", 0)) or min(max(16 * per_process_batch, 64), 512)
+  bins = int(data_cfg.pack_bins) or min(max(16 * per_process_batch, 64), 512)
   if not share:
     mixed = (next(iter(iters.values())) if len(iters) == 1
              else grain.IterDataset.mix(iters, example_weights))
@@ -519,9 +508,9 @@ def make_eval_iterator(data_cfg: Any, tokenizer: Any, split: str = "val", *,
   ``num_batches`` fixes the length (cut, or padded with all-zero batches): processes of a
   multi-host run hold different shards and must all run the same number of eval steps.
   """
-  seq_len = int(cfg_get(data_cfg, "seq_len", 1024))
-  overlap = int(cfg_get(data_cfg, "window_overlap", 128))
-  answer_format = cfg_get(data_cfg, "answer_format", "code_first")
+  seq_len = int(data_cfg.seq_len)
+  overlap = int(data_cfg.window_overlap)
+  answer_format = data_cfg.answer_format
   per_process_batch = _per_process_batch(data_cfg, process_count)
   if documents is None:
     documents = load_documents(data_cfg)
@@ -529,7 +518,7 @@ def make_eval_iterator(data_cfg: Any, tokenizer: Any, split: str = "val", *,
   spans = list(spans or ())
   if not docs and not spans:
     raise ValueError(f"no {split!r} documents to evaluate on "
-                     f"(source={cfg_get(data_cfg, 'source', 'demo')!r})")
+                     f"(source={data_cfg.source!r})")
   stats = PipelineStats()
   cache = _ExampleCache(0)  # one pass: nothing to reuse
   parts = []

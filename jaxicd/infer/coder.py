@@ -368,7 +368,7 @@ class Coder:
 def decoding_model(cfg: Any, model: Any) -> Any:
   """The model the coder decodes with: `model` itself, or with ``eval_coding.dtype`` set, a
   copy in that dtype with the adapters folded in (`jaxicd.model.lora.decoding_copy`)."""
-  dtype = cfg.eval_coding.get("dtype", "")
+  dtype = cfg.eval_coding.dtype
   return lora.decoding_copy(model, dtype) if dtype else model
 
 
@@ -377,15 +377,12 @@ def build_coder(cfg: Any, model: Any, tokenizer: Any, workdir: Any = None) -> Co
   the code space ``cfg.data.code_space`` and decoding as ``cfg.eval_coding``; the decision
   threshold ``eval_coding.threshold`` (negative: `workdir`'s calibration, see
   `jaxicd.eval.calibration`; `Coder.threshold_origin` says which)."""
-  threshold, origin = calibration.resolve_threshold(float(cfg.eval_coding.get("threshold", 0.0)),
-                                                    workdir)
+  threshold, origin = calibration.resolve_threshold(float(cfg.eval_coding.threshold), workdir)
   ec, data = cfg.eval_coding, cfg.data
   return Coder(decoding_model(cfg, model), tokenizer, code_space=data.code_space,
                seq_len=int(data.seq_len),
                window_overlap=int(data.window_overlap), max_new_tokens=int(ec.max_new_tokens),
                batch_size=int(ec.batch_size), constrained=bool(ec.constrained),
-               unique_codes=bool(ec.get("unique_codes", True)),
-               answer_format=data.get("answer_format", prompts.CODE_FIRST),
-               recode=bool(ec.get("recode", False)),
-               recode_batch_size=int(ec.get("recode_batch_size", 32)),
+               unique_codes=bool(ec.unique_codes), answer_format=data.answer_format,
+               recode=bool(ec.recode), recode_batch_size=int(ec.recode_batch_size),
                threshold=threshold, threshold_origin=origin)
