@@ -32,8 +32,19 @@ import pathlib
 import types
 from typing import Any, Mapping, Sequence
 
+import jax
+from flax import nnx
+from jax._src import xla_bridge
+
 from jaxicd import errors
-from jaxicd.model.config import LlamaConfig, LoraConfig
+from jaxicd.data import demo, pipeline, prompts, windows
+from jaxicd.model import embedded
+from jaxicd.model import weights as weights_lib
+from jaxicd.model.config import LlamaConfig, LoraConfig, preset
+from jaxicd.model.llama import Llama
+from jaxicd.model.tokenizer import load_tokenizer
+from jaxicd.train import sharding
+from jaxicd.train.losses import DEFAULT_CHUNK_TOKENS
 
 GB = 1e9
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -146,10 +157,6 @@ class Weight:
 
 def model_weights(cfg: LlamaConfig) -> list[Weight]:
   """Every parameter of ``Llama(cfg)``: abstract shapes only (nothing allocated, no device)."""
-  import jax  # pylint: disable=import-outside-toplevel
-  from flax import nnx  # pylint: disable=import-outside-toplevel
-  from jaxicd.model.llama import Llama  # pylint: disable=import-outside-toplevel
-  from jaxicd.train.sharding import variable_logical_axes  # pylint: disable=import-outside-toplevel
 
   abstract = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0)))
   out = []
@@ -161,7 +168,7 @@ def model_weights(cfg: LlamaConfig) -> list[Weight]:
       value = var.get_value()
       name = "/".join(str(getattr(p, "key", p)) for p in path)
       out.append(Weight(name, tuple(value.shape), str(value.dtype),
-                        variable_logical_axes(var), trainable))
+                        sharding.variable_logical_axes(var), trainable))
   return out
 
 
@@ -174,7 +181,6 @@ def param_counts(weights: Sequence[Weight]) -> dict[str, int]:
 def shard_elements(weight: Weight, mesh_shape: Mapping[str, int], rules=None) -> int:
   """Elements of ``weight`` one chip holds under the logical sharding rules (an axis that does
   not divide a dimension is dropped, as ``jaxicd.train.sharding.fit_spec`` does)."""
-  from jaxicd.train import sharding  # pylint: disable=import-outside-toplevel
   spec = sharding.logical_to_spec(weight.logical_axes, rules or sharding.DEFAULT_RULES)
   spec = sharding.fit_spec(spec, weight.shape, types.SimpleNamespace(shape=dict(mesh_shape)))
   n = math.prod(weight.shape)
@@ -328,10 +334,10 @@ def note_cost(cfg: LlamaConfig, setup: InferenceSetup, note_tokens: int, acc: Ac
   its windows, then (with re-coding) one short call per evidence span."""
   act = dtype_bytes(cfg.dtype)
   kv_row = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * act    # bytes per cache slot
-  windows = note_windows(setup, note_tokens)
+  window_tokens = note_windows(setup, note_tokens)
   parts = collections.Counter()
   own_prompt = setup.prompt_tokens - setup.shared_prefix
-  for n in windows:
+  for n in window_tokens:
     parts.update(_call_cost(cfg, mfu=mfu, acc=acc, own=own_prompt + n, shared=setup.shared_prefix,
                             rows=setup.batch_size, new=setup.max_new_tokens,
                             bytes_per_step=weight_bytes, kv_row_bytes=kv_row))
@@ -346,9 +352,9 @@ def note_cost(cfg: LlamaConfig, setup: InferenceSetup, note_tokens: int, acc: Ac
   total = parts + recode
   flops = total["prefill_flops"] + total["decode_flops"]
   return {
-      "note_tokens": note_tokens, "windows": len(windows),
-      "prefill_tokens": int(sum(windows) + len(windows) * setup.prompt_tokens),
-      "decode_tokens": len(windows) * setup.max_new_tokens,
+      "note_tokens": note_tokens, "windows": len(window_tokens),
+      "prefill_tokens": int(sum(window_tokens) + len(window_tokens) * setup.prompt_tokens),
+      "decode_tokens": len(window_tokens) * setup.max_new_tokens,
       "recoded_spans": round(setup.recode_spans, 1),
       "flops": {"document_pass": parts["prefill_flops"] + parts["decode_flops"],
                 "prefill": total["prefill_flops"], "decode": total["decode_flops"],
@@ -391,7 +397,6 @@ def data_statistics(data_cfg: Any, tokenizer: Any, *, sample_documents: int, sam
   exact; tokens are measured on an evenly spread sample per split (and of the spans) and scaled
   to the counts. ``packing_batches`` training batches measure the non-pad fraction and each
   example kind's share of the tokens."""
-  from jaxicd.data import pipeline, prompts, windows  # pylint: disable=import-outside-toplevel
   seq_len, overlap = int(data_cfg.seq_len), int(data_cfg.window_overlap)
   answer_format = data_cfg.answer_format
   docs = pipeline.load_documents(data_cfg)
@@ -476,7 +481,6 @@ def data_statistics(data_cfg: Any, tokenizer: Any, *, sample_documents: int, sam
 
 def _packing(data_cfg, tokenizer, docs, spans, batches: int) -> dict[str, Any]:
   """Non-pad fraction and token shares per example kind of the first training batches."""
-  from jaxicd.data import pipeline  # pylint: disable=import-outside-toplevel
   it = pipeline.make_train_iterator(data_cfg, tokenizer, documents=docs, spans=spans,
                                     prefetch=0, with_sources=True)
   real = total = 0
@@ -504,11 +508,9 @@ def _packing(data_cfg, tokenizer, docs, spans, batches: int) -> dict[str, Any]:
 def model_config(config) -> LlamaConfig:
   """The run's ``LlamaConfig`` from ``config.model`` and ``config.lora``: a preset's shapes,
   or read from a GGUF file's metadata or an HF directory's config.json (no weights read)."""
-  from jaxicd.model import weights as weights_lib  # pylint: disable=import-outside-toplevel
   mcfg = config.model
   src = weights_lib.resolve_source(mcfg.source)
   if src.kind == "preset":
-    from jaxicd.model.config import preset  # pylint: disable=import-outside-toplevel
     cfg = preset(src.name)
   elif src.kind == "gguf":
     cfg = weights_lib.GgufTensors(src.path).config
@@ -526,8 +528,6 @@ def model_config(config) -> LlamaConfig:
 
 
 def _tokenizer(config):
-  from jaxicd.model import weights as weights_lib  # pylint: disable=import-outside-toplevel
-  from jaxicd.model.tokenizer import load_tokenizer  # pylint: disable=import-outside-toplevel
   mcfg = config.model
   if mcfg.tokenizer:
     return load_tokenizer(mcfg.tokenizer)
@@ -535,13 +535,11 @@ def _tokenizer(config):
   if src.kind == "preset":
     raise errors.ConfigError(f"config.model.source={mcfg.source!r} has no tokenizer: set "
                              "config.model.tokenizer (e.g. 'smollm2')")
-  from jaxicd.model import embedded  # pylint: disable=import-outside-toplevel
   return load_tokenizer("smollm2" if src.name.lower() in embedded.EMBEDDED_NAMES
                         else str(src.path))
 
 
 def mesh_for(config, chips: int) -> dict[str, int]:
-  from jaxicd.train import sharding  # pylint: disable=import-outside-toplevel
   try:
     shape = sharding.resolve_mesh_shape(dict(config.mesh), chips)
   except ValueError as e:
@@ -579,7 +577,6 @@ def _fit_options(cfg, weights, mesh, *, global_rows, grad_accum, seq_len, chunk_
 
 def plan(config) -> dict[str, Any]:
   """The cost summary of ``config`` (see the module docstring); JSON-serialisable."""
-  from jaxicd.train.losses import DEFAULT_CHUNK_TOKENS  # pylint: disable=import-outside-toplevel
   pcfg = config.plan
   acc = accelerator(pcfg.accelerator)
   mfu = float(pcfg.mfu)
@@ -686,7 +683,6 @@ def _recoded_spans(config, evaluated: Mapping[str, Any] | None) -> float:
 
 
 def _inference(config, cfg, weights, mesh, tokenizer, stats, acc, mfu) -> dict[str, Any]:
-  from jaxicd.data import demo, pipeline, prompts  # pylint: disable=import-outside-toplevel
   ec, data = config.eval_coding, config.data
   answer_format = data.answer_format
   probe = prompts.encode_prompt_with_note(tokenizer, "Patient with chest pain.")
@@ -794,8 +790,6 @@ def describe(summary: Mapping[str, Any]) -> list[str]:
 def run_plan(config) -> dict[str, Any]:
   """``--config.mode=plan``: prints the plan and returns it. Pins JAX to the CPU first (when no
   backend has started), so planning never claims an accelerator."""
-  import jax  # pylint: disable=import-outside-toplevel
-  from jax._src import xla_bridge  # pylint: disable=import-outside-toplevel
   if not xla_bridge.backends_are_initialized():
     jax.config.update("jax_platforms", "cpu")
   summary = plan(config)

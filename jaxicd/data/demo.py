@@ -17,12 +17,14 @@ documents and in no training document, so only expansion spans can teach them.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import hashlib
+import json
 import math
+import os
 import random
 import re
-import os
 from pathlib import Path
 from typing import Sequence
 
@@ -670,8 +672,6 @@ def _summary(values: list[int]) -> dict:
 
 def main(argv: Sequence[str] | None = None) -> None:
   """``python -m jaxicd.data.demo [--seed=N]``: prints the corpus statistics as JSON."""
-  import argparse  # pylint: disable=g-import-not-at-top
-  import json  # pylint: disable=g-import-not-at-top
   parser = argparse.ArgumentParser(description="Statistics of the built-in demo corpus.")
   parser.add_argument("--seed", type=int, default=0)
   for split, n in (("train", 200), ("val", 50), ("test", 50)):
@@ -679,6 +679,7 @@ def main(argv: Sequence[str] | None = None) -> None:
   args = parser.parse_args(argv)
   tokenizer = None
   try:
+    # Optional here (the statistics fall back to words): the tokenizers library loads on use.
     from jaxicd.model.tokenizer import load_tokenizer  # pylint: disable=g-import-not-at-top
     tokenizer = load_tokenizer("smollm2")
   except Exception:  # pylint: disable=broad-except

@@ -42,7 +42,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 import grain
 import numpy as np
 
-from jaxicd.data import prompts
+from jaxicd.data import demo, expansion, prompts, sources
 from jaxicd.data.records import Document, Span, SkipReport
 from jaxicd.data.windows import PipelineStats, document_windows, encode_span
 
@@ -91,11 +91,12 @@ def _load_documents_cached(*key) -> tuple[Document, ...]:
 def _load_documents(source: str, manual_dir: str, on_error: str, demo_seed: int,
                     data_dir: str, *, skips: SkipReport | None = None) -> tuple[Document, ...]:
   if data_dir:
+    # Imported on use: tensorflow_datasets is heavy and only the TFDS cache needs it.
     from jaxicd.data import tfds_builders  # pylint: disable=g-import-not-at-top
     return tuple(tfds_builders.load_documents(source, data_dir=data_dir, manual_dir=manual_dir,
                                               demo_seed=demo_seed, on_error=on_error))
-  from jaxicd.data.sources import load_documents as load  # pylint: disable=g-import-not-at-top
-  return tuple(load(source, manual_dir, on_error=on_error, skips=skips, demo_seed=demo_seed))
+  return tuple(sources.load_documents(source, manual_dir, on_error=on_error, skips=skips,
+                                      demo_seed=demo_seed))
 
 
 def load_spans(data_cfg: Any, documents: Sequence[Document] = ()) -> list[Span]:
@@ -106,11 +107,11 @@ def load_spans(data_cfg: Any, documents: Sequence[Document] = ()) -> list[Span]:
     kwargs = dict(seed=int(data_cfg.expansion_seed), max_per_code=int(data_cfg.spans_per_code),
                   negatives=bool(data_cfg.negatives))
     if data_cfg.data_dir:
+      # Imported on use: tensorflow_datasets is heavy and only the TFDS cache needs it.
       from jaxicd.data import tfds_builders  # pylint: disable=g-import-not-at-top
       spans.extend(tfds_builders.load_spans(data_cfg.code_space, data_dir=data_cfg.data_dir,
                                             **kwargs))
     else:
-      from jaxicd.data import demo, expansion  # pylint: disable=g-import-not-at-top
       codes = demo.code_space(data_cfg.code_space)
       spans.extend(expansion.expand(codes, **kwargs).spans)
   if data_cfg.annotated_spans:
@@ -119,9 +120,8 @@ def load_spans(data_cfg: Any, documents: Sequence[Document] = ()) -> list[Span]:
   if isinstance(span_files, str):
     span_files = [f for f in span_files.split(",") if f]
   if span_files:
-    from jaxicd.data.sources import read_spans  # pylint: disable=g-import-not-at-top
     for path in span_files:  # users' own spans (JSONL), e.g. synthesized by an LLM
-      spans.extend(read_spans(path, on_error=data_cfg.on_error))
+      spans.extend(sources.read_spans(path, on_error=data_cfg.on_error))
   return spans
 
 

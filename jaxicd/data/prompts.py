@@ -47,6 +47,7 @@ from typing import Any, Callable, Collection, Sequence
 import numpy as np
 
 from jaxicd.data.records import Document, Evidence, Span
+from jaxicd.ontology import normalize_code
 
 # Short on purpose: every prompt token is paid for in every training example.
 SYSTEM_PROMPT = "You are a clinical coder."
@@ -450,7 +451,6 @@ def split_line(line: str, answer_format: str = CODE_FIRST) -> tuple[str, str]:
 
 def read_code(code_part: str) -> str:
   """The normalized code of a line's code part; ValueError if it is not code-shaped."""
-  from jaxicd.ontology import normalize_code  # pylint: disable=g-import-not-at-top
   code = normalize_code(code_part)
   # normalize_code checks shape loosely; every ICD-10-CM code has a digit second, which also
   # keeps words of a stray prose line ("THE", "PATIENT") from passing as codes.

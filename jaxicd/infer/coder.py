@@ -41,6 +41,7 @@ import math
 import time
 from typing import Any, Callable, Sequence
 
+import jax
 import numpy as np
 
 from jaxicd.data import demo, prompts, windows
@@ -207,7 +208,6 @@ class Coder:
 
   def _model_generate(self, batch: list[np.ndarray], note_ranges=None,
                       code_only: bool = False) -> generate_lib.Generation:
-    import jax  # pylint: disable=import-outside-toplevel
     self._calls += 1
     key = jax.random.fold_in(jax.random.key(self.seed), self._calls) if self.temperature else None
     return generate_lib.generate(
