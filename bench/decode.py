@@ -96,8 +96,8 @@ def main() -> None:
     print(json.dumps(figures[-1]), flush=True)
 
   if args.constrained:
-    from jaxicd.ontology import get_ontology
-    codes = get_ontology().code_space(args.constrained)
+    from jaxicd.data.demo import code_space
+    codes = code_space(args.constrained)
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     constraint = grammar.build_constraint(tok, codes)
     rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -31,12 +31,13 @@ def main() -> None:
   parser.add_argument("--no_demo", action="store_true")
   args = parser.parse_args()
 
+  from jaxicd.data.demo import code_space
   from jaxicd.data.expansion import expand
   from jaxicd.ontology import get_ontology
 
   result: dict = {"ontology_startup_s": round(min(_startup_seconds() for _ in range(2)), 3)}
   onto = get_ontology()
-  codes = onto.code_space(args.code_space)
+  codes = code_space(args.code_space)
   t = time.perf_counter()
   exp = expand(codes, onto, seed=args.seed, max_per_code=args.max_per_code)
   seconds = time.perf_counter() - t

@@ -21,19 +21,20 @@ import _platform
 
 def measure(preset: str, rows: int, seq: int, remat: str, dtype: str) -> dict:
   import jax  # pylint: disable=import-outside-toplevel
-  import ml_collections  # pylint: disable=import-outside-toplevel
   from jaxicd import cost_model  # pylint: disable=import-outside-toplevel
   from jaxicd.model import weights  # pylint: disable=import-outside-toplevel
   from jaxicd.model.config import LoraConfig  # pylint: disable=import-outside-toplevel
   from jaxicd.train import losses, trainer  # pylint: disable=import-outside-toplevel
   from jaxicd.train import sharding as shd  # pylint: disable=import-outside-toplevel
+  from jaxicd.train.config import base_config  # pylint: disable=import-outside-toplevel
 
   model = weights.build_model(preset, lora=LoraConfig(rank=16, alpha=32.0), remat=remat,
                               dtype=dtype, param_dtype=dtype)
   cfg = model.cfg
   parts = trainer.split_model(model)
-  tx = trainer.build_optimizer(ml_collections.ConfigDict(dict(
-      steps=100, lr=1e-4, warmup_steps=0, clip_norm=1.0, weight_decay=0.0)))
+  train_cfg = base_config().train
+  train_cfg.update(steps=100, lr=1e-4, warmup_steps=0, clip_norm=1.0, weight_decay=0.0)
+  tx = trainer.build_optimizer(train_cfg)
   fns = trainer.StepFunctions(parts, tx, shd.make_mesh(dict(data=1), jax.devices()[:1]))
   params = fns.place_params(parts.params)
   args = (params, fns.init_opt_state(params), fns.place_base(parts.base),

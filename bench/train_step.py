@@ -96,11 +96,11 @@ def make_batch(vocab: int, batch: int, seq: int):
 def setup_jaxicd(tokens: np.ndarray, dtype: str) -> dict:
   """Loads and compiles; returns a blocking ``step()`` and what setting up took."""
   import jax
-  import ml_collections
   from jaxicd.model import weights
   from jaxicd.model.config import LoraConfig
   from jaxicd.train import sharding as shd
   from jaxicd.train import trainer
+  from jaxicd.train.config import base_config
 
   t0 = time.time()
   model = weights.build_model("smollm2", lora=LoraConfig(rank=ARGS.rank, alpha=2.0 * ARGS.rank),
@@ -109,8 +109,9 @@ def setup_jaxicd(tokens: np.ndarray, dtype: str) -> dict:
   load_s = time.time() - t0
   parts = trainer.split_model(model)
   del model
-  tx = trainer.build_optimizer(ml_collections.ConfigDict(dict(
-      steps=100, lr=1e-4, warmup_steps=0, clip_norm=1.0, weight_decay=0.0)))
+  train_cfg = base_config().train
+  train_cfg.update(steps=100, lr=1e-4, warmup_steps=0, clip_norm=1.0, weight_decay=0.0)
+  tx = trainer.build_optimizer(train_cfg)
   fns = trainer.StepFunctions(parts, tx, shd.make_mesh(dict(data=1), jax.devices()[:1]))
   params, base, rest = fns.place_params(parts.params), fns.place_base(parts.base), \
       fns.place_rest(parts.rest)

@@ -32,8 +32,19 @@ import pathlib
 import types
 from typing import Any, Mapping, Sequence
 
+import jax
+from flax import nnx
+from jax._src import xla_bridge
+
 from jaxicd import errors
-from jaxicd.model.config import LlamaConfig, LoraConfig
+from jaxicd.data import demo, pipeline, prompts, windows
+from jaxicd.model import embedded
+from jaxicd.model import weights as weights_lib
+from jaxicd.model.config import LlamaConfig, LoraConfig, preset
+from jaxicd.model.llama import Llama
+from jaxicd.model.tokenizer import load_tokenizer
+from jaxicd.train import sharding
+from jaxicd.train.losses import DEFAULT_CHUNK_TOKENS
 
 GB = 1e9
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -146,10 +157,6 @@ class Weight:
 
 def model_weights(cfg: LlamaConfig) -> list[Weight]:
   """Every parameter of ``Llama(cfg)``: abstract shapes only (nothing allocated, no device)."""
-  import jax  # pylint: disable=import-outside-toplevel
-  from flax import nnx  # pylint: disable=import-outside-toplevel
-  from jaxicd.model.llama import Llama  # pylint: disable=import-outside-toplevel
-  from jaxicd.train.sharding import variable_logical_axes  # pylint: disable=import-outside-toplevel
 
   abstract = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0)))
   out = []
@@ -161,7 +168,7 @@ def model_weights(cfg: LlamaConfig) -> list[Weight]:
       value = var.get_value()
       name = "/".join(str(getattr(p, "key", p)) for p in path)
       out.append(Weight(name, tuple(value.shape), str(value.dtype),
-                        variable_logical_axes(var), trainable))
+                        sharding.variable_logical_axes(var), trainable))
   return out
 
 
@@ -174,7 +181,6 @@ def param_counts(weights: Sequence[Weight]) -> dict[str, int]:
 def shard_elements(weight: Weight, mesh_shape: Mapping[str, int], rules=None) -> int:
   """Elements of ``weight`` one chip holds under the logical sharding rules (an axis that does
   not divide a dimension is dropped, as ``jaxicd.train.sharding.fit_spec`` does)."""
-  from jaxicd.train import sharding  # pylint: disable=import-outside-toplevel
   spec = sharding.logical_to_spec(weight.logical_axes, rules or sharding.DEFAULT_RULES)
   spec = sharding.fit_spec(spec, weight.shape, types.SimpleNamespace(shape=dict(mesh_shape)))
   n = math.prod(weight.shape)
@@ -288,7 +294,7 @@ class InferenceSetup:
 def note_windows(setup: InferenceSetup, note_tokens: int) -> list[int]:
   """Note tokens in each window: a window's prompt plus ``max_new_tokens`` fits ``seq_len``;
   consecutive windows share ``window_overlap`` tokens, at most half a window. The planner
-  (``jaxicd.data.pipeline.inference_windows``) cuts at whitespace and accepts a window once it
+  (``jaxicd.data.windows.inference_windows``) cuts at whitespace and accepts a window once it
   fills 95% of the budget: windows are taken to fill 97.5% of it."""
   budget = setup.seq_len - setup.max_new_tokens
   room = (budget if note_tokens + setup.prompt_tokens <= budget else int(0.975 * budget)
@@ -328,10 +334,10 @@ def note_cost(cfg: LlamaConfig, setup: InferenceSetup, note_tokens: int, acc: Ac
   its windows, then (with re-coding) one short call per evidence span."""
   act = dtype_bytes(cfg.dtype)
   kv_row = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * act    # bytes per cache slot
-  windows = note_windows(setup, note_tokens)
+  window_tokens = note_windows(setup, note_tokens)
   parts = collections.Counter()
   own_prompt = setup.prompt_tokens - setup.shared_prefix
-  for n in windows:
+  for n in window_tokens:
     parts.update(_call_cost(cfg, mfu=mfu, acc=acc, own=own_prompt + n, shared=setup.shared_prefix,
                             rows=setup.batch_size, new=setup.max_new_tokens,
                             bytes_per_step=weight_bytes, kv_row_bytes=kv_row))
@@ -346,9 +352,9 @@ def note_cost(cfg: LlamaConfig, setup: InferenceSetup, note_tokens: int, acc: Ac
   total = parts + recode
   flops = total["prefill_flops"] + total["decode_flops"]
   return {
-      "note_tokens": note_tokens, "windows": len(windows),
-      "prefill_tokens": int(sum(windows) + len(windows) * setup.prompt_tokens),
-      "decode_tokens": len(windows) * setup.max_new_tokens,
+      "note_tokens": note_tokens, "windows": len(window_tokens),
+      "prefill_tokens": int(sum(window_tokens) + len(window_tokens) * setup.prompt_tokens),
+      "decode_tokens": len(window_tokens) * setup.max_new_tokens,
       "recoded_spans": round(setup.recode_spans, 1),
       "flops": {"document_pass": parts["prefill_flops"] + parts["decode_flops"],
                 "prefill": total["prefill_flops"], "decode": total["decode_flops"],
@@ -391,21 +397,19 @@ def data_statistics(data_cfg: Any, tokenizer: Any, *, sample_documents: int, sam
   exact; tokens are measured on an evenly spread sample per split (and of the spans) and scaled
   to the counts. ``packing_batches`` training batches measure the non-pad fraction and each
   example kind's share of the tokens."""
-  from jaxicd.data import pipeline, prompts  # pylint: disable=import-outside-toplevel
-  get = lambda k, d=None: pipeline.cfg_get(data_cfg, k, d)  # noqa: E731
-  seq_len, overlap = int(get("seq_len", 1024)), int(get("window_overlap", 128))
-  answer_format = get("answer_format", "code_first")
+  seq_len, overlap = int(data_cfg.seq_len), int(data_cfg.window_overlap)
+  answer_format = data_cfg.answer_format
   docs = pipeline.load_documents(data_cfg)
   splits: dict[str, Any] = {}
-  stats = pipeline.PipelineStats()
+  stats = windows.PipelineStats()
   for split in sorted({d.split for d in docs}, key=lambda s: (_SPLIT_ORDER.get(s, 9), s)):
     group = [d for d in docs if d.split == split]
     sample = _evenly(group, sample_documents)
-    windows = tokens = targets = note = codes = 0
+    n_windows = tokens = targets = note = codes = 0
     for doc in sample:
-      ws = pipeline.document_windows(doc, tokenizer, seq_len=seq_len, window_overlap=overlap,
-                                     stats=stats, answer_format=answer_format)
-      windows += len(ws)
+      ws = windows.document_windows(doc, tokenizer, seq_len=seq_len, window_overlap=overlap,
+                                    stats=stats, answer_format=answer_format)
+      n_windows += len(ws)
       tokens += sum(len(w.tokens) - 1 for w in ws)          # shifted: inputs per example
       targets += sum(int(w.loss_mask[1:].sum()) for w in ws)
       note += len(tokenizer.encode(doc.text))
@@ -413,21 +417,21 @@ def data_statistics(data_cfg: Any, tokenizer: Any, *, sample_documents: int, sam
     scale = len(group) / max(len(sample), 1)
     splits[split] = {
         "documents": len(group), "sampled": len(sample),
-        "windows": round(windows * scale), "tokens": round(tokens * scale),
+        "windows": round(n_windows * scale), "tokens": round(tokens * scale),
         "target_tokens": round(targets * scale),
-        "windows_per_document": windows / max(len(sample), 1),
-        "tokens_per_window": tokens / max(windows, 1),
+        "windows_per_document": n_windows / max(len(sample), 1),
+        "tokens_per_window": tokens / max(n_windows, 1),
         "note_tokens_per_document": note / max(len(sample), 1),
         "codes_per_document": codes / max(len(sample), 1)}
   train_docs = [d for d in docs if d.split == "train"]
   # The spans only when the mixture trains on them (documents are read for eval and coding too).
-  spans = pipeline.load_spans(data_cfg, train_docs) if float(get("span_weight", 0.8)) > 0 else []
+  spans = pipeline.load_spans(data_cfg, train_docs) if float(data_cfg.span_weight) > 0 else []
   sample = _evenly(spans, sample_spans)
   by_origin = collections.Counter(s.origin for s in spans)
   measured: dict[str, list[float]] = collections.defaultdict(lambda: [0, 0, 0])
   text_tokens = prompt_tokens = 0
   for span in sample:
-    ex = pipeline.encode_span(tokenizer, span, seq_len, stats, answer_format=answer_format)
+    ex = windows.encode_span(tokenizer, span, seq_len, stats, answer_format=answer_format)
     m = measured[span.origin]
     m[0] += 1
     m[1] += len(ex["tokens"]) - 1
@@ -455,16 +459,16 @@ def data_statistics(data_cfg: Any, tokenizer: Any, *, sample_documents: int, sam
       "text_tokens_per_span": text_tokens / max(len(sample), 1),
       "recode_prompt_tokens": prompt_tokens / len(sample) if sample else None,
       "prompt_prefix_tokens": prefix}
-  if get("share_prompt", False) and spans:
+  if data_cfg.share_prompt and spans:
     # One prefix per packed row instead of one per example.
     span_summary["row_tokens_shared_prompt"] = round(
         (span_tokens - len(spans) * prefix) * seq_len / (seq_len - prefix))
   doc_epoch = (splits.get("train", {}).get("tokens", 0)
-               if float(get("doc_weight", 0.2)) > 0 else 0)
+               if float(data_cfg.doc_weight) > 0 else 0)
   epoch = {"spans": span_summary.get("row_tokens_shared_prompt", span_tokens),
            "documents": doc_epoch}
   epoch["total"] = epoch["spans"] + epoch["documents"]
-  result = {"source": get("source", "demo"), "code_space": get("code_space", "demo"),
+  result = {"source": data_cfg.source, "code_space": data_cfg.code_space,
             "splits": splits, "spans": span_summary, "epoch_tokens": epoch,
             # What encoding the sampled documents and spans truncated or split.
             "pipeline": {k: v for k, v in stats.as_dict().items()
@@ -477,7 +481,6 @@ def data_statistics(data_cfg: Any, tokenizer: Any, *, sample_documents: int, sam
 
 def _packing(data_cfg, tokenizer, docs, spans, batches: int) -> dict[str, Any]:
   """Non-pad fraction and token shares per example kind of the first training batches."""
-  from jaxicd.data import pipeline  # pylint: disable=import-outside-toplevel
   it = pipeline.make_train_iterator(data_cfg, tokenizer, documents=docs, spans=spans,
                                     prefetch=0, with_sources=True)
   real = total = 0
@@ -505,11 +508,9 @@ def _packing(data_cfg, tokenizer, docs, spans, batches: int) -> dict[str, Any]:
 def model_config(config) -> LlamaConfig:
   """The run's ``LlamaConfig`` from ``config.model`` and ``config.lora``: a preset's shapes,
   or read from a GGUF file's metadata or an HF directory's config.json (no weights read)."""
-  from jaxicd.model import weights as weights_lib  # pylint: disable=import-outside-toplevel
   mcfg = config.model
   src = weights_lib.resolve_source(mcfg.source)
   if src.kind == "preset":
-    from jaxicd.model.config import preset  # pylint: disable=import-outside-toplevel
     cfg = preset(src.name)
   elif src.kind == "gguf":
     cfg = weights_lib.GgufTensors(src.path).config
@@ -517,33 +518,28 @@ def model_config(config) -> LlamaConfig:
     path = pathlib.Path(src.path) / "config.json"
     cfg = weights_lib.config_from_hf(json.loads(path.read_text()), path)
   lora = config.lora
-  overrides = dict(mcfg.get("overrides", None) or {})
-  fields = dict(dtype=mcfg.get("dtype") or cfg.dtype,
-                param_dtype=mcfg.get("param_dtype") or cfg.param_dtype,
-                remat=mcfg.get("remat") or cfg.remat,
+  overrides = dict(mcfg.overrides)
+  fields = dict(dtype=mcfg.dtype or cfg.dtype, param_dtype=mcfg.param_dtype or cfg.param_dtype,
+                remat=mcfg.remat or cfg.remat,
                 lora=LoraConfig(rank=int(lora.rank), alpha=float(lora.alpha),
-                                dropout=float(lora.get("dropout", 0.0)),
+                                dropout=float(lora.dropout),
                                 targets=tuple(lora.targets)))
   return cfg.replace(**{**fields, **overrides})
 
 
 def _tokenizer(config):
-  from jaxicd.model import weights as weights_lib  # pylint: disable=import-outside-toplevel
-  from jaxicd.model.tokenizer import load_tokenizer  # pylint: disable=import-outside-toplevel
   mcfg = config.model
-  if mcfg.get("tokenizer"):
+  if mcfg.tokenizer:
     return load_tokenizer(mcfg.tokenizer)
   src = weights_lib.resolve_source(mcfg.source)
   if src.kind == "preset":
     raise errors.ConfigError(f"config.model.source={mcfg.source!r} has no tokenizer: set "
                              "config.model.tokenizer (e.g. 'smollm2')")
-  from jaxicd.model import embedded  # pylint: disable=import-outside-toplevel
   return load_tokenizer("smollm2" if src.name.lower() in embedded.EMBEDDED_NAMES
                         else str(src.path))
 
 
 def mesh_for(config, chips: int) -> dict[str, int]:
-  from jaxicd.train import sharding  # pylint: disable=import-outside-toplevel
   try:
     shape = sharding.resolve_mesh_shape(dict(config.mesh), chips)
   except ValueError as e:
@@ -552,7 +548,7 @@ def mesh_for(config, chips: int) -> dict[str, int]:
 
 
 def _chips(config) -> int:
-  chips = int(config.plan.get("chips", 0) or 0)
+  chips = int(config.plan.chips)
   if chips > 0:
     return chips
   sizes = [int(v) for v in dict(config.mesh).values()]
@@ -581,7 +577,6 @@ def _fit_options(cfg, weights, mesh, *, global_rows, grad_accum, seq_len, chunk_
 
 def plan(config) -> dict[str, Any]:
   """The cost summary of ``config`` (see the module docstring); JSON-serialisable."""
-  from jaxicd.train.losses import DEFAULT_CHUNK_TOKENS  # pylint: disable=import-outside-toplevel
   pcfg = config.plan
   acc = accelerator(pcfg.accelerator)
   mfu = float(pcfg.mfu)
@@ -591,7 +586,7 @@ def plan(config) -> dict[str, Any]:
   mesh = mesh_for(config, chips)
   data = config.data
   seq_len, rows = int(data.seq_len), int(data.batch_size)
-  grad_accum = int(config.train.get("grad_accum", 1) or 1)
+  grad_accum = int(config.train.grad_accum)
   steps = int(config.train.steps)
   split = mesh["data"] * mesh["fsdp"]
   if rows % split:
@@ -604,7 +599,7 @@ def plan(config) -> dict[str, Any]:
   tokenizer = _tokenizer(config)
 
   stats = None
-  if pcfg.get("data", True):
+  if pcfg.data:
     stats = data_statistics(data, tokenizer,
                             sample_documents=int(pcfg.sample_documents),
                             sample_spans=int(pcfg.sample_spans),
@@ -615,13 +610,13 @@ def plan(config) -> dict[str, Any]:
   per_token = train_flops_per_token(cfg, seq_len)
   train_flops = tokens * per_token["model"]
   evals = 0
-  eval_every = int(config.train.get("eval_every", 0) or 0)
+  eval_every, eval_batches = int(config.train.eval_every), int(config.train.eval_batches)
   if eval_every:
     evals += (steps - 1) // eval_every
-  if eval_every or int(config.train.get("eval_batches", 0) or 0):
+  if eval_every or eval_batches:
     evals += 1                                  # after the last step
-  evals += int(bool(config.train.get("eval_at_start", False)))
-  eval_tokens = evals * int(config.train.get("eval_batches", 0) or 0) * rows * seq_len
+  evals += int(bool(config.train.eval_at_start))
+  eval_tokens = evals * eval_batches * rows * seq_len
   eval_flops = eval_tokens * per_token["forward"]
   rate = acc.peak_tflops * 1e12 * mfu * chips
   training = {
@@ -656,8 +651,8 @@ def plan(config) -> dict[str, Any]:
                                   hbm_bytes=hbm)}
 
   inference = _inference(config, cfg, weights, mesh, tokenizer, stats, acc, mfu)
-  if evals and int(config.eval_coding.get("documents", 0) or 0) and inference.get("eval_note"):
-    n = evals + int(bool(config.eval_coding.get("at_start", False)))
+  if evals and int(config.eval_coding.documents) and inference.get("eval_note"):
+    n = evals + int(bool(config.eval_coding.at_start))
     coding = n * int(config.eval_coding.documents) * inference["eval_note"]["flops"]["total"]
     training["eval_coding_flops"] = coding
     training["hours"] += coding / rate / 3600
@@ -678,7 +673,7 @@ def plan(config) -> dict[str, Any]:
 def _recoded_spans(config, evaluated: Mapping[str, Any] | None) -> float:
   """Evidence spans the coder re-codes per note: one per answer line, taken as the codes per
   document of the evaluated split (``plan.codes_per_note`` when set or without data)."""
-  given = float(config.plan.get("codes_per_note", -1.0))
+  given = float(config.plan.codes_per_note)
   if given >= 0:
     return given
   if evaluated is None:
@@ -688,16 +683,14 @@ def _recoded_spans(config, evaluated: Mapping[str, Any] | None) -> float:
 
 
 def _inference(config, cfg, weights, mesh, tokenizer, stats, acc, mfu) -> dict[str, Any]:
-  from jaxicd import ontology  # pylint: disable=import-outside-toplevel
-  from jaxicd.data import pipeline, prompts  # pylint: disable=import-outside-toplevel
   ec, data = config.eval_coding, config.data
-  answer_format = data.get("answer_format", "code_first")
+  answer_format = data.answer_format
   probe = prompts.encode_prompt_with_note(tokenizer, "Patient with chest pain.")
   prompt_tokens = len(probe.tokens) - (probe.note_hi - probe.note_lo)
   prefix = len(pipeline.span_prompt_prefix(tokenizer))
-  codes = ontology.get_ontology().code_space(data.get("code_space", "demo"))
+  codes = demo.code_space(data.code_space)
   code_tokens = 1 + max(len(prompts.code_token_ids(tokenizer, c, answer_format)) for c in codes)
-  recode = bool(ec.get("recode", False))
+  recode = bool(ec.recode)
   span_stats = (stats or {}).get("spans", {})
   split_stats = (stats or {}).get("splits", {})
   evaluated = next((split_stats[s] for s in ("test", "val", "train") if s in split_stats), None)
@@ -708,10 +701,10 @@ def _inference(config, cfg, weights, mesh, tokenizer, stats, acc, mfu) -> dict[s
       recode_spans=_recoded_spans(config, evaluated) if recode else 0.0,
       # Without measured spans: the prompt around a short span, its quote and the separator.
       span_prompt_tokens=span_stats.get("recode_prompt_tokens") or prompt_tokens + 8.0,
-      code_tokens=code_tokens, recode_batch_size=int(ec.get("recode_batch_size", 32)))
+      code_tokens=code_tokens, recode_batch_size=int(ec.recode_batch_size))
   held = weight_bytes_per_chip(weights, mesh)
   whole = weight_bytes_per_chip(weights, {"data": 1, "fsdp": 1, "tensor": 1})
-  notes = list(config.plan.get("note_tokens", ()) or ())
+  notes = list(config.plan.note_tokens or ())
   if not notes and evaluated:
     notes = [round(evaluated["note_tokens_per_document"])]
   if not notes:
@@ -797,8 +790,6 @@ def describe(summary: Mapping[str, Any]) -> list[str]:
 def run_plan(config) -> dict[str, Any]:
   """``--config.mode=plan``: prints the plan and returns it. Pins JAX to the CPU first (when no
   backend has started), so planning never claims an accelerator."""
-  import jax  # pylint: disable=import-outside-toplevel
-  from jax._src import xla_bridge  # pylint: disable=import-outside-toplevel
   if not xla_bridge.backends_are_initialized():
     jax.config.update("jax_platforms", "cpu")
   summary = plan(config)

@@ -191,7 +191,7 @@ class _EvalCache:
   def __init__(self, workdir: pathlib.Path, settings: Settings, cfg: Any):
     self.dir = workdir / "eval_cache"
     self._key = json.dumps([dataclasses.asdict(settings), cfg.eval_coding.to_dict(),
-                            cfg.data.get("answer_format", "")], sort_keys=True, default=str)
+                            cfg.data.answer_format], sort_keys=True, default=str)
 
   def get(self, name: str, ids: Sequence[str], compute, encode=lambda x: x,
           decode=lambda x: x):
@@ -324,7 +324,7 @@ def evaluate_arm(arm: Arm, settings: Settings, workdir: pathlib.Path) -> dict[st
       "gold_codes_per_note": sum(len(d.codes) for d in test) / max(len(test), 1),
       "val_notes": len(val), "test_notes": len(test), "test_spans": len(spans),
       "eval_seconds": time.perf_counter() - t0,
-      "decode_dtype": cfg.eval_coding.get("dtype", "") or str(cfg.model.dtype),
+      "decode_dtype": cfg.eval_coding.dtype or str(cfg.model.dtype),
   }
   return result
 

@@ -75,12 +75,12 @@ def run(config, workdir: str) -> dict:
   if mode == "plan":  # the cost model: no accelerator, no weights, nothing written
     from jaxicd import cost_model  # pylint: disable=g-import-not-at-top
     return cost_model.run_plan(config)
-  _add_xla_flags(config.get("cpu_xla_flags", ""))
+  _add_xla_flags(config.cpu_xla_flags)
   # Imported here, not at the top: keeps --help fast.
   import jax  # pylint: disable=g-import-not-at-top
   from jaxicd.train import sharding, trainer  # pylint: disable=g-import-not-at-top
   # Multi-host: before anything else touches JAX (CPU collectives use gloo, JAX's default).
-  sharding.maybe_initialize_distributed(config.get("distributed", None))
+  sharding.maybe_initialize_distributed(config.distributed)
   plan = tokenizer = None
   if mode == "predict":  # input, output paths and checkpoint
     from jaxicd.infer import predict  # pylint: disable=g-import-not-at-top

@@ -285,9 +285,10 @@ class Ontology:
   def code_space(self, spec: str | os.PathLike | Sequence[str]) -> tuple[str, ...]:
     """Resolves a named code space to billable codes.
 
-    ``spec`` is "all" (every billable code), "demo" (the demo corpus's codes), a path to a
-    text file with one code per line (blank lines and ``#`` comments allowed), or a sequence of
-    codes. Duplicates are removed, first occurrence kept.
+    ``spec`` is "all" (every billable code), a path to a text file with one code per line
+    (blank lines and ``#`` comments allowed), or a sequence of codes. Duplicates are removed,
+    first occurrence kept. ("demo" is `jaxicd.data.demo.code_space`'s: the ontology is the
+    bottom layer.)
 
     Raises:
       ValueError: naming ``file:line`` for a malformed, unknown or non-billable code.
@@ -295,14 +296,12 @@ class Ontology:
     """
     if isinstance(spec, str) and spec.strip().lower() == "all":
       return self._billable
-    if isinstance(spec, str) and spec.strip().lower() == "demo":
-      from jaxicd.data.demo import DEMO_CODES  # lazy: demo imports this module
-      return self._check_codes((c, "DEMO_CODES") for c in DEMO_CODES)
     if isinstance(spec, (str, os.PathLike)):
       path = Path(spec)
       if not path.is_file():
-        raise FileNotFoundError(f"code space {str(spec)!r}: expected 'all', 'demo' or a file "
-                                "with one ICD-10-CM code per line; no such file")
+        raise FileNotFoundError(f"code space {str(spec)!r}: expected 'all' or a file with one "
+                                "ICD-10-CM code per line; no such file ('demo' is "
+                                "jaxicd.data.demo.code_space's)")
       with open(path, encoding="utf-8") as f:
         lines = f.read().splitlines()
       items = ((ln.split("#", 1)[0].strip(), f"{path}:{i}") for i, ln in enumerate(lines, 1))

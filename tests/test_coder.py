@@ -156,6 +156,16 @@ def test_line_scores_use_code_tokens_only():
       ("I10", 0.5), ("E11", 0.8), (None, 1.0)]  # "NONE" is not a code
 
 
+def test_line_scores_read_a_bulleted_line_as_the_parser_does():
+  # "- " and "2. " are list markers, not code tokens: the code I10 / E11.9 scores alone.
+  pieces = ["-", " I", "10", " |", " x", "\n", "2", ".", " E", "11", ".9"]
+  lps = [math.log(0.1)] + [math.log(0.5)] * 2 + [math.log(0.1)] * 3 + [math.log(0.1)] * 2 \
+      + [math.log(0.25)] * 3
+  lines = coder_lib.line_scores(pieces, lps)
+  assert [(ln.code, round(ln.score, 6)) for ln in lines] == [("I10", 0.5), ("E11.9", 0.25)]
+  assert [p.code for p in prompts.parse_output("".join(pieces)).predictions] == ["I10", "E11.9"]
+
+
 def test_coder_with_a_tiny_random_model_end_to_end(tok, random_model):
   # Integration: the real generate loop with constrained decoding; a random model, so only the
   # guarantees are checked: codes from the space, grounded offsets that match their quotes.

@@ -167,16 +167,23 @@ def test_seq_len_bound_is_the_prompt_plus_a_one_code_answer(tok):
     config_lib.validate_data(config, tokenizer, [])
 
 
-@pytest.mark.parametrize("config_file", sorted(
-    p.name for p in (train_worker.ROOT / "configs").glob("*.py")))
-def test_shipped_configs_validate(config_file):
-  """Every configs/ file passes the checks that need no data (keys, values)."""
+CONFIG_FILES = sorted(p.name for p in (train_worker.ROOT / "configs").glob("*.py"))
+
+
+def _shipped_config(config_file: str):
+  """``get_config()`` of a configs/ file, loaded as ``--config=configs/<file>`` loads it."""
   import importlib.util
-  from jaxicd.train import config as config_lib
   spec = importlib.util.spec_from_file_location("_cfg", train_worker.ROOT / "configs" / config_file)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  config_lib.validate(module.get_config())
+  return module.get_config()
+
+
+@pytest.mark.parametrize("config_file", CONFIG_FILES)
+def test_shipped_configs_validate(config_file):
+  """Every configs/ file passes the checks that need no data (keys, values)."""
+  from jaxicd.train import config as config_lib
+  config_lib.validate(_shipped_config(config_file))
 
 
 def test_value_checks_name_the_key():
@@ -223,3 +230,50 @@ def test_command_line_refusal_exits_2_with_one_line(override, message, tok, tmp_
   lines = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
   assert len(lines) == 1 and lines[0].startswith(message), proc.stderr
   assert not (tmp_path / "run").exists()
+
+
+def _keys(config, prefix: str = "") -> set[str]:
+  """Dotted names of every key of a config; an empty section counts as one key."""
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  out = set()
+  for key, value in config.items():
+    name = f"{prefix}{key}"
+    if isinstance(value, ml_collections.ConfigDict) and len(value):
+      out |= _keys(value, name + ".")
+    else:
+      out.add(name)
+  return out
+
+
+@pytest.mark.parametrize("config_file", CONFIG_FILES)
+def test_configs_set_only_base_config_keys(config_file):
+  """configs/ files change base_config() values; none adds a key (the one schema)."""
+  from jaxicd.train import config as config_lib
+  assert _keys(_shipped_config(config_file)) == _keys(config_lib.base_config())
+
+
+def test_base_config_defaults_reach_the_code(tok):
+  """Code reads base_config()'s defaults, not defaults of its own (values computed by hand)."""
+  from jaxicd.data import pipeline
+  from jaxicd.data.records import Document, Span
+  from jaxicd.model.tokenizer import load_tokenizer
+  from jaxicd.train import config as config_lib
+  from jaxicd.train import trainer
+  config = config_lib.base_config()
+  # lr 2e-4, 10 warmup steps from lr / 11, cosine decay to final_lr_fraction 0.1 at step 100.
+  schedule = trainer.learning_rate_schedule(config.train)
+  assert float(schedule(0)) == pytest.approx(2e-4 / 11)
+  assert float(schedule(10)) == pytest.approx(2e-4)
+  assert float(schedule(100)) == pytest.approx(2e-5)
+  # data.pack_bins=0 with batch_size=8 on one process: min(max(16 * 8, 64), 512) = 128 bins;
+  # num_threads=2 and read_buffer=16 read the records.
+  spans = [Span(f"essential hypertension {i}", "I10", "paraphrase") for i in range(4)]
+  documents = [Document("d", TEXT, ("I10",), (), "train", "test")]
+  _, _, summary = pipeline.build_train_dataset(
+      config.data, load_tokenizer(tok), documents=documents, spans=spans)
+  assert summary["pack_bins"] == 128 and summary["per_process_batch"] == 8
+  assert summary["weights"] == {"spans": 0.8, "documents": 0.2}
+  assert summary["seq_len"] == 1024 and summary["share_prompt"] is False
+  options = pipeline._read_options(config.data)  # pylint: disable=protected-access
+  assert (options.num_threads, options.prefetch_buffer_size) == (2, 16)
+  assert config_lib.checkpoint_directory(config, "w") == str(pathlib.Path("w") / "checkpoints")

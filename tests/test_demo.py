@@ -12,7 +12,7 @@ import pytest
 
 from conftest import require_reference
 from jaxicd.data import clinical_terms
-from jaxicd.data.demo import DEMO_CODES, DemoCorpus, demo_corpus, demo_stats
+from jaxicd.data.demo import DEMO_CODES, DemoCorpus, code_space, demo_corpus, demo_stats
 from jaxicd.data.expansion import expand
 from jaxicd.model.embedded import smollm2_gguf_path
 from jaxicd.model.tokenizer import load_tokenizer
@@ -70,7 +70,7 @@ def test_demo_codes_are_real_billable_codes():
   onto = get_ontology()
   assert 100 <= len(DEMO_CODES) <= 300 and len(set(DEMO_CODES)) == len(DEMO_CODES)
   assert all(onto.is_billable(c) for c in DEMO_CODES)
-  assert onto.code_space("demo") == DEMO_CODES
+  assert code_space("demo") == DEMO_CODES
 
 
 def test_gold_evidence_offsets(corpus):

@@ -6,6 +6,7 @@ import dataclasses
 import json
 
 from jaxicd import experiment
+from jaxicd.train.config import base_config
 
 # Smaller than --quick: one val note, one test note, a few spans, a 4-step budget.
 TOY = dataclasses.replace(experiment.QUICK, steps=4, val_notes=1, test_notes=1, spans=3,
@@ -109,7 +110,6 @@ def test_each_arm_is_compared_with_its_val_chosen_variant():
 
 
 def test_evaluation_pieces_are_cached_per_chunk_of_notes(tmp_path):
-  import ml_collections
   from jaxicd.data.records import Document
   from jaxicd.infer.coder import CodedEvidence
 
@@ -125,7 +125,7 @@ def test_evaluation_pieces_are_cached_per_chunk_of_notes(tmp_path):
     def recode_evidence(self, docs, first):
       return [[CodedEvidence(e.code + "r", 0, 1, "x", 0.9) for e in evs] for evs in first]
 
-  cfg = ml_collections.ConfigDict({"eval_coding": {"dtype": ""}, "data": {}})
+  cfg = base_config()
   cache = experiment._EvalCache(tmp_path, TOY, cfg)
   docs = [Document(str(i), "t", (), (), "test", "x") for i in range(25)]
   coder = FakeCoder()

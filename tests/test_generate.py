@@ -230,8 +230,8 @@ def smol_tok():
 
 @pytest.fixture(scope="module")
 def demo_constraint(smol_tok):
-  from jaxicd.ontology import get_ontology
-  return grammar.build_constraint(smol_tok, get_ontology().code_space("demo"))
+  from jaxicd.data.demo import code_space
+  return grammar.build_constraint(smol_tok, code_space("demo"))
 
 
 def test_trie_over_demo_space_matches_code_tokens(smol_tok, demo_constraint):
@@ -505,8 +505,8 @@ def test_evidence_first_greedy_matches_a_reference_grammar_loop(smol_tok, narrow
 
 
 def test_evidence_first_sampling_stays_in_the_grammar(smol_tok, narrow_smol_model):
-  from jaxicd.ontology import get_ontology
-  codes = get_ontology().code_space("demo")
+  from jaxicd.data.demo import code_space
+  codes = code_space("demo")
   c = grammar.build_constraint(smol_tok, codes, answer_format=prompts.EVIDENCE_FIRST)
   assert c.sequences() == {tuple(smol_tok.encode(" " + x))
                            for x in codes}  # no NONE line: an empty answer says it

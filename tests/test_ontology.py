@@ -109,11 +109,14 @@ def test_billable_count(onto):
 
 
 def test_code_space_all_and_demo(onto):
-  from jaxicd.data.demo import DEMO_CODES
+  from jaxicd.data.demo import DEMO_CODES, code_space
   assert onto.code_space("all") == onto.billable_codes()
   assert onto.code_space("ALL") == onto.billable_codes()
-  demo = onto.code_space("demo")
-  assert demo == DEMO_CODES and 100 <= len(demo) <= 300
+  assert code_space("all") == onto.billable_codes()
+  demo = code_space("demo")
+  assert demo == DEMO_CODES and 100 <= len(demo) <= 300 and code_space("Demo") == DEMO_CODES
+  with pytest.raises(FileNotFoundError, match="'demo' is jaxicd.data.demo.code_space's"):
+    onto.code_space("demo")  # the ontology, the bottom layer, knows no demo
   assert all(onto.is_billable(c) for c in demo)
   assert onto.code_space(["i10", "E119", "I10"]) == ("I10", "E11.9")
 

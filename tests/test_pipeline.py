@@ -1,4 +1,4 @@
-"""Tests of the grain pipeline: windows, packing, mixture, sharding, checkpointing.
+"""Tests of the grain pipeline: packing, mixture, sharding, checkpointing.
 
 A byte-level ChatML tokenizer built here keeps token counts exact and the tests fast; the
 prompt format is the real ``jaxicd.data.prompts``.
@@ -14,9 +14,9 @@ import re
 import numpy as np
 import pytest
 
-from jaxicd.data import pipeline
-from jaxicd.data import prompts
+from jaxicd.data import pipeline, prompts, windows
 from jaxicd.data.records import Document, Evidence, Span
+from jaxicd.train.config import base_config
 
 SPECIALS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>")
 
@@ -109,10 +109,20 @@ def varied_spans(n: int, seed: int = 0) -> list[Span]:
 
 
 def data_cfg(**overrides):
-  cfg = dict(source="test", span_weight=0.8, doc_weight=0.2, seq_len=512, window_overlap=16,
-             batch_size=4, shuffle_seed=0, num_threads=0)
+  """``config.data`` as these tests set it: code-first answers (the examples spelled out
+  below), 512-token rows of 4, no worker threads."""
+  cfg = base_config().data
+  cfg.update(source="test", span_weight=0.8, doc_weight=0.2, seq_len=512, window_overlap=16,
+             batch_size=4, shuffle_seed=0, num_threads=0, answer_format="code_first")
   cfg.update(overrides)
   return cfg
+
+
+def changed(cfg, **fields):
+  """A copy of a data config with ``fields`` changed."""
+  out = cfg.copy_and_resolve_references()
+  out.update(fields)
+  return out
 
 
 @pytest.fixture(scope="module")
@@ -223,7 +233,7 @@ def test_packed_batches_keep_examples_apart(tok, docs, spans):
   # character bounds come from the window planner).
   expected = dict(span_example(tok, s) for s in spans)
   for d in docs:
-    for w in pipeline.document_windows(d, tok, seq_len=512, window_overlap=16):
+    for w in windows.document_windows(d, tok, seq_len=512, window_overlap=16):
       tokens, mask = window_example(tok, d, w.begin, w.end)
       expected[tokens] = mask
   n_segments = 0
@@ -269,7 +279,7 @@ def test_train_packing_is_first_fit_over_the_example_stream(tok):
   seq_len, spans = 512, varied_spans(200)
   cfg = data_cfg(span_weight=1.0, doc_weight=0.0, batch_size=4)
   by_tokens = {span_example(tok, s)[0]: (i, span_example(tok, s)) for i, s in enumerate(spans)}
-  one_bin = pipeline.make_train_iterator(dict(cfg, pack_bins=1), tok, spans=spans,
+  one_bin = pipeline.make_train_iterator(changed(cfg, pack_bins=1), tok, spans=spans,
                                          documents=[], prefetch=0)
   stream, fill = [], []
   for b in [next(one_bin) for _ in range(45)]:
@@ -295,7 +305,7 @@ def test_train_packing_is_first_fit_over_the_example_stream(tok):
       k += 1
     assert n_row == used and used + lengths[k] > seq_len
   # Eight bins: two batches of 4 rows per round.
-  eight = pipeline.make_train_iterator(dict(cfg, pack_bins=8), tok, spans=spans, documents=[],
+  eight = pipeline.make_train_iterator(changed(cfg, pack_bins=8), tok, spans=spans, documents=[],
                                        prefetch=0)
   reference = first_fit_pack([shifted(ex) for _, ex in stream], seq_len, 8)[:-1]
   rounds = 6
@@ -313,7 +323,7 @@ def test_eval_packing_is_first_fit_in_order(tok, docs):
   got = list(pipeline.make_eval_iterator(cfg, tok, documents=docs, spans=extra))
   examples = []
   for d in (d for d in docs if d.split == "val"):
-    for w in pipeline.document_windows(d, tok, seq_len=seq_len, window_overlap=16):
+    for w in windows.document_windows(d, tok, seq_len=seq_len, window_overlap=16):
       examples.append(shifted(window_example(tok, d, w.begin, w.end)))
   examples += [shifted(span_example(tok, s)) for s in extra]
   rounds = first_fit_pack(examples, seq_len, 3)
@@ -350,7 +360,7 @@ def test_mixture_proportions_over_many_batches(tok, docs, spans):
   frac = counts[1] / (counts[1] + counts[2])
   assert abs(frac - 0.7) < 0.03, (frac, counts)
   # Token fractions: documents are much longer, so weighting tokens changes the mix.
-  it = pipeline.make_train_iterator(dict(cfg, mixture_unit="tokens"), tok, documents=docs,
+  it = pipeline.make_train_iterator(changed(cfg, mixture_unit="tokens"), tok, documents=docs,
                                     spans=spans, with_sources=True, prefetch=0)
   tok_counts = collections.Counter()
   for _ in range(40):
@@ -392,63 +402,6 @@ def test_restored_iterator_yields_identical_next_batch(tok, docs, spans, tmp_pat
         np.testing.assert_array_equal(got[k], want[k], err_msg=k)
 
 
-def test_long_documents_are_windowed_to_fit(tok, docs):
-  seq_len = 400
-  long_docs = [d for d in docs if len(d.text) > 600]
-  assert long_docs
-  stats = pipeline.PipelineStats()
-  for d in long_docs:
-    windows = pipeline.document_windows(d, tok, seq_len=seq_len, window_overlap=20,
-                                        stats=stats)
-    assert len(windows) > 1
-    assert windows[0].begin == 0 and windows[-1].end == len(d.text)
-    for w, nxt in zip(windows, windows[1:]):
-      assert nxt.begin < w.end, "consecutive windows overlap"
-      assert nxt.begin > w.begin
-    for w in windows:
-      assert w.fits and len(w.tokens) <= seq_len + 1
-      # The target is exactly the codes whose evidence lies in the window, with its quote.
-      target = tok.decode(w.tokens[w.loss_mask > 0])
-      lines = target.removesuffix("<|im_end|>").strip().splitlines()
-      inside = [e for e in d.evidence if w.begin <= e.begin and e.end <= w.end]
-      want = [f"{e.code} | {d.quote(e)}" for e in inside] or ["NONE"]
-      assert sorted(line.strip() for line in lines) == sorted(want), lines
-      assert d.text[w.begin:w.end] in tok.decode(w.tokens)
-    # Windows never cut an evidence quote: every quote lies whole in some window.
-    for e in d.evidence:
-      assert any(w.begin <= e.begin and e.end <= w.end for w in windows)
-  assert stats.truncated == 0 and stats.multi_window_documents == len(long_docs)
-
-
-def test_what_cannot_fit_is_counted_not_dropped(tok):
-  # 40 codes without evidence give every window a target longer than seq_len.
-  codes = tuple(f"S{i:02d}.0" for i in range(40))
-  doc = Document("many-codes", FILLER * 3, codes)
-  stats = pipeline.PipelineStats()
-  windows = pipeline.document_windows(doc, tok, seq_len=300, window_overlap=0, stats=stats)
-  assert all(len(w.tokens) <= 301 for w in windows)
-  assert stats.truncated == sum(not w.fits for w in windows) > 0
-  assert windows[0].begin == 0 and windows[-1].end == len(doc.text)
-  # An evidence quote longer than any window cannot be learned whole: counted.
-  quote = FILLER[:300]
-  doc = Document("long-quote", FILLER + quote + FILLER, ("I10",),
-                 (Evidence("I10", len(FILLER), len(FILLER) + len(quote)),))
-  stats = pipeline.PipelineStats()
-  windows = pipeline.document_windows(doc, tok, seq_len=400, window_overlap=10, stats=stats)
-  assert stats.split_evidence == 1 and stats.truncated == 0
-  assert all(w.fits for w in windows)
-
-
-def test_inference_windows_leave_room_to_generate(tok, docs):
-  d = max(docs, key=lambda d: len(d.text))
-  windows = pipeline.inference_windows(d, tok, seq_len=512, window_overlap=16,
-                                       max_new_tokens=64)
-  assert len(windows) > 1 and windows[-1].end == len(d.text)
-  for w in windows:
-    assert len(w.tokens) + 64 <= 512
-    np.testing.assert_array_equal(w.tokens, prompts.encode_prompt(tok, d.text[w.begin:w.end]))
-
-
 def test_process_shards_are_disjoint(tok, docs, spans):
   cfg = data_cfg(batch_size=4, span_weight=1.0, doc_weight=0.0)
   seen = []
@@ -476,7 +429,7 @@ def test_eval_iterator_is_finite_and_deterministic(tok, docs):
     for k in pipeline.BATCH_KEYS:
       np.testing.assert_array_equal(a[k], b[k])
       assert a[k].shape == (2, 512)
-  n_windows = sum(len(pipeline.document_windows(d, tok, seq_len=512, window_overlap=16))
+  n_windows = sum(len(windows.document_windows(d, tok, seq_len=512, window_overlap=16))
                   for d in docs if d.split == "val")
   assert sum(len(segments(b)) for b in runs[0]) == n_windows
   # A fixed number of batches (same on every process): cut, or padded with empty batches.
@@ -495,37 +448,13 @@ def test_missing_source_with_weight_is_an_error(tok, docs):
     pipeline.make_train_iterator(data_cfg(), tok, documents=docs, spans=[])
 
 
-def test_windows_fit_with_the_smollm2_tokenizer(docs):
-  """BPE tokens are not characters: windows must still fit exactly and overlap."""
-  from jaxicd.model.tokenizer import load_tokenizer  # pylint: disable=g-import-not-at-top
-  tok = load_tokenizer("smollm2")
-  stats = pipeline.PipelineStats()
-  n, inner = 0, []
-  for d in docs[:8]:
-    doc = Document(d.id, d.text * 4, d.codes, d.evidence, d.split)  # ~1-6k characters
-    windows = pipeline.document_windows(doc, tok, seq_len=256, window_overlap=24, stats=stats)
-    n += len(windows)
-    inner += [len(w.tokens) for w in windows[:-1]]
-    assert windows[0].begin == 0 and windows[-1].end == len(doc.text)
-    for w, nxt in zip(windows, windows[1:]):
-      assert w.begin < nxt.begin < w.end
-    for w in windows:
-      ex = prompts.encode_example(tok, doc.text[w.begin:w.end],
-                                  prompts.document_target(doc, w.begin, w.end))
-      np.testing.assert_array_equal(w.tokens, ex["tokens"])
-      assert len(ex["tokens"]) <= 257
-  assert n > 8 and stats.truncated == 0 and stats.split_evidence == 0
-  # Windows are not needlessly small: all but the last of a note use most of seq_len.
-  assert np.mean(inner) > 0.85 * 257, np.mean(inner)
-
-
 def test_demo_corpus_end_to_end():
   """The real demo corpus, expansion spans and SmolLM2 tokenizer through the contract."""
   from jaxicd.model.tokenizer import load_tokenizer  # pylint: disable=g-import-not-at-top
   tok = load_tokenizer("smollm2")
-  cfg = dict(source="demo", demo_seed=0, code_space="demo", spans_per_code=4, negatives=True,
-             annotated_spans=True, span_weight=0.8, doc_weight=0.2, seq_len=1024,
-             window_overlap=64, batch_size=4, shuffle_seed=0)
+  cfg = data_cfg(source="demo", demo_seed=0, code_space="demo", spans_per_code=4, negatives=True,
+                 annotated_spans=True, span_weight=0.8, doc_weight=0.2, seq_len=1024,
+                 window_overlap=64, batch_size=4, shuffle_seed=0, num_threads=2)
   docs = pipeline.load_documents(cfg)
   train = [d for d in docs if d.split == "train"]
   spans = pipeline.load_spans(cfg, train)
@@ -549,17 +478,6 @@ def test_demo_corpus_end_to_end():
   assert it.stats.truncated == 0 and it.stats.split_evidence == 0
 
 
-def test_overlap_is_bounded_by_half_a_window(tok, docs):
-  d = max(docs, key=lambda d: len(d.text))
-  windows = pipeline.document_windows(d, tok, seq_len=400, window_overlap=10_000)
-  for w, nxt in zip(windows, windows[1:]):
-    assert w.begin < nxt.begin < w.end
-  assert windows[-1].end == len(d.text)
-  no_overlap = pipeline.document_windows(d, tok, seq_len=400, window_overlap=0)
-  # Half-window steps (a start may move back further only to keep a quote whole).
-  assert len(windows) <= 2 * len(no_overlap) + len(d.evidence)
-
-
 # --- shared-prompt packing ------------------------------------------------------------------
 
 
@@ -578,7 +496,7 @@ def test_shared_prompt_rows_hold_each_span_after_one_prefix(tok, docs, spans):
   spans_expected = dict(span_example(tok, s) for s in spans)
   docs_expected = {}
   for d in docs:
-    for w in pipeline.document_windows(d, tok, seq_len=512, window_overlap=16):
+    for w in windows.document_windows(d, tok, seq_len=512, window_overlap=16):
       tokens, mask = window_example(tok, d, w.begin, w.end)
       docs_expected[tokens] = mask
   span_rows = doc_rows = n_spans = 0

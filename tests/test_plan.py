@@ -104,19 +104,20 @@ def test_hbm_per_chip_scales_with_fsdp(llama8b):
 
 
 def test_note_windows_match_the_inference_planner():
-  from jaxicd.data import pipeline, prompts
+  from jaxicd.data import pipeline, prompts, windows
   from jaxicd.model.tokenizer import load_tokenizer
+  from jaxicd.train.config import base_config
   tok = load_tokenizer("smollm2")
   probe = prompts.encode_prompt_with_note(tok, "Patient with chest pain.")
   prompt = len(probe.tokens) - (probe.note_hi - probe.note_lo)
-  docs = [d for d in pipeline.load_documents({"source": "demo"}) if d.split == "test"][:6]
+  docs = [d for d in pipeline.load_documents(base_config().data) if d.split == "test"][:6]
   setup = cost_model.InferenceSetup(seq_len=512, window_overlap=128, max_new_tokens=96,
                                     prompt_tokens=prompt, shared_prefix=0, batch_size=8,
                                     recode_spans=0, span_prompt_tokens=0, code_tokens=0,
                                     recode_batch_size=32)
   for doc in docs:
-    real = pipeline.inference_windows(doc, tok, seq_len=512, window_overlap=128,
-                                      max_new_tokens=96, note_range=True)
+    real = windows.inference_windows(doc, tok, seq_len=512, window_overlap=128,
+                                     max_new_tokens=96, note_range=True)
     est = cost_model.note_windows(setup, len(tok.encode(doc.text)))
     assert abs(len(est) - len(real)) <= 1
     assert sum(est) + prompt * len(est) == pytest.approx(sum(len(w.tokens) for w in real),

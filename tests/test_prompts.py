@@ -263,12 +263,12 @@ def test_evidence_first_spans_and_windows(tok):
 
 
 def test_evidence_first_quotes_ground_at_the_gold_evidence_on_the_demo_corpus(tok):
-  from jaxicd.data import pipeline
+  from jaxicd.data import windows
   from jaxicd.data.demo import demo_corpus
   checked = 0
   for doc in demo_corpus(seed=0).split("train")[:6]:
-    for w in pipeline.document_windows(doc, tok, seq_len=256, window_overlap=32,
-                                       answer_format=prompts.EVIDENCE_FIRST):
+    for w in windows.document_windows(doc, tok, seq_len=256, window_overlap=32,
+                                      answer_format=prompts.EVIDENCE_FIRST):
       answer = tok.decode(w.tokens[w.loss_mask == 1]).removesuffix("<|im_end|>")
       window = doc.text[w.begin:w.end]
       parsed = prompts.parse_output(answer, window, answer_format=prompts.EVIDENCE_FIRST)
@@ -304,6 +304,12 @@ def test_split_line_and_read_code():
   for bad in ("NONE", "THE", "1", ""):
     with pytest.raises(ValueError):
       prompts.read_code(bad)
+  assert prompts.read_line("  - i10 | 'HTN' ") == prompts.AnswerLine("i10 | 'HTN'", "i10", "HTN",
+                                                                     "I10")
+  assert prompts.read_line("2) HTN | I10", prompts.EVIDENCE_FIRST) == prompts.AnswerLine(
+      "HTN | I10", "I10", "HTN", "I10")
+  assert prompts.read_line("NONE") == prompts.AnswerLine("NONE", "NONE", "", None)
+  assert prompts.read_line("   ") == prompts.AnswerLine("", "", "", None)
 
 
 def test_parse_evidence_first_output():

@@ -10,6 +10,7 @@ import pytest
 
 from jaxicd.data import pipeline
 from jaxicd.data import tfds_builders as tb
+from jaxicd.train.config import base_config
 from jaxicd.data.records import Document, Evidence, RecordError, Span
 
 FIXTURE_JSONL = "tests/fixtures/jsonl/documents.jsonl"
@@ -78,27 +79,34 @@ def test_credentialed_source_without_files_explains_manual_download(tmp_path):
     tb.prepare(builder, str(tmp_path / "missing"))
 
 
+def data_config(start=None, **fields):
+  """A copy of ``start`` (default ``base_config().data``) with ``fields`` changed."""
+  data = (start or base_config().data).copy_and_resolve_references()
+  data.update(fields)
+  return data
+
+
 def test_pipeline_reads_documents_through_the_tfds_cache(tmp_path):
   from jaxicd.data.sources import load_documents  # pylint: disable=g-import-not-at-top
   direct = load_documents("jsonl", FIXTURE_JSONL)
-  cfg = dict(source="jsonl", manual_dir=FIXTURE_JSONL, data_dir=str(tmp_path))
+  cfg = data_config(source="jsonl", manual_dir=FIXTURE_JSONL, data_dir=str(tmp_path))
   cached = pipeline.load_documents(cfg)
   assert sorted(cached, key=lambda d: d.id) == sorted(direct, key=lambda d: d.id)
   assert (tmp_path / "jaxicd_documents").is_dir()
 
 
 def test_demo_and_expansion_build_from_code(tmp_path):
-  cfg = dict(source="demo", demo_seed=0, code_space="demo", spans_per_code=2, negatives=False,
-             annotated_spans=False)
+  cfg = data_config(source="demo", demo_seed=0, code_space="demo", spans_per_code=2,
+                    negatives=False, annotated_spans=False)
   direct_docs = pipeline.load_documents(cfg)
   direct_spans = pipeline.load_spans(cfg)
-  cached = dict(cfg, data_dir=str(tmp_path))
+  cached = data_config(cfg, data_dir=str(tmp_path))
   assert list(pipeline.load_documents(cached)) == sorted(
       direct_docs, key=lambda d: ({"train": 0, "test": 1, "val": 2}[d.split]))
   assert pipeline.load_spans(cached) == direct_spans
   assert (tmp_path / "jaxicd_spans" / "demo-n2-neg0-seed0").is_dir()
   # Users' own spans join the span source.
-  own = pipeline.load_spans(dict(cfg, span_files="tests/fixtures/jsonl/spans.jsonl"))
+  own = pipeline.load_spans(data_config(cfg, span_files="tests/fixtures/jsonl/spans.jsonl"))
   assert own[:len(direct_spans)] == direct_spans
   assert [s.text for s in own[len(direct_spans):]][:2] == [
       "acute on chronic diastolic heart failure", "no evidence of pneumonia"]

@@ -65,6 +65,7 @@ def token_stats(docs: Sequence[Document], tokenizer: str, sample: int) -> dict:
     out["error"] = "not measured (--tokenizer=none)"
     return out
   try:
+    # Optional (a failure is reported, not raised); loading tokenizers on use keeps --help fast.
     from jaxicd.model.tokenizer import load_tokenizer  # pylint: disable=g-import-not-at-top
     tok = load_tokenizer(tokenizer)
   except Exception as e:  # pylint: disable=broad-except

@@ -17,20 +17,25 @@ documents and in no training document, so only expansion spans can teach them.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import hashlib
+import json
 import math
+import os
 import random
 import re
 from pathlib import Path
 from typing import Sequence
 
+from jaxicd import ontology
 from jaxicd.data import clinical_terms
 from jaxicd.data.clinical_terms import CONDITIONS, Condition
 from jaxicd.data.records import Document, Evidence
 
 DEMO_CODES: tuple[str, ...] = tuple(c.code for c in CONDITIONS)
 SPLITS = ("train", "val", "test")
+
 # SmolLM2 tokens per whitespace word on these notes (measured: 1.78; numbers, doses and
 # abbreviations split finely), used to size documents without loading a tokenizer.
 WORDS_TO_TOKENS = 1.75
@@ -91,6 +96,14 @@ _COMPANIONS: dict[str, tuple[tuple[str, ...], ...]] = {
 _COMMON = ("I10", "E78.5", "E11.9", "I48.91", "I25.10", "N18.30", "K21.9", "E03.9", "N17.9",
            "J18.9", "I50.9", "F32.A", "Z87.891", "Z79.01", "D64.9", "E87.1", "E66.9",
            "G47.33", "F41.9", "J44.9", "Z79.4", "E87.6", "N39.0", "A41.9")
+
+
+def code_space(spec: str | os.PathLike | Sequence[str]) -> tuple[str, ...]:
+  """`Ontology.code_space` of ``spec``, where "demo" also names `DEMO_CODES` (the ontology, the
+  bottom layer, knows no demo): what ``data.code_space`` and the coder's code space accept."""
+  if isinstance(spec, str) and spec.strip().lower() == "demo":
+    spec = DEMO_CODES
+  return ontology.get_ontology().code_space(spec)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -659,8 +672,6 @@ def _summary(values: list[int]) -> dict:
 
 def main(argv: Sequence[str] | None = None) -> None:
   """``python -m jaxicd.data.demo [--seed=N]``: prints the corpus statistics as JSON."""
-  import argparse  # pylint: disable=g-import-not-at-top
-  import json  # pylint: disable=g-import-not-at-top
   parser = argparse.ArgumentParser(description="Statistics of the built-in demo corpus.")
   parser.add_argument("--seed", type=int, default=0)
   for split, n in (("train", 200), ("val", 50), ("test", 50)):
@@ -668,6 +679,7 @@ def main(argv: Sequence[str] | None = None) -> None:
   args = parser.parse_args(argv)
   tokenizer = None
   try:
+    # Optional here (the statistics fall back to words): the tokenizers library loads on use.
     from jaxicd.model.tokenizer import load_tokenizer  # pylint: disable=g-import-not-at-top
     tokenizer = load_tokenizer("smollm2")
   except Exception:  # pylint: disable=broad-except

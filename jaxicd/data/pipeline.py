@@ -20,11 +20,11 @@ are packed apart and the two kinds of rows are mixed by the weights::
 
 Every element is an example encoded by ``prompts.encode_example``: the instruction and
 note (or span) as the user turn, the target as the assistant turn, loss on the target only.
-Documents whose encoded example would not fit ``seq_len`` are split into overlapping
-windows of note text; each window's target lists only the codes whose evidence lies in it
-(``prompts.document_target(doc, begin, end)``). An example that cannot fit even alone (e.g.
-a target longer than ``seq_len``) is truncated and counted in ``PipelineStats``; nothing is
-dropped silently.
+Documents too long for ``seq_len`` become overlapping windows (``jaxicd.data.windows``); what
+could not fit is truncated and counted in ``PipelineStats``.
+
+``data_cfg`` is a run config's ``config.data``: ``jaxicd.train.config.base_config()`` holds every
+key read here, with its default.
 
 The returned iterators are grain ``DatasetIterator``s: ``get_state()``/``set_state()`` give
 JSON-serialisable states, so ``grain.checkpoint.CheckpointSave/Restore`` work with Orbax.
@@ -33,7 +33,6 @@ JSON-serialisable states, so ``grain.checkpoint.CheckpointSave/Restore`` work wi
 from __future__ import annotations
 
 import atexit
-import dataclasses
 import functools
 import logging
 import threading
@@ -43,273 +42,15 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 import grain
 import numpy as np
 
+from jaxicd.data import demo, expansion, prompts, sources
 from jaxicd.data.records import Document, Span, SkipReport
+from jaxicd.data.windows import PipelineStats, document_windows, encode_span
 
 log = logging.getLogger(__name__)
 
 # Values of the optional per-token ``sources`` feature (0 stays padding).
 SOURCE_IDS = {"spans": 1, "documents": 2}
 BATCH_KEYS = ("inputs", "targets", "loss_weights", "segment_ids", "positions")
-
-
-def cfg_get(cfg: Any, name: str, default: Any = None) -> Any:
-  """Reads a field from an ml_collections ConfigDict, a dict or an object."""
-  if isinstance(cfg, Mapping):
-    return cfg.get(name, default)
-  try:
-    return getattr(cfg, name)
-  except (AttributeError, KeyError):
-    return default
-
-
-# ----------------------------------------------------------------------------- statistics
-
-
-@dataclasses.dataclass
-class PipelineStats:
-  """What the pipeline did to the data; shared by the worker threads of one iterator."""
-
-  documents_encoded: int = 0
-  windows: int = 0            # document examples produced (a short document is one window)
-  multi_window_documents: int = 0
-  spans_encoded: int = 0
-  truncated: int = 0          # examples cut to seq_len because they could not fit otherwise
-  truncated_tokens: int = 0
-  split_evidence: int = 0     # evidence quotes no window holds whole (too long for seq_len)
-  unshared_spans: int = 0     # share_prompt: span examples kept whole (not after the prefix)
-  _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False)
-
-  def add(self, **counts: int) -> None:
-    with self._lock:
-      for k, v in counts.items():
-        setattr(self, k, getattr(self, k) + v)
-
-  def as_dict(self) -> dict[str, int]:
-    return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-            if not f.name.startswith("_")}
-
-
-# ----------------------------------------------------------------------------- encoding
-
-
-def _prompts():
-  # Imported lazily so that this module imports without the prompt module's dependencies.
-  from jaxicd.data import prompts  # pylint: disable=g-import-not-at-top
-  return prompts
-
-
-def _as_example(encoded: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-  tokens = np.asarray(encoded["tokens"], dtype=np.int32)
-  mask = np.asarray(encoded["loss_mask"], dtype=np.int32)
-  if tokens.shape != mask.shape or tokens.ndim != 1:
-    raise ValueError(f"encode_example returned tokens {tokens.shape} and loss_mask "
-                     f"{mask.shape}; expected two equal 1-D arrays")
-  return {"tokens": tokens, "loss_mask": mask}
-
-
-def _truncate(example: dict[str, np.ndarray], budget: int,
-              stats: PipelineStats | None) -> dict[str, np.ndarray]:
-  n = len(example["tokens"])
-  if n <= budget:
-    return example
-  if stats is not None:
-    stats.add(truncated=1, truncated_tokens=n - budget)
-  return {k: v[:budget] for k, v in example.items()}
-
-
-def encode_span(tokenizer: Any, span: Span, seq_len: int,
-                stats: PipelineStats | None = None, *,
-                answer_format: str = "code_first") -> dict[str, np.ndarray]:
-  """Encodes one span example; the shifted example fits ``seq_len`` (truncated if not)."""
-  prompts = _prompts()
-  example = _as_example(prompts.encode_target(tokenizer, span.text, prompts.span_lines(span),
-                                              answer_format))
-  if stats is not None:
-    stats.add(spans_encoded=1)
-  return _truncate(example, seq_len + 1, stats)
-
-
-def _snap_back(text: str, lo: int, e: int) -> int:
-  """Moves ``e`` back to just after whitespace in (lo, e] so words stay whole."""
-  if e >= len(text):
-    return len(text)
-  cut = max(text.rfind("\n", lo + 1, e + 1), text.rfind(" ", lo + 1, e + 1))
-  return cut + 1 if cut > lo else e
-
-
-def _snap_forward(text: str, s: int, hi: int) -> int:
-  """Moves a window start ``s`` forward to the next word start before ``hi``."""
-  if s <= 0 or text[s - 1].isspace():
-    return max(s, 0)
-  j = s
-  while j < hi and not text[j].isspace():
-    j += 1
-  while j < hi and text[j].isspace():
-    j += 1
-  return j if j < hi else s
-
-
-def plan_windows(text: str, measure: Callable[[int, int], int], budget: int, *,
-                 overlap_chars: int, protected: Sequence[tuple[int, int]] = (),
-                 max_tries: int = 8) -> list[tuple[int, int, bool]]:
-  """Splits ``text`` into overlapping ``[begin, end)`` windows whose examples fit ``budget``.
-
-  Args:
-    text: the note text.
-    measure: ``measure(begin, end)`` -> token length of the full encoded example of that
-      window (prompt, note window and target): the real tokenizer decides, so every
-      accepted window provably fits.
-    budget: maximum tokens of an example.
-    overlap_chars: characters of note text shared by consecutive windows.
-    protected: character ranges (evidence) that a window boundary should not cut.
-    max_tries: encodings tried per window before giving up on growing it.
-
-  Returns:
-    ``(begin, end, fits)`` triples covering ``text`` in order; ``fits`` is False only when
-    even the smallest window tried does not fit (the caller truncates and counts it).
-  """
-  n = len(text)
-  full = measure(0, n)
-  if full <= budget:
-    return [(0, n, True)]
-  chars_per_token = n / full  # prompt/target overhead makes this conservative
-
-  def avoid_cutting(b: int, e: int) -> int:
-    for pb, pe in protected:
-      if pb < e < pe and pb > b:
-        e = pb
-    return e
-
-  windows = []
-  b = 0
-  while b < n:
-    best_fit = None
-    smallest_seen = None
-    e = min(n, b + max(1, int(budget * chars_per_token)))
-    for _ in range(max_tries):
-      e = avoid_cutting(b, _snap_back(text, b, e)) if e < n else n
-      e = max(e, b + 1)
-      m = measure(b, e)
-      if smallest_seen is None or e < smallest_seen:
-        smallest_seen = e
-      if m <= budget:
-        if best_fit is None or e > best_fit:
-          best_fit = e
-        if e >= n or m >= 0.95 * budget:
-          break
-        grown = b + int((e - b) * budget / m * 0.98)
-        if grown <= e:
-          break
-        e = min(n, grown)
-      else:
-        shrunk = b + int((e - b) * budget / m * 0.95)
-        if best_fit is not None and shrunk <= best_fit:
-          break
-        if shrunk <= b:
-          break
-        e = shrunk
-    fits = best_fit is not None
-    end = best_fit if fits else (smallest_seen or min(n, b + 1))
-    windows.append((b, end, fits))
-    if end >= n:
-      break
-    # Overlap at most half a window, so a large window_overlap cannot multiply the windows.
-    nb = _snap_forward(text, max(b + 1, b + (end - b) // 2, end - overlap_chars), end)
-    for pb, pe in protected:  # start before evidence rather than inside it
-      if pb < nb < pe and pb > b:
-        nb = pb
-    b = nb if b < nb < end else end
-  return windows
-
-
-@dataclasses.dataclass(frozen=True)
-class DocumentWindow:
-  """One window of a document: character offsets into ``Document.text`` and its encoding."""
-
-  doc_id: str
-  index: int
-  begin: int
-  end: int
-  tokens: np.ndarray              # full training example, or the prompt for inference
-  loss_mask: np.ndarray | None    # None for inference prompts
-  fits: bool                      # False: truncated to fit
-  # Inference prompts: tokens[note_lo:note_hi] lie inside the note (evidence-first quotes copy
-  # them); 0, 0 when not computed.
-  note_lo: int = 0
-  note_hi: int = 0
-
-
-def _overlap_chars(tokenizer: Any, text: str, overlap_tokens: int) -> int:
-  if overlap_tokens <= 0:
-    return 0
-  sample = text[:4000]
-  n_tok = max(1, len(tokenizer.encode(sample)))
-  return int(overlap_tokens * len(sample) / n_tok)
-
-
-def document_windows(doc: Document, tokenizer: Any, *, seq_len: int, window_overlap: int,
-                     stats: PipelineStats | None = None,
-                     answer_format: str = "code_first") -> list[DocumentWindow]:
-  """Training examples of a document: one per window, each fitting ``seq_len`` once shifted."""
-  prompts = _prompts()
-  cache: dict[tuple[int, int], dict[str, np.ndarray]] = {}
-
-  def encode(b: int, e: int) -> dict[str, np.ndarray]:
-    if (b, e) not in cache:
-      cache[(b, e)] = _as_example(prompts.encode_target(
-          tokenizer, doc.text[b:e], prompts.target_lines(doc, b, e), answer_format))
-    return cache[(b, e)]
-
-  budget = seq_len + 1  # the shift drops one token
-  spans = plan_windows(doc.text, lambda b, e: len(encode(b, e)["tokens"]), budget,
-                       overlap_chars=_overlap_chars(tokenizer, doc.text, window_overlap),
-                       protected=[(ev.begin, ev.end) for ev in doc.evidence])
-  out = []
-  for i, (b, e, fits) in enumerate(spans):
-    ex = _truncate(encode(b, e), budget, stats)
-    out.append(DocumentWindow(doc.id, i, b, e, ex["tokens"], ex["loss_mask"], fits))
-  if stats is not None:
-    split = sum(not any(w.begin <= ev.begin and ev.end <= w.end for w in out)
-                for ev in doc.evidence)
-    stats.add(documents_encoded=1, windows=len(out), split_evidence=split,
-              multi_window_documents=int(len(out) > 1))
-  return out
-
-
-def inference_windows(doc: Document, tokenizer: Any, *, seq_len: int, window_overlap: int,
-                      max_new_tokens: int, note_range: bool = False) -> list[DocumentWindow]:
-  """Prompts for the inference loop: windows whose prompt + ``max_new_tokens`` fit seq_len.
-
-  ``tokens`` holds ``prompts.encode_prompt`` of the window text (it ends with the assistant
-  header); ``begin``/``end`` map quotes found in the window back to the note. With
-  `note_range`, ``note_lo``/``note_hi`` give the note's tokens in the prompt.
-  """
-  prompts = _prompts()
-  budget = seq_len - max_new_tokens
-  if budget <= 0:
-    raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in "
-                     f"seq_len={seq_len}")
-  cache: dict[tuple[int, int], tuple[np.ndarray, int, int]] = {}
-
-  def encode(b: int, e: int) -> tuple[np.ndarray, int, int]:
-    if (b, e) not in cache:
-      if note_range:
-        enc = prompts.encode_prompt_with_note(tokenizer, doc.text[b:e])
-        cache[(b, e)] = (enc.tokens, enc.note_lo, enc.note_hi)
-      else:
-        cache[(b, e)] = (np.asarray(prompts.encode_prompt(tokenizer, doc.text[b:e]), np.int32),
-                         0, 0)
-    return cache[(b, e)]
-
-  spans = plan_windows(doc.text, lambda b, e: len(encode(b, e)[0]), budget,
-                       overlap_chars=_overlap_chars(tokenizer, doc.text, window_overlap))
-  for b, e, fits in spans:
-    if not fits:  # a cut prompt would lose the assistant header: refuse instead
-      raise ValueError(f"document {doc.id!r}: the prompt of window [{b}, {e}) needs "
-                       f"{len(encode(b, e)[0])} tokens; seq_len={seq_len} minus max_new_tokens="
-                       f"{max_new_tokens} leaves {budget}")
-  return [DocumentWindow(doc.id, i, b, e, encode(b, e)[0], None, True, *encode(b, e)[1:])
-          for i, (b, e, _) in enumerate(spans)]
 
 
 # ----------------------------------------------------------------------------- records
@@ -335,9 +76,8 @@ def load_documents(data_cfg: Any, *, skips: SkipReport | None = None) -> Sequenc
   Results are memoised per setting (the trainer builds an eval iterator at every eval), unless
   a ``skips`` report is requested.
   """
-  key = (cfg_get(data_cfg, "source", "demo"), cfg_get(data_cfg, "manual_dir", "") or "",
-         cfg_get(data_cfg, "on_error", "raise"), int(cfg_get(data_cfg, "demo_seed", 0)),
-         cfg_get(data_cfg, "data_dir", "") or "")
+  key = (data_cfg.source, data_cfg.manual_dir, data_cfg.on_error, int(data_cfg.demo_seed),
+         data_cfg.data_dir)
   if skips is not None:
     return _load_documents(*key, skips=skips)
   return _load_documents_cached(*key)
@@ -351,40 +91,37 @@ def _load_documents_cached(*key) -> tuple[Document, ...]:
 def _load_documents(source: str, manual_dir: str, on_error: str, demo_seed: int,
                     data_dir: str, *, skips: SkipReport | None = None) -> tuple[Document, ...]:
   if data_dir:
+    # Imported on use: tensorflow_datasets is heavy and only the TFDS cache needs it.
     from jaxicd.data import tfds_builders  # pylint: disable=g-import-not-at-top
     return tuple(tfds_builders.load_documents(source, data_dir=data_dir, manual_dir=manual_dir,
                                               demo_seed=demo_seed, on_error=on_error))
-  from jaxicd.data.sources import load_documents as load  # pylint: disable=g-import-not-at-top
-  return tuple(load(source, manual_dir, on_error=on_error, skips=skips, demo_seed=demo_seed))
+  return tuple(sources.load_documents(source, manual_dir, on_error=on_error, skips=skips,
+                                      demo_seed=demo_seed))
 
 
 def load_spans(data_cfg: Any, documents: Sequence[Document] = ()) -> list[Span]:
   """Expansion spans of ``data.code_space``, annotated training spans (if enabled) and the
   spans of ``data.span_files`` (JSONL paths, a list or comma-separated; optional)."""
   spans: list[Span] = []
-  if int(cfg_get(data_cfg, "spans_per_code", 8)) > 0:
-    seed = int(cfg_get(data_cfg, "expansion_seed", 0))
-    data_dir = cfg_get(data_cfg, "data_dir", "") or ""
-    kwargs = dict(seed=seed, max_per_code=int(cfg_get(data_cfg, "spans_per_code", 8)),
-                  negatives=bool(cfg_get(data_cfg, "negatives", True)))
-    if data_dir:
+  if data_cfg.spans_per_code > 0:
+    kwargs = dict(seed=int(data_cfg.expansion_seed), max_per_code=int(data_cfg.spans_per_code),
+                  negatives=bool(data_cfg.negatives))
+    if data_cfg.data_dir:
+      # Imported on use: tensorflow_datasets is heavy and only the TFDS cache needs it.
       from jaxicd.data import tfds_builders  # pylint: disable=g-import-not-at-top
-      spans.extend(tfds_builders.load_spans(cfg_get(data_cfg, "code_space", "demo"),
-                                            data_dir=data_dir, **kwargs))
+      spans.extend(tfds_builders.load_spans(data_cfg.code_space, data_dir=data_cfg.data_dir,
+                                            **kwargs))
     else:
-      from jaxicd import ontology  # pylint: disable=g-import-not-at-top
-      from jaxicd.data import expansion  # pylint: disable=g-import-not-at-top
-      codes = ontology.get_ontology().code_space(cfg_get(data_cfg, "code_space", "demo"))
+      codes = demo.code_space(data_cfg.code_space)
       spans.extend(expansion.expand(codes, **kwargs).spans)
-  if cfg_get(data_cfg, "annotated_spans", True):
+  if data_cfg.annotated_spans:
     spans.extend(annotated_spans(documents))
-  span_files = cfg_get(data_cfg, "span_files", ()) or ()
+  span_files = data_cfg.span_files or ()
   if isinstance(span_files, str):
     span_files = [f for f in span_files.split(",") if f]
   if span_files:
-    from jaxicd.data.sources import read_spans  # pylint: disable=g-import-not-at-top
     for path in span_files:  # users' own spans (JSONL), e.g. synthesized by an LLM
-      spans.extend(read_spans(path, on_error=cfg_get(data_cfg, "on_error", "raise")))
+      spans.extend(sources.read_spans(path, on_error=data_cfg.on_error))
   return spans
 
 
@@ -454,7 +191,7 @@ def _shard(n: int, process_index: int, process_count: int, what: str) -> grain.M
 
 
 def _per_process_batch(data_cfg: Any, process_count: int) -> int:
-  batch = int(cfg_get(data_cfg, "batch_size", 8))
+  batch = int(data_cfg.batch_size)
   if batch % process_count:
     raise ValueError(f"data.batch_size={batch} is not divisible by process_count="
                      f"{process_count}")
@@ -464,8 +201,8 @@ def _per_process_batch(data_cfg: Any, process_count: int) -> int:
 def _read_options(data_cfg: Any) -> grain.ReadOptions:
   # Encoding is Python + Rust tokenizer work: a couple of threads overlap it with the
   # training step without fighting it for the (few) cores.
-  return grain.ReadOptions(num_threads=int(cfg_get(data_cfg, "num_threads", 2)),
-                           prefetch_buffer_size=int(cfg_get(data_cfg, "read_buffer", 16)))
+  return grain.ReadOptions(num_threads=int(data_cfg.num_threads),
+                           prefetch_buffer_size=int(data_cfg.read_buffer))
 
 
 def _span_examples(spans: Sequence[Span], tokenizer: Any, seq_len: int, seed: int,
@@ -537,7 +274,6 @@ def _mean_example_tokens(ds: grain.MapDataset, n: int, flat: bool) -> float:
 def span_prompt_prefix(tokenizer: Any) -> np.ndarray:
   """The tokens span examples start with: the prompt up to the span text (the common prefix
   of prompts for texts that start differently, so no token reaching into a text is in it)."""
-  prompts = _prompts()
   probes = [prompts.encode_prompt(tokenizer, t) for t in ("A", "z", "1", "(", " x")]
   return probes[0][:prompts.shared_prefix_length(probes)].copy()
 
@@ -594,28 +330,27 @@ def build_train_dataset(data_cfg: Any, tokenizer: Any, *, process_index: int = 0
   ``train`` split of the documents is used. ``with_sources`` adds a ``sources`` feature
   (per token: 1 span, 2 document, 0 padding) for measuring the mixture.
   """
-  seq_len = int(cfg_get(data_cfg, "seq_len", 1024))
-  overlap = int(cfg_get(data_cfg, "window_overlap", 128))
-  answer_format = cfg_get(data_cfg, "answer_format", "code_first")
-  seed = int(cfg_get(data_cfg, "shuffle_seed", 0))
+  seq_len = int(data_cfg.seq_len)
+  overlap = int(data_cfg.window_overlap)
+  answer_format = data_cfg.answer_format
+  seed = int(data_cfg.shuffle_seed)
   per_process_batch = _per_process_batch(data_cfg, process_count)
   if documents is None:
     documents = load_documents(data_cfg)
   train_docs = [d for d in documents if d.split == "train"]
   if spans is None:
     spans = load_spans(data_cfg, train_docs)
-  weights = {"spans": float(cfg_get(data_cfg, "span_weight", 0.8)),
-             "documents": float(cfg_get(data_cfg, "doc_weight", 0.2))}
+  weights = {"spans": float(data_cfg.span_weight), "documents": float(data_cfg.doc_weight)}
   if any(w < 0 for w in weights.values()) or sum(weights.values()) <= 0:
     raise ValueError(f"data.span_weight/doc_weight must be >= 0 with a positive sum: {weights}")
   available = {"spans": len(spans), "documents": len(train_docs)}
   for name, w in weights.items():
     if w > 0 and not available[name]:
       raise ValueError(f"data.{'span' if name == 'spans' else 'doc'}_weight={w} but there are "
-                       f"no training {name} (source={cfg_get(data_cfg, 'source', 'demo')!r})")
+                       f"no training {name} (source={data_cfg.source!r})")
 
   stats = PipelineStats()
-  cache = _ExampleCache(int(cfg_get(data_cfg, "cache_tokens", 32_000_000)))
+  cache = _ExampleCache(int(data_cfg.cache_tokens))
   read = _read_options(data_cfg)
   maps: dict[str, grain.MapDataset] = {}
   if weights["spans"] > 0:
@@ -631,7 +366,7 @@ def build_train_dataset(data_cfg: Any, tokenizer: Any, *, process_index: int = 0
         _shard(len(train_docs), process_index, process_count, "training documents"), stats,
         doc_cache, answer_format=answer_format)
 
-  unit = cfg_get(data_cfg, "mixture_unit", "examples")
+  unit = data_cfg.mixture_unit
   example_weights = {k: weights[k] for k in maps}
   if unit == "tokens":
     # Token fractions -> example weights through each source's mean example length.
@@ -640,7 +375,7 @@ def build_train_dataset(data_cfg: Any, tokenizer: Any, *, process_index: int = 0
   elif unit != "examples":
     raise ValueError(f"data.mixture_unit={unit!r}: expected 'examples' or 'tokens'")
 
-  share = bool(cfg_get(data_cfg, "share_prompt", False)) and "spans" in maps
+  share = bool(data_cfg.share_prompt) and "spans" in maps
   prefix = span_prompt_prefix(tokenizer) if share else np.zeros(0, np.int32)
   if share and len(prefix) >= seq_len // 2:
     raise ValueError(f"data.share_prompt: the {len(prefix)}-token prompt prefix leaves too "
@@ -661,7 +396,7 @@ def build_train_dataset(data_cfg: Any, tokenizer: Any, *, process_index: int = 0
   features = ["inputs", "targets", "loss_weights"] + (["sources"] if with_sources else [])
   # More bins leave less padding when ~1k-token windows meet ~60-token spans (bench/data.py:
   # 32 -> 128 bins took the 80/20 mix from 97.3% to 98.0% non-pad); rows are small, so cheap.
-  bins = int(cfg_get(data_cfg, "pack_bins", 0)) or min(max(16 * per_process_batch, 64), 512)
+  bins = int(data_cfg.pack_bins) or min(max(16 * per_process_batch, 64), 512)
   if not share:
     mixed = (next(iter(iters.values())) if len(iters) == 1
              else grain.IterDataset.mix(iters, example_weights))
@@ -773,9 +508,9 @@ def make_eval_iterator(data_cfg: Any, tokenizer: Any, split: str = "val", *,
   ``num_batches`` fixes the length (cut, or padded with all-zero batches): processes of a
   multi-host run hold different shards and must all run the same number of eval steps.
   """
-  seq_len = int(cfg_get(data_cfg, "seq_len", 1024))
-  overlap = int(cfg_get(data_cfg, "window_overlap", 128))
-  answer_format = cfg_get(data_cfg, "answer_format", "code_first")
+  seq_len = int(data_cfg.seq_len)
+  overlap = int(data_cfg.window_overlap)
+  answer_format = data_cfg.answer_format
   per_process_batch = _per_process_batch(data_cfg, process_count)
   if documents is None:
     documents = load_documents(data_cfg)
@@ -783,7 +518,7 @@ def make_eval_iterator(data_cfg: Any, tokenizer: Any, split: str = "val", *,
   spans = list(spans or ())
   if not docs and not spans:
     raise ValueError(f"no {split!r} documents to evaluate on "
-                     f"(source={cfg_get(data_cfg, 'source', 'demo')!r})")
+                     f"(source={data_cfg.source!r})")
   stats = PipelineStats()
   cache = _ExampleCache(0)  # one pass: nothing to reuse
   parts = []

@@ -47,6 +47,7 @@ from typing import Any, Callable, Collection, Sequence
 import numpy as np
 
 from jaxicd.data.records import Document, Evidence, Span
+from jaxicd.ontology import normalize_code
 
 # Short on purpose: every prompt token is paid for in every training example.
 SYSTEM_PROMPT = "You are a clinical coder."
@@ -450,13 +451,33 @@ def split_line(line: str, answer_format: str = CODE_FIRST) -> tuple[str, str]:
 
 def read_code(code_part: str) -> str:
   """The normalized code of a line's code part; ValueError if it is not code-shaped."""
-  from jaxicd.ontology import normalize_code  # pylint: disable=g-import-not-at-top
   code = normalize_code(code_part)
   # normalize_code checks shape loosely; every ICD-10-CM code has a digit second, which also
   # keeps words of a stray prose line ("THE", "PATIENT") from passing as codes.
   if not code[1].isdigit():
     raise ValueError(code)
   return code
+
+
+@dataclasses.dataclass(frozen=True)
+class AnswerLine:
+  """One answer line as both the parser and the coder's scorer read it."""
+
+  text: str          # the line without list bullet and surrounding whitespace
+  code_part: str     # where the line writes its code (`split_line`)
+  quote: str
+  code: str | None   # the normalized code; None for NONE, prose or a malformed code part
+
+
+def read_line(raw: str, answer_format: str = CODE_FIRST) -> AnswerLine:
+  """Reads the code (and quote) of one raw answer line: the one reader of answer lines."""
+  text = _BULLET.sub("", raw.strip()).strip()
+  code_part, quote = split_line(text, answer_format)
+  try:
+    code = read_code(code_part) if text else None
+  except ValueError:
+    code = None
+  return AnswerLine(text, code_part, quote, code)
 
 
 def parse_output(output: str, document_text: str | None = None,
@@ -492,17 +513,15 @@ def parse_output(output: str, document_text: str | None = None,
   for marker in _END_MARKERS:  # output decoded with special tokens: the answer ends there
     output = output.split(marker, 1)[0]
   for raw in output.splitlines():
-    line = _BULLET.sub("", raw.strip()).strip()
-    if not line:
+    line = read_line(raw, answer_format)
+    if not line.text:
       continue
-    if line.rstrip(".").upper() == NONE:
+    if line.text.rstrip(".").upper() == NONE:
       result.none = True
       continue
-    code_part, quote = split_line(line, answer_format)
-    try:
-      code = read_code(code_part)
-    except ValueError:
-      result.rejected.append((raw, f"malformed code {code_part!r}"))
+    code, quote = line.code, line.quote
+    if code is None:
+      result.rejected.append((raw, f"malformed code {line.code_part!r}"))
       continue
     if valid is not None and not valid(code):
       result.rejected.append((raw, f"invalid code {code}: not in the code space"))

@@ -32,6 +32,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core import utils as tfds_utils
 
+from jaxicd.data import demo, expansion, sources
 from jaxicd.data.records import Document, Evidence, RecordError, SkipReport, Span
 from jaxicd.data.sources.common import DocumentStream, InMemoryStream
 
@@ -107,9 +108,8 @@ FileState = tuple[str, int, int]  # (path, size, mtime_ns)
 
 
 def _file_states(source: str, manual_dir: str, options: Mapping[str, Any]) -> list[FileState]:
-  from jaxicd.data.sources import input_files  # pylint: disable=g-import-not-at-top
   out = []
-  for p in input_files(source, manual_dir, **options):
+  for p in sources.input_files(source, manual_dir, **options):
     st = os.stat(p)
     out.append((os.path.abspath(p), st.st_size, st.st_mtime_ns))
   return out
@@ -242,14 +242,13 @@ class JaxicdDocuments(_CodePath, tfds.core.ShardBasedBuilder, skip_registration=
   def _open(self, dl_manager) -> DocumentStream:
     if self._loader is not None:
       return InMemoryStream(self._loader())
-    from jaxicd.data.sources import open_documents  # pylint: disable=g-import-not-at-top
     manual_dir = self._manual_dir
     if self._source != "demo" and not (manual_dir and os.path.exists(manual_dir)):
       # Raises TFDS's error quoting MANUAL_DOWNLOAD_INSTRUCTIONS. (A jsonl manual_dir may be
       # one file, which TFDS's own check rejects, so existing paths are used as given.)
       manual_dir = os.fspath(dl_manager.manual_dir)
-    stream = open_documents(self._source, manual_dir, on_error=self._on_error,
-                            skips=self.skips, demo_seed=self._demo_seed, **self._options)
+    stream = sources.open_documents(self._source, manual_dir, on_error=self._on_error,
+                                    skips=self.skips, demo_seed=self._demo_seed, **self._options)
     # Every input file has been read to its end by now (what the stream yields later comes
     # from its own copy).
     now = _file_states(self._source, self._manual_dir, self._options)
@@ -320,9 +319,7 @@ class JaxicdSpans(_Builder):
   def _load(self) -> Sequence[Span]:
     if self._loader is not None:
       return self._loader()
-    from jaxicd import ontology  # pylint: disable=g-import-not-at-top
-    from jaxicd.data import expansion  # pylint: disable=g-import-not-at-top
-    codes = ontology.get_ontology().code_space(self._code_space)
+    codes = demo.code_space(self._code_space)
     result = expansion.expand(codes, seed=self._seed, max_per_code=self._max_per_code,
                               negatives=self._negatives)
     self.report = dict(result.report)

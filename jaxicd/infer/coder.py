@@ -1,7 +1,7 @@
 """The document coder: note -> windows -> evidence spans -> codes, each with its evidence.
 
 `Coder.code_documents(docs)` splits every note into overlapping prompt windows
-(`pipeline.inference_windows`), generates answers for all windows in batches (longest prompts
+(`windows.inference_windows`), generates answers for all windows in batches (longest prompts
 first, so batches share a prompt-length bucket), parses each answer against its window text
 (`prompts.parse_output`, in the configured answer format), maps quote offsets back to the full
 note and merges the windows:
@@ -41,9 +41,10 @@ import math
 import time
 from typing import Any, Callable, Sequence
 
+import jax
 import numpy as np
 
-from jaxicd.data import pipeline, prompts
+from jaxicd.data import demo, prompts, windows
 from jaxicd.data.records import Document
 from jaxicd.eval import calibration
 from jaxicd.infer import generate as generate_lib
@@ -97,33 +98,29 @@ def line_scores(token_texts: Sequence[str], logprobs: Sequence[float],
                 answer_format: str = prompts.CODE_FIRST) -> list[_Line]:
   """Splits generated tokens into answer lines; scores each line's code tokens.
 
-  A line's code tokens are the tokens that overlap its code part (`prompts.split_line`: the
-  text before ``|`` code-first, after the last ``|`` evidence-first); the score is
-  exp(mean log-prob) over them. The code is read as `prompts.parse_output` reads it.
+  A line's code tokens are the tokens that overlap its code part (`prompts.read_line`, the
+  reader `prompts.parse_output` uses: the text before ``|`` code-first, after the last ``|``
+  evidence-first); the score is exp(mean log-prob) over them.
   """
   lines: list[_Line] = []
   text, lps = "", []
 
   def close() -> None:
-    stripped = text.strip()
-    if not stripped:
+    line = prompts.read_line(text, answer_format)
+    if not line.text:
       return
-    code_part, _ = prompts.split_line(stripped, answer_format)
+    code_part = line.code_part
     if answer_format == prompts.EVIDENCE_FIRST and "|" in text:
       code_begin = text.index(code_part, text.rindex("|")) if code_part else len(text)
-    else:
-      code_begin = text.index(code_part) if code_part else 0
+    else:  # the code part follows any list bullet
+      code_begin = text.index(code_part, text.index(line.text)) if code_part else 0
     code_end = code_begin + len(code_part)
     pos, chosen = 0, []
     for piece, lp in lps:
       if pos < code_end and pos + len(piece) > code_begin:
         chosen.append(lp)
       pos += len(piece)
-    try:
-      code = prompts.read_code(code_part)
-    except ValueError:  # "NONE", prose (as parse_output rules)
-      code = None
-    lines.append(_Line(code, float(math.exp(np.mean(chosen))) if chosen else 0.0))
+    lines.append(_Line(line.code, float(math.exp(np.mean(chosen))) if chosen else 0.0))
 
   for piece, lp in zip(token_texts, logprobs):
     while "\n" in piece:
@@ -149,7 +146,8 @@ class Coder:
   Args:
     model: a `jaxicd.model.llama.Llama` (base, LoRA or merged parameters).
     tokenizer: its `Tokenizer`.
-    code_space: codes (a sequence) or a spec for `Ontology.code_space` ("all", "demo", a file).
+    code_space: codes (a sequence) or a spec for `jaxicd.data.demo.code_space` ("all", "demo",
+      a file).
     seq_len: prompt + answer tokens per window.
     window_overlap: overlap of consecutive windows, in tokens.
     max_new_tokens: answer budget per window.
@@ -178,8 +176,7 @@ class Coder:
                recode_batch_size: int = 32, threshold: float = 0.0,
                threshold_origin: str = "configured", share_prefix: bool = True):
     if isinstance(code_space, str):
-      from jaxicd.ontology import get_ontology  # pylint: disable=import-outside-toplevel
-      code_space = get_ontology().code_space(code_space)
+      code_space = demo.code_space(code_space)
     self.model, self.tokenizer = model, tokenizer
     self.code_space = tuple(code_space)
     self._valid = frozenset(self.code_space)
@@ -211,7 +208,6 @@ class Coder:
 
   def _model_generate(self, batch: list[np.ndarray], note_ranges=None,
                       code_only: bool = False) -> generate_lib.Generation:
-    import jax  # pylint: disable=import-outside-toplevel
     self._calls += 1
     key = jax.random.fold_in(jax.random.key(self.seed), self._calls) if self.temperature else None
     return generate_lib.generate(
@@ -229,24 +225,24 @@ class Coder:
     """
     t0 = time.perf_counter()
     self.stats = collections.Counter()  # counts of this call only
-    windows: list[tuple[int, pipeline.DocumentWindow]] = []
+    doc_windows: list[tuple[int, windows.DocumentWindow]] = []
     for d, doc in enumerate(docs):
-      for w in pipeline.inference_windows(doc, self.tokenizer, seq_len=self.seq_len,
-                                          window_overlap=self.window_overlap,
-                                          max_new_tokens=self.max_new_tokens,
-                                          note_range=self.evidence_first):
-        windows.append((d, w))
-    self.stats.update(documents=len(docs), windows=len(windows))
-    order = sorted(range(len(windows)), key=lambda i: -len(windows[i][1].tokens))
+      for w in windows.inference_windows(doc, self.tokenizer, seq_len=self.seq_len,
+                                         window_overlap=self.window_overlap,
+                                         max_new_tokens=self.max_new_tokens,
+                                         note_range=self.evidence_first):
+        doc_windows.append((d, w))
+    self.stats.update(documents=len(docs), windows=len(doc_windows))
+    order = sorted(range(len(doc_windows)), key=lambda i: -len(doc_windows[i][1].tokens))
     per_doc: list[list[tuple[list[prompts.Prediction], list[_Line]]]] = [[] for _ in docs]
     generated = 0
     for lo in range(0, len(order), self.batch_size):
       idx = order[lo:lo + self.batch_size]
-      gen = self._generate([windows[i][1].tokens for i in idx],
-                           [(windows[i][1].note_lo, windows[i][1].note_hi) for i in idx]
+      gen = self._generate([doc_windows[i][1].tokens for i in idx],
+                           [(doc_windows[i][1].note_lo, doc_windows[i][1].note_hi) for i in idx]
                            if self.evidence_first else None, False)
       for row, i in enumerate(idx):
-        d, w = windows[i]
+        d, w = doc_windows[i]
         per_doc[d].append(self._read_window(docs[d], w, gen, row))
         generated += int(gen.lengths[row])
       done = lo + len(idx)
@@ -318,7 +314,7 @@ class Coder:
       out.append(evs)
     return out
 
-  def _read_window(self, doc: Document, w: pipeline.DocumentWindow,
+  def _read_window(self, doc: Document, w: windows.DocumentWindow,
                    gen: generate_lib.Generation, row: int):
     ids = gen.row(row)
     stopped = bool(gen.stopped[row])
@@ -372,7 +368,7 @@ class Coder:
 def decoding_model(cfg: Any, model: Any) -> Any:
   """The model the coder decodes with: `model` itself, or with ``eval_coding.dtype`` set, a
   copy in that dtype with the adapters folded in (`jaxicd.model.lora.decoding_copy`)."""
-  dtype = cfg.eval_coding.get("dtype", "")
+  dtype = cfg.eval_coding.dtype
   return lora.decoding_copy(model, dtype) if dtype else model
 
 
@@ -381,15 +377,12 @@ def build_coder(cfg: Any, model: Any, tokenizer: Any, workdir: Any = None) -> Co
   the code space ``cfg.data.code_space`` and decoding as ``cfg.eval_coding``; the decision
   threshold ``eval_coding.threshold`` (negative: `workdir`'s calibration, see
   `jaxicd.eval.calibration`; `Coder.threshold_origin` says which)."""
-  threshold, origin = calibration.resolve_threshold(float(cfg.eval_coding.get("threshold", 0.0)),
-                                                    workdir)
+  threshold, origin = calibration.resolve_threshold(float(cfg.eval_coding.threshold), workdir)
   ec, data = cfg.eval_coding, cfg.data
   return Coder(decoding_model(cfg, model), tokenizer, code_space=data.code_space,
                seq_len=int(data.seq_len),
                window_overlap=int(data.window_overlap), max_new_tokens=int(ec.max_new_tokens),
                batch_size=int(ec.batch_size), constrained=bool(ec.constrained),
-               unique_codes=bool(ec.get("unique_codes", True)),
-               answer_format=data.get("answer_format", prompts.CODE_FIRST),
-               recode=bool(ec.get("recode", False)),
-               recode_batch_size=int(ec.get("recode_batch_size", 32)),
+               unique_codes=bool(ec.unique_codes), answer_format=data.answer_format,
+               recode=bool(ec.recode), recode_batch_size=int(ec.recode_batch_size),
                threshold=threshold, threshold_origin=origin)

@@ -232,10 +232,9 @@ def has_checkpoint(directory: str | os.PathLike) -> bool:
 
 def preflight(cfg: Any, workdir: str | os.PathLike) -> Plan:
   """Reads and checks the input, output paths and checkpoint: refuses before any side effect."""
-  max_chars = int(cfg.get("max_note_chars", 0))
-  notes = read_input(cfg.get("input", ""), max_chars=max_chars)
-  output = pathlib.Path(cfg.get("output", "") or pathlib.Path(workdir) / "predictions.jsonl")
-  report = str(cfg.get("report", ""))
+  notes = read_input(cfg.input, max_chars=int(cfg.max_note_chars))
+  output = pathlib.Path(cfg.output or pathlib.Path(workdir) / "predictions.jsonl")
+  report = str(cfg.report)
   report_path = (None if report == "none" else
                  pathlib.Path(report) if report else output.with_name("report.html"))
   plan = Plan(notes, output, report_path)
@@ -244,7 +243,7 @@ def preflight(cfg: Any, workdir: str | os.PathLike) -> Plan:
   outputs = [output, plan.partial, *([report_path] if report_path else [])]
   _check_outputs(pathlib.Path(cfg.input), notes, outputs)
   directory = checkpoint_directory(cfg, workdir)
-  if not bool(cfg.get("allow_untrained", False)) and not has_checkpoint(directory):
+  if not bool(cfg.allow_untrained) and not has_checkpoint(directory):
     where = "" if pathlib.Path(workdir).exists() else f" (--workdir={workdir} does not exist)"
     raise InputError(
         f"no checkpoint in {directory}{where}: predict would code with the untrained adapters. "
@@ -406,7 +405,7 @@ def _settings(cfg: Any, step: int | None, checkpoints: str) -> dict[str, Any]:
   return dict(step=step or 0, checkpoints=checkpoints, model=str(cfg.model.source),
               code_space=str(data.code_space), seq_len=int(data.seq_len),
               window_overlap=int(data.window_overlap), max_new_tokens=int(ec.max_new_tokens),
-              constrained=bool(ec.constrained), unique_codes=bool(ec.get("unique_codes", True)))
+              constrained=bool(ec.constrained), unique_codes=bool(ec.unique_codes))
 
 
 def _pending_mask(pending: list[bool]) -> list[bool]:
@@ -434,7 +433,7 @@ def run_predict(cfg: Any, workdir: str, plan: Plan | None = None) -> dict[str, A
   try:
     step = trainer.restore_latest(with_data=False)
     if step is None:
-      if not bool(cfg.get("allow_untrained", False)):
+      if not bool(cfg.allow_untrained):
         raise InputError(f"no usable checkpoint in {trainer.checkpointer.directory}; pass "
                          "--config.allow_untrained=True to code with the base model on purpose")
       trainer.print(f"warning: no checkpoint in {trainer.checkpointer.directory}: coding with "

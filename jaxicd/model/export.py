@@ -495,7 +495,7 @@ def run_export(cfg: Any, workdir: str) -> dict[str, Any]:
   ``output`` is ``cfg.output`` or ``<workdir>/export``. The merged weights are stored in
   ``cfg.model.param_dtype``; earlier export files there are replaced."""
   from jaxicd.train import trainer as trainer_lib  # pylint: disable=import-outside-toplevel
-  out = pathlib.Path(cfg.get("output", "") or pathlib.Path(workdir) / "export")
+  out = pathlib.Path(cfg.output or pathlib.Path(workdir) / "export")
   trainer = trainer_lib.Trainer(cfg, workdir)
   try:
     step = trainer.restore_latest(with_data=False)

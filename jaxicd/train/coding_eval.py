@@ -68,7 +68,7 @@ class CodingEval:
   def __init__(self, cfg: Any, tokenizer: Any):
     ec = cfg.eval_coding
     self.cfg, self.tokenizer = cfg, tokenizer
-    self.at_start = bool(ec.get("at_start", False))
+    self.at_start = bool(ec.at_start)
     documents = pipeline.load_documents(cfg.data)
     self.documents = [d for d in documents if d.split == ec.split][:int(ec.documents)]
     if not self.documents:
@@ -76,13 +76,13 @@ class CodingEval:
                        f"{cfg.data.source!r}; set eval_coding.documents=0 to turn coding off")
     # Only validation notes choose the threshold: on any other split (test) the stored one is
     # applied, so a test score is never tuned on test.
-    self.calibrate = bool(ec.get("calibrate", False)) and ec.split == "val"
-    self.threshold = float(ec.get("threshold", -1.0))
+    self.calibrate = bool(ec.calibrate) and ec.split == "val"
+    self.threshold = float(ec.threshold)
     trained = {c for d in documents if d.split == "train" for c in d.codes}
     self.trained_codes = frozenset(trained)
     self.unseen = frozenset(c for d in self.documents for c in d.codes if c not in trained)
     self.spans = evidence_span_documents([d for d in documents if d.split == ec.split],
-                                         int(ec.get("spans", 0)))
+                                         int(ec.spans))
     self.unseen_span_codes = frozenset(s.codes[0] for s in self.spans
                                        if s.codes[0] not in trained)
     self._coder = None

@@ -19,44 +19,61 @@ from jaxicd.errors import ConfigError
 from jaxicd.model.config import LORA_TARGETS
 
 SPLITS = ("train", "val", "test")
-# Keys a config may add beyond base_config(): free-form values read with a default.
-OPTIONAL_KEYS = ("rules",)  # sharding rules, ((logical axis, mesh axis), ...): sharding.py
+# Sections whose keys are free-form (not checked against the schema).
+FREE_FORM = ("model.overrides",)
 # The longest form of an ICD-10-CM code (7 characters and the dot): the seq_len bound's answer.
 _LONGEST_CODE = "S72.001A"
 
 
 def base_config() -> ml_collections.ConfigDict:
+  """Every key the code reads, with its default: configs/ change values, never add keys."""
   config = ml_collections.ConfigDict()
   config.mode = "train"              # train | eval | predict | export | plan
-  config.seed = 0
+  config.seed = 0                    # initialisation of the adapters (and dropout)
   # Extra XLA flags for the CPU backend, added to $XLA_FLAGS by jaxicd.main before JAX starts
   # (e.g. "--xla_cpu_use_onednn=true"; with jax 0.12 it made SmolLM2's bf16 CPU training slower).
   config.cpu_xla_flags = ""
   # mode=predict: the notes to code (a .txt note, a .jsonl of documents or a directory of .txt
   # notes) and the JSONL written ("" = <workdir>/predictions.jsonl); see jaxicd.infer.predict.
+  # mode=export writes to `output` too ("" = <workdir>/export).
   config.input = ""
   config.output = ""
   config.report = ""                 # HTML report: "" = report.html beside the output; "none"
   config.allow_untrained = False     # predict without a checkpoint (base model, untrained adapters)
   config.max_note_chars = 200_000    # predict refuses longer notes (0 = no limit)
+  # Sharding rules ((logical axis, mesh axis), ...); () = sharding.DEFAULT_RULES.
+  config.rules = ()
 
-  # Base model: "smollm2" (embedded), a preset name (random init), a .gguf file or an HF dir.
   config.model = ml_collections.ConfigDict(dict(
+      # Base model: "smollm2" (embedded), a preset name (random init), a .gguf file or an HF dir.
       source="smollm2",
       tokenizer="",                  # "" = the source's own tokenizer
       dtype="float32",               # compute dtype: float32 | bfloat16
       param_dtype="float32",         # storage dtype of the frozen base weights
       remat="none",                  # none | full | dots
+      # mode=plan: LlamaConfig fields replaced in the source's shapes (e.g. num_layers=2).
+      overrides={},
   ))
   config.lora = ml_collections.ConfigDict(dict(
-      rank=16, alpha=32.0, dropout=0.0, targets=LORA_TARGETS))
+      rank=16,                       # adapter rank
+      alpha=32.0,                    # scale alpha / rank
+      dropout=0.0,                   # dropout on the adapter input (training only)
+      targets=LORA_TARGETS))         # projections with adapters (model.config.LORA_TARGETS)
 
-  # Field names follow jaxicd.data.pipeline (make_train_iterator / make_eval_iterator).
+  # Read by jaxicd.data.pipeline (make_train_iterator / make_eval_iterator) and data.windows.
   config.data = ml_collections.ConfigDict(dict(
-      source="demo", manual_dir="", demo_seed=0, code_space="demo",
-      spans_per_code=8, negatives=True, annotated_spans=True,
-      span_weight=0.8, doc_weight=0.2, mixture_unit="examples",
-      seq_len=1024, window_overlap=128,
+      source="demo",                 # demo | jsonl | codiesp | mdace | mimic_iv (data/sources)
+      manual_dir="",                 # where a source's files are ("" for demo)
+      demo_seed=0,                   # seed of the generated demo corpus
+      code_space="demo",             # all | demo | a file of codes (data.demo.code_space)
+      spans_per_code=8,              # expansion spans per code of the code space (0 = none)
+      negatives=True,                # also negative spans (answer NONE)
+      annotated_spans=True,          # training documents' gold evidence as span examples
+      span_weight=0.8,               # share of span examples in the training mixture
+      doc_weight=0.2,                # share of document windows in the training mixture
+      mixture_unit="examples",       # the weights count examples | tokens
+      seq_len=1024,                  # tokens per row (a window's example fits it)
+      window_overlap=128,            # tokens shared by consecutive windows of a note
       # Span examples share one copy of their prompt prefix per packed row (the same loss and
       # gradients, ~3x fewer tokens per span example; jaxicd.data.pipeline).
       share_prompt=False,
@@ -64,7 +81,10 @@ def base_config() -> ml_collections.ConfigDict:
       # "code_first" (code, then quote); see jaxicd.data.prompts. Training and inference agree.
       answer_format="evidence_first",
       batch_size=8,                  # global batch (rows); each process reads its share
-      shuffle_seed=0, on_error="raise", data_dir="", num_threads=2,
+      shuffle_seed=0,                # seed of the record order (and of packing)
+      on_error="raise",              # a malformed record: raise | skip (counted)
+      data_dir="",                   # TFDS cache directory ("" = read the source directly)
+      num_threads=2,                 # grain threads encoding records
       span_files="",                 # users' own span JSONL files, comma-separated
       expansion_seed=0,              # seed of the code-space span expansion
       cache_tokens=32_000_000,       # encoded examples kept for later epochs (tokens)
@@ -72,21 +92,35 @@ def base_config() -> ml_collections.ConfigDict:
       read_buffer=16))               # grain prefetch buffer per source
 
   config.train = ml_collections.ConfigDict(dict(
-      steps=100, lr=2e-4, warmup_steps=10, final_lr_fraction=0.1, weight_decay=0.0,
-      b1=0.9, b2=0.999, eps=1e-8, clip_norm=1.0,
+      steps=100,                     # optimizer steps
+      lr=2e-4,                       # peak learning rate
+      warmup_steps=10,               # linear warmup, then cosine decay
+      final_lr_fraction=0.1,         # the decay ends at lr * final_lr_fraction
+      weight_decay=0.0,              # AdamW weight decay
+      b1=0.9,                        # AdamW beta1
+      b2=0.999,                      # AdamW beta2
+      eps=1e-8,                      # AdamW epsilon
+      clip_norm=1.0,                 # global gradient norm clip (0 = none)
       grad_accum=1,                  # microbatches per optimizer step (same global batch each)
-      log_every=10, eval_every=0, eval_batches=4,
+      log_every=10,                  # steps between progress lines
+      eval_every=0,                  # steps between validation losses (0 = at the end only)
+      eval_batches=4,                # validation batches per evaluation (0 = no val loss)
       eval_at_start=False))          # val loss before the first step of a fresh run
 
   # Coding metrics (micro/macro/unseen-code F1, evidence F1) on the first `documents` notes of
   # `split`, decoded with the current adapters at every evaluation; 0 turns it off.
   config.eval_coding = ml_collections.ConfigDict(dict(
-      documents=0, split="val", max_new_tokens=96, batch_size=8, constrained=True,
+      documents=0,                   # notes coded per evaluation (0 = no coding metrics)
+      split="val",                   # train | val | test
+      max_new_tokens=96,             # answer budget per window
+      batch_size=8,                  # windows per generation call
+      constrained=True,              # decode only codes of the code space (infer.grammar)
       unique_codes=True,             # constrained: each code at most once per answer
       spans=0,                       # also code N gold evidence spans of the split one by one
       # Re-code each evidence span the document pass found with the span prompt; its code and
       # probability replace the document pass's (jaxicd.infer.coder).
-      recode=True, recode_batch_size=32,
+      recode=True,
+      recode_batch_size=32,          # spans per re-coding call
       # "" decodes with the trained model as it is; a dtype decodes with a copy in that dtype
       # with the adapters folded into the base (a CPU without bf16 units: "float32").
       dtype="",
@@ -95,6 +129,7 @@ def base_config() -> ml_collections.ConfigDict:
       calibrate=False,               # choose the threshold on these notes (on split val only)
       at_start=False))               # also code before training (zero-shot)
 
+  # Devices per mesh axis; -1 takes the devices the others leave.
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   # mode=plan (jaxicd.cost_model): tokens, FLOPs, hours and HBM per chip of this config on
   # `chips` x `accelerator` (v4, v5e, v5p, v6e, a100, h100, h200; 0 chips = the mesh's size)
@@ -105,18 +140,21 @@ def base_config() -> ml_collections.ConfigDict:
   config.plan = ml_collections.ConfigDict(dict(
       accelerator="v5e", chips=0, mfu=0.45, note_tokens=(), codes_per_note=-1.0, data=True,
       sample_documents=64, sample_spans=2000, packing_batches=2))
-  # Multi-host: jax.distributed.initialize() (TPU pods discover the rest themselves).
+  # Multi-host: jax.distributed.initialize() (TPU pods discover the rest themselves); the
+  # coordinator, process count and id ("" / -1 = discovered) for other clusters.
   config.distributed = ml_collections.ConfigDict(dict(
       enabled=False, coordinator_address="", num_processes=-1, process_id=-1))
-  # directory: "" = <workdir>/checkpoints; multi-host runs need shared storage (gs://...).
-  config.checkpoint = ml_collections.ConfigDict(dict(every=100, keep=3, async_save=True,
-                                                     directory=""))
+  config.checkpoint = ml_collections.ConfigDict(dict(
+      every=100,                     # steps between checkpoints (0 = only at the end)
+      keep=3,                        # checkpoints kept
+      async_save=True,               # write in the background while training goes on
+      directory=""))                 # "" = <workdir>/checkpoints; multi-host: shared (gs://...)
   return config
 
 
 def checkpoint_directory(config: Any, workdir) -> str:
   """Where the run's checkpoints live: ``checkpoint.directory``, else ``<workdir>/checkpoints``."""
-  return str(config.checkpoint.get("directory", "") or pathlib.Path(workdir) / "checkpoints")
+  return str(config.checkpoint.directory or pathlib.Path(workdir) / "checkpoints")
 
 
 # --- checks -------------------------------------------------------------------------------------
@@ -124,7 +162,7 @@ def checkpoint_directory(config: Any, workdir) -> str:
 
 def _unknown_keys(config: Any, schema: Any, prefix: str) -> list[str]:
   problems = []
-  valid = sorted(set(schema) | (set(OPTIONAL_KEYS) if not prefix else set()))
+  valid = sorted(schema)
   for key in config:
     name = f"{prefix}.{key}" if prefix else key
     if key not in valid:
@@ -132,7 +170,7 @@ def _unknown_keys(config: Any, schema: Any, prefix: str) -> list[str]:
       hint = f" (did you mean {close[0]!r}?)" if close else ""
       problems.append(f"config.{name}: unknown key{hint}; valid keys of "
                       f"config{'.' + prefix if prefix else ''}: {', '.join(valid)}")
-    elif isinstance(schema.get(key), ml_collections.ConfigDict):
+    elif isinstance(schema.get(key), ml_collections.ConfigDict) and name not in FREE_FORM:
       if not isinstance(config[key], (ml_collections.ConfigDict, dict)):
         problems.append(f"config.{name} must be a section with keys "
                         f"{', '.join(sorted(schema[key]))}, got {config[key]!r}")

@@ -116,24 +116,23 @@ def split_model(model: nnx.Module, rules=shd.DEFAULT_RULES) -> ModelParts:
 def learning_rate_schedule(train_cfg) -> optax.Schedule:
   """Linear warmup to ``lr``, then cosine decay to ``lr * final_lr_fraction`` at ``steps``."""
   steps = int(train_cfg.steps)
-  warmup = min(int(train_cfg.get("warmup_steps", 0)), max(steps - 1, 0))
+  warmup = min(int(train_cfg.warmup_steps), max(steps - 1, 0))
   peak = float(train_cfg.lr)
   # Warmup starts at peak / (warmup + 1), not 0, so that the first step is not wasted.
   return optax.warmup_cosine_decay_schedule(
       init_value=peak / (warmup + 1), peak_value=peak, warmup_steps=warmup,
       decay_steps=max(steps, warmup + 1),
-      end_value=peak * float(train_cfg.get("final_lr_fraction", 0.1)))
+      end_value=peak * float(train_cfg.final_lr_fraction))
 
 
 def build_optimizer(train_cfg) -> optax.GradientTransformation:
   """AdamW on the adapters with global-norm clipping (grads arrive already accumulated)."""
   parts = []
-  if train_cfg.get("clip_norm", 0.0):
+  if train_cfg.clip_norm:
     parts.append(optax.clip_by_global_norm(float(train_cfg.clip_norm)))
   parts.append(optax.adamw(learning_rate_schedule(train_cfg),
-                           b1=float(train_cfg.get("b1", 0.9)), b2=float(train_cfg.get("b2", 0.999)),
-                           eps=float(train_cfg.get("eps", 1e-8)),
-                           weight_decay=float(train_cfg.get("weight_decay", 0.0))))
+                           b1=float(train_cfg.b1), b2=float(train_cfg.b2),
+                           eps=float(train_cfg.eps), weight_decay=float(train_cfg.weight_decay)))
   return optax.chain(*parts)
 
 
@@ -275,13 +274,13 @@ class StepFunctions:
 
 def lora_config(cfg):
   return LoraConfig(rank=int(cfg.lora.rank), alpha=float(cfg.lora.alpha),
-                    dropout=float(cfg.lora.get("dropout", 0.0)),
+                    dropout=float(cfg.lora.dropout),
                     targets=tuple(cfg.lora.targets))
 
 
 def config_tokenizer(cfg):
   """The run's tokenizer: ``config.model.tokenizer`` if set, else the source's own."""
-  if cfg.model.get("tokenizer"):
+  if cfg.model.tokenizer:
     return load_tokenizer(cfg.model.tokenizer)
   tokenizer = weights.source_tokenizer(cfg.model.source)
   if tokenizer is None:
@@ -297,8 +296,8 @@ def load_model_and_tokenizer(cfg, mesh: Mesh | None = None, rules=shd.DEFAULT_RU
   mcfg = cfg.model
   tokenizer = tokenizer or config_tokenizer(cfg)  # first: a config without one fails fast
   model = weights.build_model(
-      mcfg.source, dtype=mcfg.get("dtype") or None, param_dtype=mcfg.get("param_dtype") or None,
-      remat=mcfg.get("remat") or None, lora=lora_config(cfg), mesh=mesh, rules=rules,
+      mcfg.source, dtype=mcfg.dtype or None, param_dtype=mcfg.param_dtype or None,
+      remat=mcfg.remat or None, lora=lora_config(cfg), mesh=mesh, rules=rules,
       seed=int(cfg.seed))
   return model, tokenizer
 
@@ -375,13 +374,13 @@ class Trainer:
     self.cfg = cfg
     self.workdir = pathlib.Path(workdir)
     self.workdir.mkdir(parents=True, exist_ok=True)
-    shd.maybe_initialize_distributed(cfg.get("distributed", None))
+    shd.maybe_initialize_distributed(cfg.distributed)
     self.is_chief = jax.process_index() == 0
     # Progress lines from process 0 only (the metrics are global, the same on every process).
     self.print = print_fn or ((lambda s: print(s, flush=True)) if self.is_chief
                               else (lambda s: None))
     self.mesh = mesh or shd.make_mesh(dict(cfg.mesh))
-    self.rules = tuple(tuple(r) for r in cfg.get("rules", None) or shd.DEFAULT_RULES)
+    self.rules = tuple(tuple(r) for r in cfg.rules or shd.DEFAULT_RULES)
     t0 = time.time()
     if model is None:
       # One device: load plainly (no jitted, sharded init to compile); else place each weight
@@ -396,7 +395,7 @@ class Trainer:
     self.tx = build_optimizer(cfg.train)
     self.schedule = learning_rate_schedule(cfg.train)
     self.fns = StepFunctions(self.parts, self.tx, self.mesh,
-                             grad_accum=int(cfg.train.get("grad_accum", 1)))
+                             grad_accum=int(cfg.train.grad_accum))
     self.base = self.fns.place_base(self.parts.base)
     self.rest = self.fns.place_rest(self.parts.rest)
     self.params = self.fns.place_params(self.parts.params)
@@ -404,9 +403,9 @@ class Trainer:
     self.step = 0
     self.load_seconds = time.time() - t0
     self.checkpointer = Checkpointer(checkpoint_directory(cfg, self.workdir),
-                                     keep=int(cfg.checkpoint.get("keep", 3)),
-                                     every=int(cfg.checkpoint.get("every", 0)),
-                                     async_save=bool(cfg.checkpoint.get("async_save", True)))
+                                     keep=int(cfg.checkpoint.keep),
+                                     every=int(cfg.checkpoint.every),
+                                     async_save=bool(cfg.checkpoint.async_save))
     self._data_iter = None
     self.eval_hooks: list[Callable[["Trainer", int], Mapping[str, float]]] = []
 
@@ -494,8 +493,8 @@ class Trainer:
 
   def evaluate(self, max_batches: int | None = None, split: str = "val") -> dict[str, float]:
     """Mean token cross-entropy over the validation split (target tokens only)."""
-    max_batches = max_batches if max_batches is not None else int(
-        self.cfg.train.get("eval_batches", 0) or 0)
+    max_batches = (max_batches if max_batches is not None
+                   else int(self.cfg.train.eval_batches))
     # Every process must run the same number of eval steps (each is a collective), though their
     # shards may hold different numbers of batches: exactly max_batches (padded with empty
     # batches), or, for all batches, until no process has any left.
@@ -531,8 +530,8 @@ class Trainer:
   def train(self) -> dict[str, Any]:
     cfg = self.cfg
     total_steps = int(cfg.train.steps)
-    log_every = max(int(cfg.train.get("log_every", 10)), 1)
-    eval_every = int(cfg.train.get("eval_every", 0) or 0)
+    log_every = max(int(cfg.train.log_every), 1)
+    eval_every = int(cfg.train.eval_every)
     writer = MetricsWriter(self.workdir, enabled=self.is_chief)
     it = self.data_iterator()
     self.restore_latest()
@@ -546,7 +545,7 @@ class Trainer:
                f"devices, {jax.process_count()} processes); "
                f"{sum(v.size for v in self.parts.params.values()):,} LoRA params; "
                f"model+tokenizer loaded in {self.load_seconds:.1f}s")
-    if start_step == 0 and cfg.train.get("eval_at_start", False):
+    if start_step == 0 and cfg.train.eval_at_start:
       self._run_eval(writer)
     status = "done"
     history: list[dict] = []
@@ -620,7 +619,7 @@ class Trainer:
           self.save(force=True)
       if status == "done":
         self.save()
-        if eval_every or int(cfg.train.get("eval_batches", 0) or 0):
+        if eval_every or int(cfg.train.eval_batches):
           self._run_eval(writer)
     self.checkpointer.wait()
     writer.close()
@@ -683,8 +682,7 @@ def _token_kind_counts(batches: list[Mapping[str, np.ndarray]]) -> dict[str, flo
 
 def _add_coding_eval(trainer: Trainer) -> None:
   """Registers coding metrics on held-out notes when ``eval_coding.documents > 0``."""
-  ec = trainer.cfg.get("eval_coding")
-  if ec is not None and int(ec.get("documents", 0)) > 0:
+  if int(trainer.cfg.eval_coding.documents) > 0:
     from jaxicd.train.coding_eval import CodingEval  # pylint: disable=g-import-not-at-top
     trainer.eval_hooks.append(CodingEval(trainer.cfg, trainer.tokenizer))
 

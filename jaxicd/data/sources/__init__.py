@@ -26,6 +26,7 @@ from pathlib import Path
 from absl import logging
 
 from jaxicd.data.records import Document, RecordError, SkipReport
+from jaxicd.data.sources import common
 from jaxicd.data.sources.common import FILTERED, DocumentStream, MissingDataError
 
 SOURCES = ("demo", "mimic_iv", "mdace", "codiesp", "jsonl")
@@ -85,13 +86,13 @@ def open_documents(source: str, manual_dir: str | Path = "", *, on_error: str = 
 
 
 def _read(source, manual_dir, on_error, skips, demo_seed, ontology, options, *, stream: bool):
-  from jaxicd.data.sources import common  # pylint: disable=g-import-not-at-top
   if source not in SOURCES:
     raise ValueError(f"unknown source {source!r}; expected one of {', '.join(SOURCES)}")
   skips = skips if skips is not None else SkipReport()
   if source == "demo":
     if options:
       raise ValueError(f"source demo takes no options, got {sorted(options)}")
+    # Imported on use, like the readers: the demo generator's tables load only for demo.
     from jaxicd.data.sources import demo  # pylint: disable=g-import-not-at-top
     docs = demo.load(seed=demo_seed)
     return common.InMemoryStream(docs) if stream else docs
@@ -112,5 +113,6 @@ def _read(source, manual_dir, on_error, skips, demo_seed, ontology, options, *, 
 def read_spans(path: str | Path, *, on_error: str = "raise", skips: SkipReport | None = None,
                ontology=None) -> list:
   """Spans from a JSONL file (see ``jaxicd.data.sources.jsonl``)."""
+  # Imported on use, like the readers (_reader).
   from jaxicd.data.sources import jsonl  # pylint: disable=g-import-not-at-top
   return jsonl.read_spans(path, on_error=on_error, skips=skips, ontology=ontology)

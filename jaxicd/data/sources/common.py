@@ -22,6 +22,7 @@ import json
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Protocol
 
+from jaxicd import ontology as ontology_lib
 from jaxicd.data.records import Document, RecordError, SkipReport
 
 ON_ERROR = ("raise", "skip")
@@ -197,7 +198,6 @@ class Issues:
   def code(self, raw: object, where: str) -> str | None:
     """Normalised, ontology-checked code, or None after reporting why it is unusable."""
     if self._normalize is None or self._ontology is None:
-      from jaxicd import ontology as ontology_lib  # pylint: disable=g-import-not-at-top
       self._normalize = self._normalize or ontology_lib.normalize_code
       self._ontology = self._ontology or ontology_lib.get_ontology()
     key = raw if isinstance(raw, str) else repr(raw)

@@ -109,7 +109,7 @@ def _locate(manual_dir: Path, rel: Path) -> Path | None:
 def read_split_file(path: Path, issues: common.Issues) -> dict[str, str]:
   """hadm_id -> train/val/test from a CSV (hadm_id|_id, split) or Edin's feather file."""
   if path.suffix == ".feather":
-    try:
+    try:  # pyarrow is optional: only Edin's .feather split file needs it
       from pyarrow import feather  # pylint: disable=g-import-not-at-top
     except ImportError as e:
       raise RecordError(f"{path}: reading .feather needs pyarrow; export it to CSV "
