@@ -175,8 +175,8 @@ def _import_eval():
   from jaxicd.data import pipeline  # pylint: disable=g-import-not-at-top
   from jaxicd.eval import calibration, metrics  # pylint: disable=g-import-not-at-top
   from jaxicd.infer import coder as coder_lib  # pylint: disable=g-import-not-at-top
-  from jaxicd.train import coding_eval, trainer as trainer_lib  # pylint: disable=g-import-not-at-top
-  return pipeline, calibration, metrics, coder_lib, coding_eval, trainer_lib
+  from jaxicd.train import coding_eval, trained as trained_lib  # pylint: disable=g-import-not-at-top
+  return pipeline, calibration, metrics, coder_lib, coding_eval, trained_lib
 
 
 class _EvalCache:
@@ -243,7 +243,7 @@ def _code_chunk(coder, docs, cache: _EvalCache, name: str):
 
 def evaluate_arm(arm: Arm, settings: Settings, workdir: pathlib.Path) -> dict[str, Any]:
   """Scores an arm (see the module docstring); returns its result record."""
-  pipeline, calibration, metrics, coder_lib, coding_eval, trainer_lib = _import_eval()
+  pipeline, calibration, metrics, coder_lib, coding_eval, trained_lib = _import_eval()
   cfg = load_config(arm, settings)
   documents = pipeline.load_documents(cfg.data)
   val = [d for d in documents if d.split == "val"][:settings.val_notes]
@@ -252,19 +252,19 @@ def evaluate_arm(arm: Arm, settings: Settings, workdir: pathlib.Path) -> dict[st
   spans = coding_eval.evidence_span_documents(test, settings.spans)
   t0 = time.perf_counter()
   cache = _EvalCache(workdir, settings, cfg)
-  trainer = trainer_lib.Trainer(cfg, workdir)
+  trained = trained_lib.TrainedModel(cfg, workdir)
   try:
-    steps = trainer.checkpointer.all_steps() if arm_steps(arm, settings) else []
+    steps = trained.steps() if arm_steps(arm, settings) else []
     candidates = steps if arm.select_best else steps[-1:]
     coder = None
     selection = {}
     best = None
     for step in candidates or [None]:
       if step is not None:
-        trainer.restore_latest(with_data=False, step=step)
-      model = trainer.parts.merge(trainer.params, trainer.base, trainer.rest)
+        trained.restore(step)
+      model = trained.model
       if coder is None:
-        coder = coder_lib.build_coder(cfg, model, trainer.tokenizer)
+        coder = coder_lib.build_coder(cfg, model, trained.tokenizer)
       else:
         coder.model = coder_lib.decoding_model(cfg, model)
       val_pred, _ = _code(coder, val, cache, f"val-step{step or 0}")
@@ -282,9 +282,8 @@ def evaluate_arm(arm: Arm, settings: Settings, workdir: pathlib.Path) -> dict[st
         best = (step, val_f1, thresholds, model)
     step, _, thresholds, model = best
     if step is not None and arm.select_best and step != candidates[-1]:
-      trainer.restore_latest(with_data=False, step=step)
-      coder.model = coder_lib.decoding_model(
-          cfg, trainer.parts.merge(trainer.params, trainer.base, trainer.rest))
+      trained.restore(step)
+      coder.model = coder_lib.decoding_model(cfg, trained.model)
     test_pred, stats = _code(coder, test, cache, f"test-step{step or 0}")
     unseen = metrics.unseen_in_training(trained, coder.code_space,
                                         (c for d in test for c in d.codes))
@@ -306,7 +305,7 @@ def evaluate_arm(arm: Arm, settings: Settings, workdir: pathlib.Path) -> dict[st
     span_metrics = metrics.span_accuracy([s.codes[0] for s in spans], span_preds,
                                          unseen_codes=span_unseen)
   finally:
-    trainer.close()
+    trained.close()
   result = {
       "arm": arm.name, "label": arm.label or arm.name, "config": f"configs/{arm.config}",
       "overrides": dict(arm.overrides), "step": int(step or 0),

@@ -483,35 +483,3 @@ def _save_tokenizer(tokenizer: Any, writer: _Writer, cfg: LlamaConfig) -> str:
   writer.write(TOKENIZER_FILE, lambda tmp: copy.save(str(tmp)))
   writer.write(TOKENIZER_CONFIG, lambda tmp: _save_json(config, tmp))
   return "written (tokenizer.json, tokenizer_config.json)"
-
-
-# --------------------------------------------------------------------------------------------
-# Export mode (python -m jaxicd.main --config.mode=export)
-# --------------------------------------------------------------------------------------------
-
-def run_export(cfg: Any, workdir: str) -> dict[str, Any]:
-  """Writes the latest checkpoint of ``workdir`` as ``<output>/peft`` (the adapters) and
-  ``<output>/merged`` (base + adapters, a transformers checkpoint with the tokenizer), where
-  ``output`` is ``cfg.output`` or ``<workdir>/export``. The merged weights are stored in
-  ``cfg.model.param_dtype``; earlier export files there are replaced."""
-  from jaxicd.train import trainer as trainer_lib  # pylint: disable=import-outside-toplevel
-  out = pathlib.Path(cfg.get("output", "") or pathlib.Path(workdir) / "export")
-  trainer = trainer_lib.Trainer(cfg, workdir)
-  try:
-    step = trainer.restore_latest(with_data=False)
-    if step is None:
-      raise ExportError(f"export: no checkpoint in {trainer.checkpointer.directory}; train "
-                        "first (or point --workdir at a trained run)")
-    model = trainer.parts.merge(trainer.params, trainer.base, trainer.rest)
-    source = weights.resolve_source(cfg.model.source)
-    summary = dict(step=step)
-    if trainer.is_chief:
-      summary["peft"] = export_peft(model, out / "peft", overwrite=True,
-                                    base_model_name_or_path=str(source.path or source.name))
-      summary["merged"] = export_merged(model, out / "merged", tokenizer=trainer.tokenizer,
-                                        dtype=cfg.model.param_dtype, overwrite=True)
-      trainer.print(f"export (checkpoint step {step}): adapters -> {out / 'peft'}, merged "
-                    f"{cfg.model.param_dtype} checkpoint -> {out / 'merged'}")
-    return summary
-  finally:
-    trainer.close()

@@ -376,7 +376,7 @@ class Llama(nnx.Module):
     """Logits float32 ``[B, T, vocab]``; with ``cache=``, returns ``(logits, new_cache)``.
 
     ``logits(hidden_states(...))``; training computes its loss from ``hidden_states`` without
-    materialising the logits (``jaxicd.train.losses``).
+    materialising the logits.
 
     Args:
       tokens: int32 ``[B, T]``.

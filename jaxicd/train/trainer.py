@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import os
 import pathlib
 import signal
@@ -29,6 +28,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxicd import errors
+from jaxicd.progress import format_eta
 from jaxicd.data import pipeline
 from jaxicd.model import weights
 from jaxicd.model.config import LoraConfig
@@ -36,7 +36,7 @@ from jaxicd.model.tokenizer import load_tokenizer
 from jaxicd.train import losses
 from jaxicd.train import sharding as shd
 from jaxicd.train.checkpoint import (CheckpointCorruptError, Checkpointer, abstract_like,
-                                     check_compatible, run_settings)
+                                     check_compatible, restore_newest, run_settings)
 from jaxicd.train.config import checkpoint_directory
 from jaxicd.train.metrics_writer import MetricsWriter
 
@@ -91,6 +91,16 @@ class ModelParts:
 
   def lora_shapes(self) -> dict[str, list[int]]:
     return {k: list(v.shape) for k, v in self.params.items()}
+
+  def param_shardings(self, mesh: Mesh) -> dict[str, NamedSharding]:
+    return {k: NamedSharding(mesh, shd.fit_spec(self.lora_specs[k], v.shape, mesh))
+            for k, v in self.params.items()}
+
+  def base_shardings(self, mesh: Mesh):
+    return shd.named_shardings(mesh, self.base_specs, self.base)
+
+  def rest_shardings(self, mesh: Mesh):
+    return jax.tree.map(lambda _: shd.replicated(mesh), self.rest)
 
 
 def split_model(model: nnx.Module, rules=shd.DEFAULT_RULES) -> ModelParts:
@@ -153,10 +163,9 @@ class StepFunctions:
     self.grad_accum = int(grad_accum)
     if self.grad_accum < 1:
       raise ValueError(f"config.train.grad_accum must be >= 1, got {grad_accum}")
-    self.param_shardings = {k: NamedSharding(mesh, shd.fit_spec(parts.lora_specs[k], v.shape, mesh))
-                            for k, v in parts.params.items()}
-    self.base_shardings = shd.named_shardings(mesh, parts.base_specs, parts.base)
-    self.rest_shardings = jax.tree.map(lambda _: shd.replicated(mesh), parts.rest)
+    self.param_shardings = parts.param_shardings(mesh)
+    self.base_shardings = parts.base_shardings(mesh)
+    self.rest_shardings = parts.rest_shardings(mesh)
     abstract_opt = jax.eval_shape(tx.init, parts.params)
     self.opt_shardings = optax.tree_map_params(
         tx, lambda _, s: s, abstract_opt, self.param_shardings,
@@ -303,6 +312,22 @@ def load_model_and_tokenizer(cfg, mesh: Mesh | None = None, rules=shd.DEFAULT_RU
   return model, tokenizer
 
 
+def load_model_parts(cfg, mesh: Mesh, rules=shd.DEFAULT_RULES,
+                     tokenizer=None) -> tuple[ModelParts, Any]:
+  """The base model with fresh adapters, split (`split_model`), and the run's tokenizer."""
+  # One device: load plainly (no jitted, sharded init to compile); else place each weight on
+  # its shards as it loads, so no host holds a full copy of a large model.
+  load_mesh = mesh if mesh.size > 1 else None
+  with jax.set_mesh(mesh):
+    model, tokenizer = load_model_and_tokenizer(cfg, load_mesh, rules, tokenizer)
+  return split_model(model, rules), tokenizer
+
+
+def config_rules(cfg) -> tuple:
+  """The run's logical axis rules: ``config.rules``, else the defaults."""
+  return tuple(tuple(r) for r in cfg.get("rules", None) or shd.DEFAULT_RULES)
+
+
 def base_fingerprint(source: str) -> dict:
   return weights.source_fingerprint(source)
 
@@ -332,13 +357,6 @@ def check_checkpoints(cfg, workdir, *, resume: bool,
       return
   finally:
     checkpointer.close()
-
-
-def _format_eta(seconds: float) -> str:
-  if not math.isfinite(seconds) or seconds < 0:
-    return "?"
-  seconds = int(seconds)
-  return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
 class _StopSignal:
@@ -381,18 +399,14 @@ class Trainer:
     self.print = print_fn or ((lambda s: print(s, flush=True)) if self.is_chief
                               else (lambda s: None))
     self.mesh = mesh or shd.make_mesh(dict(cfg.mesh))
-    self.rules = tuple(tuple(r) for r in cfg.get("rules", None) or shd.DEFAULT_RULES)
+    self.rules = config_rules(cfg)
     t0 = time.time()
     if model is None:
-      # One device: load plainly (no jitted, sharded init to compile); else place each weight
-      # on its shards as it loads, so no host holds a full copy of a large model.
-      load_mesh = self.mesh if self.mesh.size > 1 else None
-      with jax.set_mesh(self.mesh):
-        model, tokenizer = load_model_and_tokenizer(cfg, load_mesh, self.rules, tokenizer)
-    self.tokenizer = tokenizer
+      self.parts, self.tokenizer = load_model_parts(cfg, self.mesh, self.rules, tokenizer)
+    else:
+      self.parts, self.tokenizer = split_model(model, self.rules), tokenizer
+      del model
     self.base_fingerprint = base_fingerprint(cfg.model.source)
-    self.parts = split_model(model, self.rules)
-    del model
     self.tx = build_optimizer(cfg.train)
     self.schedule = learning_rate_schedule(cfg.train)
     self.fns = StepFunctions(self.parts, self.tx, self.mesh,
@@ -428,6 +442,11 @@ class Trainer:
   def lora_params_host(self) -> dict[str, np.ndarray]:
     return shd.to_host(dict(self.params))
 
+  @property
+  def model(self):
+    """A live model with the current adapters (for coding metrics)."""
+    return self.parts.merge(self.params, self.base, self.rest)
+
   def data_iterator(self):
     if self._data_iter is None:
       self._data_iter = pipeline.make_train_iterator(
@@ -444,19 +463,8 @@ class Trainer:
     resume moves it aside (``<step>.unreadable``) to save that step again. With no earlier one
     (or an explicit `step`) it raises `CheckpointCorruptError` naming the file.
     """
-    steps = sorted(self.checkpointer.all_steps(), reverse=True) if step is None else [step]
-    for i, candidate in enumerate(steps):
-      try:
-        return self._restore(candidate, with_data)
-      except CheckpointCorruptError as e:
-        if step is not None:
-          raise
-        if i + 1 == len(steps):
-          raise e.last_resort(self.checkpointer.step_dir(candidate)) from e
-        moved = (f"; moved to {self.checkpointer.move_aside(candidate)}" if with_data else "")
-        self.print(f"warning: {e}; using step {steps[i + 1]} "
-                   f"({self.checkpointer.step_dir(steps[i + 1])}) instead{moved}")
-    return None
+    return restore_newest(self.checkpointer, lambda s: self._restore(s, with_data), step=step,
+                          move_aside=with_data, warn=self.print)
 
   def _restore(self, step: int, with_data: bool) -> int:
     saved_meta = self.checkpointer.read_meta(step)
@@ -602,7 +610,7 @@ class Trainer:
           self.print(f"step {self.step}/{total_steps}  loss {metrics['loss']:.4f}  "
                      f"acc {metrics['accuracy']:.3f}  |g| {metrics['grad_norm']:.3f}  lr {lr:.2e}  "
                      f"{speed}{kind_text}  "
-                     f"ETA {_format_eta(eta)}")
+                     f"ETA {format_eta(eta)}")
           window.update(tokens=0.0, steps=0, span=0.0, doc=0.0, t=time.time())
         writer.write(self.step, record, prefix="train/")
         history.append(dict(step=self.step, loss=metrics["loss"]))
@@ -679,43 +687,3 @@ def _token_kind_counts(batches: list[Mapping[str, np.ndarray]]) -> dict[str, flo
     out["span_target"] += float(np.sum(w * (sources == 1)))
     out["doc_target"] += float(np.sum(w * (sources == 2)))
   return out
-
-
-def _add_coding_eval(trainer: Trainer) -> None:
-  """Registers coding metrics on held-out notes when ``eval_coding.documents > 0``."""
-  ec = trainer.cfg.get("eval_coding")
-  if ec is not None and int(ec.get("documents", 0)) > 0:
-    from jaxicd.train.coding_eval import CodingEval  # pylint: disable=g-import-not-at-top
-    trainer.eval_hooks.append(CodingEval(trainer.cfg, trainer.tokenizer))
-
-
-def run_train(cfg, workdir: str, tokenizer=None) -> dict[str, Any]:
-  trainer = Trainer(cfg, workdir, tokenizer=tokenizer)
-  _add_coding_eval(trainer)
-  try:
-    return trainer.train()
-  finally:
-    trainer.close()
-
-
-def run_eval(cfg, workdir: str, tokenizer=None) -> dict[str, float]:
-  trainer = Trainer(cfg, workdir, tokenizer=tokenizer)
-  try:
-    step = trainer.restore_latest(with_data=False)
-    result = trainer.evaluate()
-    _add_coding_eval(trainer)
-    for hook in trainer.eval_hooks:
-      if hasattr(hook, "report_path"):  # eval mode: an evidence report of the coded notes
-        hook.report_path = trainer.workdir / f"report.{cfg.eval_coding.split}.html"
-      result.update(hook(trainer, max(step or 0, 1)))  # coding runs even without a checkpoint
-    result["step"] = step or 0
-    where = (f"checkpoint step {step}" if step is not None
-             else "no checkpoint in the workdir: base model, adapters untrained")
-    trainer.print(f"eval ({where}): val loss {result['loss']:.4f}  "
-                  f"acc {result['accuracy']:.3f} over {result['batches']} batches")
-    writer = MetricsWriter(trainer.workdir, enabled=trainer.is_chief)
-    writer.write(step or 0, result, prefix="eval/")
-    writer.close()
-    return result
-  finally:
-    trainer.close()
