@@ -97,9 +97,9 @@ def setup_jaxicd(tokens: np.ndarray, dtype: str) -> dict:
   """Loads and compiles; returns a blocking ``step()`` and what setting up took."""
   import jax
   import ml_collections
+  from jaxicd import sharding as shd
   from jaxicd.model import weights
   from jaxicd.model.config import LoraConfig
-  from jaxicd.train import sharding as shd
   from jaxicd.train import trainer
 
   t0 = time.time()

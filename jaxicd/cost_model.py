@@ -35,6 +35,9 @@ from typing import Any, Mapping, Sequence
 from jaxicd import errors
 from jaxicd.model.config import LlamaConfig, LoraConfig
 
+# JAX, flax and the model, data and sharding modules are imported in the functions that use
+# them: jaxicd.main imports this module at start-up, and --help must stay fast.
+
 GB = 1e9
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -149,7 +152,7 @@ def model_weights(cfg: LlamaConfig) -> list[Weight]:
   import jax  # pylint: disable=import-outside-toplevel
   from flax import nnx  # pylint: disable=import-outside-toplevel
   from jaxicd.model.llama import Llama  # pylint: disable=import-outside-toplevel
-  from jaxicd.train.sharding import variable_logical_axes  # pylint: disable=import-outside-toplevel
+  from jaxicd.sharding import variable_logical_axes  # pylint: disable=import-outside-toplevel
 
   abstract = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0)))
   out = []
@@ -173,8 +176,8 @@ def param_counts(weights: Sequence[Weight]) -> dict[str, int]:
 
 def shard_elements(weight: Weight, mesh_shape: Mapping[str, int], rules=None) -> int:
   """Elements of ``weight`` one chip holds under the logical sharding rules (an axis that does
-  not divide a dimension is dropped, as ``jaxicd.train.sharding.fit_spec`` does)."""
-  from jaxicd.train import sharding  # pylint: disable=import-outside-toplevel
+  not divide a dimension is dropped, as ``jaxicd.sharding.fit_spec`` does)."""
+  from jaxicd import sharding  # pylint: disable=import-outside-toplevel
   spec = sharding.logical_to_spec(weight.logical_axes, rules or sharding.DEFAULT_RULES)
   spec = sharding.fit_spec(spec, weight.shape, types.SimpleNamespace(shape=dict(mesh_shape)))
   n = math.prod(weight.shape)
@@ -543,7 +546,7 @@ def _tokenizer(config):
 
 
 def mesh_for(config, chips: int) -> dict[str, int]:
-  from jaxicd.train import sharding  # pylint: disable=import-outside-toplevel
+  from jaxicd import sharding  # pylint: disable=import-outside-toplevel
   try:
     shape = sharding.resolve_mesh_shape(dict(config.mesh), chips)
   except ValueError as e:

@@ -15,12 +15,12 @@ from typing import Any
 
 import jax
 
+from jaxicd import sharding
 from jaxicd.data import pipeline
 from jaxicd.errors import InputError
 from jaxicd.infer import predict
 from jaxicd.model import export, weights
 from jaxicd.train import config as config_lib
-from jaxicd.train import sharding
 from jaxicd.train.coding_eval import CodingEval
 from jaxicd.train.metrics_writer import MetricsWriter
 from jaxicd.train.trained import TrainedModel

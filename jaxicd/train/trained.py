@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import jax
 
-from jaxicd.train import sharding as shd
+from jaxicd import sharding as shd
 from jaxicd.train.checkpoint import (Checkpointer, abstract_like, check_compatible,
                                      restore_newest, run_settings)
 from jaxicd.train.config import checkpoint_directory

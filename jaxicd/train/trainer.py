@@ -28,13 +28,13 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxicd import errors
+from jaxicd import sharding as shd
 from jaxicd.progress import format_eta
 from jaxicd.data import pipeline
 from jaxicd.model import weights
 from jaxicd.model.config import LoraConfig
 from jaxicd.model.tokenizer import load_tokenizer
 from jaxicd.train import losses
-from jaxicd.train import sharding as shd
 from jaxicd.train.checkpoint import (CheckpointCorruptError, Checkpointer, abstract_like,
                                      check_compatible, restore_newest, run_settings)
 from jaxicd.train.config import checkpoint_directory
