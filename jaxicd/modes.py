@@ -32,7 +32,8 @@ def run(config, workdir: str) -> dict[str, Any]:
   ``workdir``; returns a JSON-able summary. ``config.<mode>.json`` is written only once nothing
   can refuse the run (a refused run leaves the record of the last good one)."""
   mode = config.mode
-  # Multi-host: before anything else touches JAX (CPU collectives use gloo, JAX's default).
+  # Multi-host: the one start-up, before anything else touches JAX (CPU collectives use gloo,
+  # JAX's default).
   sharding.maybe_initialize_distributed(config.get("distributed", None))
   plan = tokenizer = None
   if mode == "predict":  # input, output paths and checkpoint

@@ -108,7 +108,7 @@ def maybe_initialize_distributed(cfg: Mapping[str, Any] | None) -> None:
   """
   if not cfg or not cfg.get("enabled", False):
     return
-  if jax.distributed.is_initialized():  # main initialises before the Trainer does
+  if jax.distributed.is_initialized():
     return
   kwargs = {k: cfg[k] for k in ("coordinator_address", "num_processes", "process_id")
             if cfg.get(k) not in (None, "", -1)}

@@ -29,11 +29,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxicd import errors
 from jaxicd import sharding as shd
-from jaxicd.progress import format_eta
 from jaxicd.data import pipeline
 from jaxicd.model import weights
 from jaxicd.model.config import LoraConfig
 from jaxicd.model.tokenizer import load_tokenizer
+from jaxicd.progress import TrainingProgress
 from jaxicd.train import losses
 from jaxicd.train.checkpoint import (CheckpointCorruptError, Checkpointer, abstract_like,
                                      check_compatible, restore_newest, run_settings)
@@ -393,7 +393,6 @@ class Trainer:
     self.cfg = cfg
     self.workdir = pathlib.Path(workdir)
     self.workdir.mkdir(parents=True, exist_ok=True)
-    shd.maybe_initialize_distributed(cfg.get("distributed", None))
     self.is_chief = jax.process_index() == 0
     # Progress lines from process 0 only (the metrics are global, the same on every process).
     self.print = print_fn or ((lambda s: print(s, flush=True)) if self.is_chief
@@ -537,6 +536,8 @@ class Trainer:
   # --- the loop -----------------------------------------------------------------------------
 
   def train(self) -> dict[str, Any]:
+    """Trains from the newest checkpoint to ``config.train.steps``: each step is logged, then
+    evaluated and checkpointed when due; SIGTERM (or a multi-host preemption) saves and stops."""
     cfg = self.cfg
     total_steps = int(cfg.train.steps)
     log_every = max(int(cfg.train.get("log_every", 10)), 1)
@@ -549,80 +550,25 @@ class Trainer:
       self.print(f"nothing to do: checkpoint step {start_step} >= config.train.steps {total_steps}")
       writer.close()
       return dict(step=self.step, status="done")
-    self.print(f"training steps {start_step + 1}..{total_steps} on mesh "
-               f"{dict(self.mesh.shape)} ({jax.device_count()} {jax.devices()[0].platform} "
-               f"devices, {jax.process_count()} processes); "
-               f"{sum(v.size for v in self.parts.params.values()):,} LoRA params; "
-               f"model+tokenizer loaded in {self.load_seconds:.1f}s")
+    self._print_start(total_steps)
     if start_step == 0 and cfg.train.get("eval_at_start", False):
       self._run_eval(writer)
     status = "done"
     history: list[dict] = []
-    window = dict(tokens=0.0, steps=0, span=0.0, doc=0.0, t=time.time())
-    totals = dict(span=0.0, doc=0.0, span_target=0.0, doc_target=0.0)
-    first_step_time = None
-    t_start = time.time()
+    progress = TrainingProgress(total_steps)
     with _StopSignal() as stop:
       while self.step < total_steps:
-        batch, counts = self._next_batch(it)
-        t_step = time.time()
-        self.params, self.opt_state, self.rest, metrics = self.fns.train_step(
-            self.params, self.opt_state, self.base, self.rest, batch)
-        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        if first_step_time is None:
-          first_step_time = time.time() - t_step
-          self.print(f"step {self.step + 1} (compile + run) took {first_step_time:.1f}s")
-          window["t"] = time.time()
-        else:
-          window["tokens"] += metrics["tokens"]
-          window["steps"] += 1
-        for kind in ("span", "doc"):
-          window[kind] += counts[kind]
-        for kind in totals:
-          totals[kind] += counts[kind]
-        if metrics["target_tokens"] == 0:
-          self._stop(writer, metrics, NoTargetTokensError,
-                     f"step {self.step + 1} has no answer tokens to learn from (every loss weight "
-                     f"of its batch is 0: answers cut off by config.data.seq_len="
-                     f"{cfg.data.seq_len}, or examples without answers)",
-                     "Raise config.data.seq_len or check the data.")
-        if metrics["finite"] < 1:
-          self._stop(writer, metrics, TrainingDivergedError,
-                     f"non-finite loss ({metrics['loss']}) or gradient norm "
-                     f"({metrics['grad_norm']}) at step {self.step + 1}",
-                     "Lower config.train.lr or check the data.")
+        metrics = self._train_step(it, writer, progress)
         self.step += 1
-        lr = float(self.schedule(self.step - 1))
-        record = dict(metrics, lr=lr)
-        if self.step % log_every == 0 or self.step == total_steps or self.step == start_step + 1:
-          elapsed = time.time() - window["t"]
-          steps_per_s = window["steps"] / elapsed if window["steps"] and elapsed > 0 else 0.0
-          tokens_per_s = window["tokens"] / elapsed if window["steps"] and elapsed > 0 else 0.0
-          kinds = window["span"] + window["doc"]
-          span_frac = window["span"] / kinds if kinds else float("nan")
-          record.update(steps_per_s=steps_per_s, tokens_per_s=tokens_per_s,
-                        span_token_fraction=span_frac)
-          eta = (total_steps - self.step) / steps_per_s if steps_per_s else float("nan")
-          speed = (f"{steps_per_s:.2f} steps/s  {tokens_per_s:,.0f} tok/s  "
-                   if window["steps"] else "")
-          kind_text = (f"tokens {100 * span_frac:.0f}% span / {100 * (1 - span_frac):.0f}% doc"
-                       if kinds else "span/doc split n/a")
-          self.print(f"step {self.step}/{total_steps}  loss {metrics['loss']:.4f}  "
-                     f"acc {metrics['accuracy']:.3f}  |g| {metrics['grad_norm']:.3f}  lr {lr:.2e}  "
-                     f"{speed}{kind_text}  "
-                     f"ETA {format_eta(eta)}")
-          window.update(tokens=0.0, steps=0, span=0.0, doc=0.0, t=time.time())
+        record = dict(metrics, lr=float(self.schedule(self.step - 1)))
+        if self.step % log_every == 0 or self.step in (total_steps, start_step + 1):
+          record.update(self._log_progress(metrics, record["lr"], progress))
         writer.write(self.step, record, prefix="train/")
         history.append(dict(step=self.step, loss=metrics["loss"]))
         if eval_every and self.step % eval_every == 0 and self.step < total_steps:
           self._run_eval(writer)
-        preempted = stop.received or (
-            jax.process_count() > 1 and self.checkpointer.manager.reached_preemption(self.step))
-        if preempted:
-          self.save()
-          self.checkpointer.wait()
+        if self._preempted(stop):
           status = "preempted"
-          self.print(f"preempted: saved checkpoint at step {self.step}; exiting")
           break
         if self.checkpointer.should_save(self.step) and self.step < total_steps:
           self.save(force=True)
@@ -632,18 +578,67 @@ class Trainer:
           self._run_eval(writer)
     self.checkpointer.wait()
     writer.close()
-    kinds = totals["span"] + totals["doc"]
-    targets = totals["span_target"] + totals["doc_target"]
-    summary = dict(step=self.step, status=status, seconds=time.time() - t_start,
-                   first_step_seconds=first_step_time, history=history,
-                   span_token_fraction=totals["span"] / kinds if kinds else None,
-                   span_target_fraction=totals["span_target"] / targets if targets else None)
-    if kinds:
-      self.print(f"tokens trained this run: {int(kinds):,} ({100 * totals['span'] / kinds:.1f}% "
-                 f"spans, {100 * totals['doc'] / kinds:.1f}% documents); target tokens "
-                 f"{int(targets):,} ({100 * totals['span_target'] / max(targets, 1):.1f}% spans, "
-                 f"{100 * totals['doc_target'] / max(targets, 1):.1f}% documents)")
+    done = progress.summary()
+    summary = dict(step=self.step, status=status, seconds=done["seconds"],
+                   first_step_seconds=done["first_step_seconds"], history=history,
+                   span_token_fraction=done["span_token_fraction"],
+                   span_target_fraction=done["span_target_fraction"])
+    totals = progress.totals_line()
+    if totals:
+      self.print(totals)
     return summary
+
+  def _print_start(self, total_steps: int) -> None:
+    self.print(f"training steps {self.step + 1}..{total_steps} on mesh "
+               f"{dict(self.mesh.shape)} ({jax.device_count()} {jax.devices()[0].platform} "
+               f"devices, {jax.process_count()} processes); "
+               f"{sum(v.size for v in self.parts.params.values()):,} LoRA params; "
+               f"model+tokenizer loaded in {self.load_seconds:.1f}s")
+
+  def _train_step(self, it: Iterator, writer: MetricsWriter,
+                  progress: TrainingProgress) -> dict[str, float]:
+    """One optimizer step on the next batch; its metrics (host floats). Stops the run at a
+    step that had no answer tokens or a non-finite loss or gradient (its update is skipped)."""
+    batch, counts = self._next_batch(it)
+    t_step = time.time()
+    self.params, self.opt_state, self.rest, metrics = self.fns.train_step(
+        self.params, self.opt_state, self.base, self.rest, batch)
+    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    seconds = time.time() - t_step
+    if progress.first_step_seconds is None:
+      self.print(f"step {self.step + 1} (compile + run) took {seconds:.1f}s")
+    progress.step_done(seconds, metrics["tokens"], counts)
+    if metrics["target_tokens"] == 0:
+      self._stop(writer, metrics, NoTargetTokensError,
+                 f"step {self.step + 1} has no answer tokens to learn from (every loss weight "
+                 f"of its batch is 0: answers cut off by config.data.seq_len="
+                 f"{self.cfg.data.seq_len}, or examples without answers)",
+                 "Raise config.data.seq_len or check the data.")
+    if metrics["finite"] < 1:
+      self._stop(writer, metrics, TrainingDivergedError,
+                 f"non-finite loss ({metrics['loss']}) or gradient norm "
+                 f"({metrics['grad_norm']}) at step {self.step + 1}",
+                 "Lower config.train.lr or check the data.")
+    return metrics
+
+  def _log_progress(self, metrics: Mapping[str, float], lr: float,
+                    progress: TrainingProgress) -> dict[str, float]:
+    """Prints the progress line of the step just taken; returns its rates for the metrics."""
+    rates, text = progress.report(self.step)
+    self.print(f"step {self.step}/{progress.total_steps}  loss {metrics['loss']:.4f}  "
+               f"acc {metrics['accuracy']:.3f}  |g| {metrics['grad_norm']:.3f}  lr {lr:.2e}  "
+               f"{text}")
+    return rates
+
+  def _preempted(self, stop: "_StopSignal") -> bool:
+    """True after SIGTERM or at a multi-host preemption sync point: the step is saved."""
+    preempted = stop.received or (
+        jax.process_count() > 1 and self.checkpointer.manager.reached_preemption(self.step))
+    if preempted:
+      self.save()
+      self.checkpointer.wait()
+      self.print(f"preempted: saved checkpoint at step {self.step}; exiting")
+    return preempted
 
   def _stop(self, writer: MetricsWriter, metrics: Mapping[str, float], error: type[Exception],
             what: str, advice: str):
