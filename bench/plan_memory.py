@@ -20,6 +20,7 @@ import _platform
 
 
 def measure(preset: str, rows: int, seq: int, remat: str, dtype: str) -> dict:
+  # Imported here: JAX must not load before main() has chosen the platform (_platform.use).
   import jax  # pylint: disable=import-outside-toplevel
   import ml_collections  # pylint: disable=import-outside-toplevel
   from jaxicd import cost_model  # pylint: disable=import-outside-toplevel

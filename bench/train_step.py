@@ -95,6 +95,7 @@ def make_batch(vocab: int, batch: int, seq: int):
 
 def setup_jaxicd(tokens: np.ndarray, dtype: str) -> dict:
   """Loads and compiles; returns a blocking ``step()`` and what setting up took."""
+  # Imported here: each stack loads only when measured (peak RSS is read before torch loads).
   import jax
   import ml_collections
   from jaxicd import sharding as shd
@@ -139,6 +140,7 @@ def setup_jaxicd(tokens: np.ndarray, dtype: str) -> dict:
 def setup_torch(tokens: np.ndarray, dtype: str):
   """transformers + PEFT; returns a blocking ``step()`` after one warm-up step. ``bfloat16``
   runs the step under CPU autocast (bf16 matmuls, float32 weights, adapters and AdamW)."""
+  # The optional reference stack (setup.py extras), loaded only for its measurement.
   import torch
   import transformers
   import peft

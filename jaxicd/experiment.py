@@ -460,6 +460,7 @@ def write_report(results: dict[str, dict], settings: Settings, out: pathlib.Path
 
 
 def _figure(results: dict[str, dict], path: pathlib.Path) -> None:
+  # Optional (setup.py extras): only the figure needs it.
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top

@@ -23,7 +23,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tokenizers
 from flax import nnx
+from safetensors.numpy import save_file
+from tokenizers import processors
 
 from jaxicd.model import lora as lora_lib
 from jaxicd.model import weights
@@ -345,7 +348,6 @@ class _Writer:
 
 
 def _save_safetensors(tensors: dict[str, np.ndarray], path: pathlib.Path) -> None:
-  from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
   try:
     save_file(tensors, str(path), metadata=_SAFETENSORS_METADATA)
   except Exception as e:  # the Rust serializer raises plain exceptions (e.g. an unknown dtype)
@@ -455,8 +457,6 @@ def _save_tokenizer(tokenizer: Any, writer: _Writer, cfg: LlamaConfig) -> str:
     log.warning("tokenizer of type %s has no tokenizer.json writer; not exported",
                 type(tokenizer).__name__)
     return f"skipped: {type(tokenizer).__name__} has no tokenizer.json writer"
-  import tokenizers  # pylint: disable=import-outside-toplevel
-  from tokenizers import processors  # pylint: disable=import-outside-toplevel
   copy = tokenizers.Tokenizer.from_str(backend.to_str())
   bos = getattr(tokenizer, "bos_token", None)
   add_bos = bool(getattr(tokenizer, "add_bos", False)) and bos is not None

@@ -22,12 +22,15 @@ import pathlib
 import re
 from typing import Any, Callable, Mapping
 
+import grain
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.experimental import multihost_utils
 
 from jaxicd import errors
+from jaxicd.data import prompts
 
 _ITEMS = ("state", "data_iter", "meta")
 # Settings that only shape training examples: an eval / predict / export restore may differ.
@@ -54,7 +57,6 @@ def _jsonable(value):
 def run_settings(cfg) -> dict[str, Any]:
   """What a checkpoint's adapters depend on besides the base weights: LoRA settings, the answer
   format and prompt version, and the data settings that shape training examples."""
-  from jaxicd.data import prompts  # pylint: disable=import-outside-toplevel
   return _jsonable({
       "lora.rank": cfg.lora.rank, "lora.alpha": cfg.lora.alpha,
       "lora.dropout": cfg.lora.dropout, "lora.targets": list(cfg.lora.targets),
@@ -182,7 +184,6 @@ class Checkpointer:
     if jax.process_index() == 0:
       src.rename(dst)
     if jax.process_count() > 1:
-      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
       multihost_utils.sync_global_devices(f"jaxicd_move_aside_{step}")
     self.manager.reload()
     return dst
@@ -195,7 +196,6 @@ class Checkpointer:
     meta = dict(meta or {}, checksums=checksums(state), step=int(step))
     items = dict(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(_jsonable(meta)))
     if data_iter is not None:
-      import grain  # pylint: disable=g-import-not-at-top
       items["data_iter"] = grain.checkpoint.CheckpointSave(data_iter)
     saved = self.manager.save(int(step), args=ocp.args.Composite(**items), force=force)
     if saved:
@@ -219,7 +219,6 @@ class Checkpointer:
     else:
       items = dict(state=ocp.args.StandardRestore(abstract_state))
     if data_iter is not None:
-      import grain  # pylint: disable=g-import-not-at-top
       items["data_iter"] = grain.checkpoint.CheckpointRestore(data_iter)
     try:
       state = self.manager.restore(int(step), args=ocp.args.Composite(**items))["state"]
