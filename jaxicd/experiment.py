@@ -252,19 +252,19 @@ def evaluate_arm(arm: Arm, settings: Settings, workdir: pathlib.Path) -> dict[st
   spans = coding_eval.evidence_span_documents(test, settings.spans)
   t0 = time.perf_counter()
   cache = _EvalCache(workdir, settings, cfg)
-  trained = trained_lib.TrainedModel(cfg, workdir)
+  restored = trained_lib.TrainedModel(cfg, workdir)
   try:
-    steps = trained.steps() if arm_steps(arm, settings) else []
+    steps = restored.steps() if arm_steps(arm, settings) else []
     candidates = steps if arm.select_best else steps[-1:]
     coder = None
     selection = {}
     best = None
     for step in candidates or [None]:
       if step is not None:
-        trained.restore(step)
-      model = trained.model
+        restored.restore(step)
+      model = restored.model
       if coder is None:
-        coder = coder_lib.build_coder(cfg, model, trained.tokenizer)
+        coder = coder_lib.build_coder(cfg, model, restored.tokenizer)
       else:
         coder.model = coder_lib.decoding_model(cfg, model)
       val_pred, _ = _code(coder, val, cache, f"val-step{step or 0}")
@@ -282,8 +282,8 @@ def evaluate_arm(arm: Arm, settings: Settings, workdir: pathlib.Path) -> dict[st
         best = (step, val_f1, thresholds, model)
     step, _, thresholds, model = best
     if step is not None and arm.select_best and step != candidates[-1]:
-      trained.restore(step)
-      coder.model = coder_lib.decoding_model(cfg, trained.model)
+      restored.restore(step)
+      coder.model = coder_lib.decoding_model(cfg, restored.model)
     test_pred, stats = _code(coder, test, cache, f"test-step{step or 0}")
     unseen = metrics.unseen_in_training(trained, coder.code_space,
                                         (c for d in test for c in d.codes))
@@ -305,7 +305,7 @@ def evaluate_arm(arm: Arm, settings: Settings, workdir: pathlib.Path) -> dict[st
     span_metrics = metrics.span_accuracy([s.codes[0] for s in spans], span_preds,
                                          unseen_codes=span_unseen)
   finally:
-    trained.close()
+    restored.close()
   result = {
       "arm": arm.name, "label": arm.label or arm.name, "config": f"configs/{arm.config}",
       "overrides": dict(arm.overrides), "step": int(step or 0),
