@@ -48,20 +48,21 @@ def main() -> None:
   args = parser.parse_args()
   _platform.use(args.platform)
 
+  # After the platform is chosen: JAX must not load before.
   import jax  # pylint: disable=import-outside-toplevel
   from jaxicd.data import pipeline  # pylint: disable=import-outside-toplevel
   from jaxicd.infer import coder as coder_lib  # pylint: disable=import-outside-toplevel
-  from jaxicd.train import trainer as trainer_lib  # pylint: disable=import-outside-toplevel
+  from jaxicd.train.trained import TrainedModel  # pylint: disable=import-outside-toplevel
 
   cfg = _config(args.config)
   cfg.eval_coding.update(max_new_tokens=args.max_new, batch_size=args.batch_size,
                          recode_batch_size=args.recode_batch_size, threshold=0.0, recode=False,
                          dtype="")
   docs = [d for d in pipeline.load_documents(cfg.data) if d.split == "test"][:args.notes]
-  trainer = trainer_lib.Trainer(cfg, pathlib.Path(args.workdir))
-  step = trainer.restore_latest(with_data=False) if trainer.checkpointer.all_steps() else 0
-  model = trainer.parts.merge(trainer.params, trainer.base, trainer.rest)
-  coder = coder_lib.build_coder(cfg, model, trainer.tokenizer)
+  trained_model = TrainedModel(cfg, pathlib.Path(args.workdir))
+  step = trained_model.restore()
+  model = trained_model.model
+  coder = coder_lib.build_coder(cfg, model, trained_model.tokenizer)
   trained = model
   results = {}
   for run in args.runs.split(","):
@@ -85,7 +86,7 @@ def main() -> None:
         "batch_size": args.batch_size, "recode_batch_size": args.recode_batch_size,
         "cpu_count": os.cpu_count()}
     print(json.dumps(results[run]), flush=True)
-  trainer.close()
+  trained_model.close()
   first = results[args.runs.split(",")[0]]
   print(json.dumps({
       "bench": "coder_summary", "notes": len(docs), "baseline": first["run"],

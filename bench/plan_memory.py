@@ -20,13 +20,14 @@ import _platform
 
 
 def measure(preset: str, rows: int, seq: int, remat: str, dtype: str) -> dict:
+  # Imported here: JAX must not load before main() has chosen the platform (_platform.use).
   import jax  # pylint: disable=import-outside-toplevel
   from jaxicd import cost_model  # pylint: disable=import-outside-toplevel
+  from jaxicd import sharding as shd  # pylint: disable=import-outside-toplevel
+  from jaxicd.train.config import base_config  # pylint: disable=import-outside-toplevel
   from jaxicd.model import weights  # pylint: disable=import-outside-toplevel
   from jaxicd.model.config import LoraConfig  # pylint: disable=import-outside-toplevel
   from jaxicd.train import losses, trainer  # pylint: disable=import-outside-toplevel
-  from jaxicd.train import sharding as shd  # pylint: disable=import-outside-toplevel
-  from jaxicd.train.config import base_config  # pylint: disable=import-outside-toplevel
 
   model = weights.build_model(preset, lora=LoraConfig(rank=16, alpha=32.0), remat=remat,
                               dtype=dtype, param_dtype=dtype)

@@ -95,10 +95,12 @@ def make_batch(vocab: int, batch: int, seq: int):
 
 def setup_jaxicd(tokens: np.ndarray, dtype: str) -> dict:
   """Loads and compiles; returns a blocking ``step()`` and what setting up took."""
+  # Imported here: each stack loads only when measured (peak RSS is read before torch loads).
   import jax
+  import ml_collections
+  from jaxicd import sharding as shd
   from jaxicd.model import weights
   from jaxicd.model.config import LoraConfig
-  from jaxicd.train import sharding as shd
   from jaxicd.train import trainer
   from jaxicd.train.config import base_config
 
@@ -140,6 +142,7 @@ def setup_jaxicd(tokens: np.ndarray, dtype: str) -> dict:
 def setup_torch(tokens: np.ndarray, dtype: str):
   """transformers + PEFT; returns a blocking ``step()`` after one warm-up step. ``bfloat16``
   runs the step under CPU autocast (bf16 matmuls, float32 weights, adapters and AdamW)."""
+  # The optional reference stack (setup.py extras), loaded only for its measurement.
   import torch
   import transformers
   import peft

@@ -43,7 +43,7 @@ from jaxicd.model import weights as weights_lib
 from jaxicd.model.config import LlamaConfig, LoraConfig, preset
 from jaxicd.model.llama import Llama
 from jaxicd.model.tokenizer import load_tokenizer
-from jaxicd.train import sharding
+from jaxicd import sharding
 from jaxicd.train.losses import DEFAULT_CHUNK_TOKENS
 
 GB = 1e9
@@ -180,7 +180,7 @@ def param_counts(weights: Sequence[Weight]) -> dict[str, int]:
 
 def shard_elements(weight: Weight, mesh_shape: Mapping[str, int], rules=None) -> int:
   """Elements of ``weight`` one chip holds under the logical sharding rules (an axis that does
-  not divide a dimension is dropped, as ``jaxicd.train.sharding.fit_spec`` does)."""
+  not divide a dimension is dropped, as ``jaxicd.sharding.fit_spec`` does)."""
   spec = sharding.logical_to_spec(weight.logical_axes, rules or sharding.DEFAULT_RULES)
   spec = sharding.fit_spec(spec, weight.shape, types.SimpleNamespace(shape=dict(mesh_shape)))
   n = math.prod(weight.shape)

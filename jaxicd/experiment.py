@@ -179,8 +179,8 @@ def _import_eval():
   from jaxicd.data import pipeline  # pylint: disable=g-import-not-at-top
   from jaxicd.eval import calibration, metrics  # pylint: disable=g-import-not-at-top
   from jaxicd.infer import coder as coder_lib  # pylint: disable=g-import-not-at-top
-  from jaxicd.train import coding_eval, trainer as trainer_lib  # pylint: disable=g-import-not-at-top
-  return pipeline, calibration, metrics, coder_lib, coding_eval, trainer_lib
+  from jaxicd.train import coding_eval, trained as trained_lib  # pylint: disable=g-import-not-at-top
+  return pipeline, calibration, metrics, coder_lib, coding_eval, trained_lib
 
 
 class _EvalCache:
@@ -247,7 +247,7 @@ def _code_chunk(coder, docs, cache: _EvalCache, name: str):
 
 def evaluate_arm(arm: Arm, settings: Settings, workdir: pathlib.Path) -> dict[str, Any]:
   """Scores an arm (see the module docstring); returns its result record."""
-  pipeline, calibration, metrics, coder_lib, coding_eval, trainer_lib = _import_eval()
+  pipeline, calibration, metrics, coder_lib, coding_eval, trained_lib = _import_eval()
   cfg = load_config(arm, settings)
   documents = pipeline.load_documents(cfg.data)
   val = [d for d in documents if d.split == "val"][:settings.val_notes]
@@ -256,19 +256,19 @@ def evaluate_arm(arm: Arm, settings: Settings, workdir: pathlib.Path) -> dict[st
   spans = coding_eval.evidence_span_documents(test, settings.spans)
   t0 = time.perf_counter()
   cache = _EvalCache(workdir, settings, cfg)
-  trainer = trainer_lib.Trainer(cfg, workdir)
+  restored = trained_lib.TrainedModel(cfg, workdir)
   try:
-    steps = trainer.checkpointer.all_steps() if arm_steps(arm, settings) else []
+    steps = restored.steps() if arm_steps(arm, settings) else []
     candidates = steps if arm.select_best else steps[-1:]
     coder = None
     selection = {}
     best = None
     for step in candidates or [None]:
       if step is not None:
-        trainer.restore_latest(with_data=False, step=step)
-      model = trainer.parts.merge(trainer.params, trainer.base, trainer.rest)
+        restored.restore(step)
+      model = restored.model
       if coder is None:
-        coder = coder_lib.build_coder(cfg, model, trainer.tokenizer)
+        coder = coder_lib.build_coder(cfg, model, restored.tokenizer)
       else:
         coder.model = coder_lib.decoding_model(cfg, model)
       val_pred, _ = _code(coder, val, cache, f"val-step{step or 0}")
@@ -286,9 +286,8 @@ def evaluate_arm(arm: Arm, settings: Settings, workdir: pathlib.Path) -> dict[st
         best = (step, val_f1, thresholds, model)
     step, _, thresholds, model = best
     if step is not None and arm.select_best and step != candidates[-1]:
-      trainer.restore_latest(with_data=False, step=step)
-      coder.model = coder_lib.decoding_model(
-          cfg, trainer.parts.merge(trainer.params, trainer.base, trainer.rest))
+      restored.restore(step)
+      coder.model = coder_lib.decoding_model(cfg, restored.model)
     test_pred, stats = _code(coder, test, cache, f"test-step{step or 0}")
     unseen = metrics.unseen_in_training(trained, coder.code_space,
                                         (c for d in test for c in d.codes))
@@ -313,7 +312,7 @@ def evaluate_arm(arm: Arm, settings: Settings, workdir: pathlib.Path) -> dict[st
     style_metrics = _score_styles(coder, cache, step or 0, variant,
                                   thresholds[variant.split("+")[0]][0], trained)
   finally:
-    trainer.close()
+    restored.close()
   result = {
       "arm": arm.name, "label": arm.label or arm.name, "config": f"configs/{arm.config}",
       "overrides": dict(arm.overrides), "step": int(step or 0),
@@ -363,21 +362,17 @@ def add_styles(arm: Arm, settings: Settings, workdir: pathlib.Path,
                result: dict[str, Any]) -> dict[str, Any]:
   """Scores an arm evaluated before the other-style notes existed on them, with its recorded
   checkpoint, variant and threshold."""
-  pipeline, _, _, coder_lib, _, trainer_lib = _import_eval()
+  pipeline, _, _, coder_lib, _, trained_lib = _import_eval()
   cfg = load_config(arm, settings)
   trained = {c for d in pipeline.load_documents(cfg.data) if d.split == "train"
              for c in d.codes}
   variant = chosen(result)
-  trainer = trainer_lib.Trainer(cfg, workdir)
-  try:
+  with trained_lib.TrainedModel(cfg, workdir) as restored:
     if result["step"]:
-      trainer.restore_latest(with_data=False, step=result["step"])
-    model = trainer.parts.merge(trainer.params, trainer.base, trainer.rest)
-    coder = coder_lib.build_coder(cfg, model, trainer.tokenizer)
+      restored.restore(result["step"])
+    coder = coder_lib.build_coder(cfg, restored.model, restored.tokenizer)
     styles = _score_styles(coder, _EvalCache(workdir, settings, cfg), result["step"], variant,
                            result["variants"][variant]["threshold"], trained)
-  finally:
-    trainer.close()
   return {**result, "styles": styles}
 
 
@@ -540,6 +535,7 @@ def write_report(results: dict[str, dict], settings: Settings, out: pathlib.Path
 
 
 def _figure(results: dict[str, dict], path: pathlib.Path) -> None:
+  # Optional (setup.py extras): only the figure needs it.
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top

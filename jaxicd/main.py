@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import pathlib
 import re
 import sys
 from typing import NoReturn
@@ -31,6 +30,7 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from jaxicd import errors
+from jaxicd.train import config as config_lib
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Path to a config file in configs/ (any key overridable: --config.train.lr=1e-4).",
@@ -49,6 +49,7 @@ def _add_xla_flags(flags: str) -> None:
   if not flags:
     return
   if "jax" in sys.modules:
+    # Only when JAX is loaded already: loading it for this check would slow --help.
     from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
     if xla_bridge.backends_are_initialized():
       print(f"note: JAX already started; config.cpu_xla_flags={flags!r} not applied",
@@ -70,42 +71,15 @@ def run(config, workdir: str) -> dict:
   mode = config.mode
   if mode not in MODES:
     raise errors.ConfigError(f"config.mode={mode!r}: choose one of {', '.join(MODES)}")
-  from jaxicd.train import config as config_lib  # pylint: disable=g-import-not-at-top
   config_lib.validate(config)
+  # Run modes and the cost model import JAX: here, not at the top, so that JAX loads after the
+  # XLA flags are set and --help stays fast.
   if mode == "plan":  # the cost model: no accelerator, no weights, nothing written
     from jaxicd import cost_model  # pylint: disable=g-import-not-at-top
     return cost_model.run_plan(config)
   _add_xla_flags(config.cpu_xla_flags)
-  # Imported here, not at the top: keeps --help fast.
-  import jax  # pylint: disable=g-import-not-at-top
-  from jaxicd.train import sharding, trainer  # pylint: disable=g-import-not-at-top
-  # Multi-host: before anything else touches JAX (CPU collectives use gloo, JAX's default).
-  sharding.maybe_initialize_distributed(config.distributed)
-  plan = tokenizer = None
-  if mode == "predict":  # input, output paths and checkpoint
-    from jaxicd.infer import predict  # pylint: disable=g-import-not-at-top
-    plan = predict.preflight(config, workdir)
-  if mode in ("train", "eval"):
-    from jaxicd.data import pipeline  # pylint: disable=g-import-not-at-top
-    tokenizer = trainer.config_tokenizer(config)
-    config_lib.validate_data(config, tokenizer, pipeline.load_documents(config.data))
-  trainer.check_checkpoints(config, workdir, resume=mode == "train",
-                            warn=lambda line: print(line, file=sys.stderr, flush=True))
-  pathlib.Path(workdir).mkdir(parents=True, exist_ok=True)
-  if jax.process_index() == 0:  # processes share the workdir; one copy is enough
-    # Keep the exact config of every invocation next to the run.
-    (pathlib.Path(workdir) / f"config.{mode}.json").write_text(
-        config.to_json_best_effort(indent=2))
-  if mode == "train":
-    summary = trainer.run_train(config, workdir, tokenizer)
-    summary.pop("history", None)
-    return summary
-  if mode == "predict":
-    return predict.run_predict(config, workdir, plan)
-  if mode == "export":
-    from jaxicd.model import export  # pylint: disable=g-import-not-at-top
-    return export.run_export(config, workdir)
-  return trainer.run_eval(config, workdir, tokenizer)
+  from jaxicd import modes  # pylint: disable=g-import-not-at-top
+  return modes.run(config, workdir)
 
 
 def _fail(message: str) -> NoReturn:

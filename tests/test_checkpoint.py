@@ -258,17 +258,24 @@ def _saved_params(workdir: pathlib.Path, step: int) -> dict[str, np.ndarray]:
   return {k: np.asarray(v) for k, v in state["params"].items()}
 
 
-def _restore(config, workdir, **kwargs):
-  """(step restored or the exception raised, params, printed lines) of a fresh trainer."""
+def _restore(config, workdir, *, with_data: bool = True):
+  """(step restored or the exception raised, params, printed lines) of a fresh trainer (a
+  training resume) or, ``with_data=False``, of the inference restore (`TrainedModel`)."""
   from jaxicd.train import trainer
+  from jaxicd.train.trained import TrainedModel
   lines: list[str] = []
-  t = trainer.Trainer(config, workdir, print_fn=lines.append)
+  if with_data:
+    t = trainer.Trainer(config, workdir, print_fn=lines.append)
+    restore = t.restore_latest
+  else:
+    t = TrainedModel(config, workdir, print_fn=lines.append)
+    restore = t.restore
   try:
     try:
-      step = t.restore_latest(**kwargs)
+      step = restore()
     except Exception as e:  # pylint: disable=broad-except
       step = e
-    return step, t.lora_params_host(), lines
+    return step, {k: np.asarray(v) for k, v in t.params.items()}, lines
   finally:
     t.close()
 
@@ -435,9 +442,12 @@ def test_resume_after_a_corrupt_checkpoint_ends_like_an_uninterrupted_run(traine
   assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["2", "4", "4.unreadable"]
 
 
-def test_inference_restore_falls_back_without_moving_anything(trained, tokenizer_dir, tmp_path):
+@pytest.mark.parametrize("case", ["meta truncated", "array value changed"])
+def test_inference_restore_falls_back_without_moving_anything(case, trained, tokenizer_dir,
+                                                              tmp_path):
+  """The inference restore reads the adapters only: their checksums are still checked."""
   workdir = _copy(trained, tmp_path)
-  _truncate(workdir / "checkpoints" / "4" / "meta" / "metadata")
+  CORRUPTIONS[case][0](workdir / "checkpoints" / "4")
   config = train_worker.tiny_config(tokenizer_dir, steps=4)
   step, params, lines = _restore(config, workdir, with_data=False)
   assert step == 2

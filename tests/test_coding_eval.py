@@ -71,9 +71,8 @@ def _hook(cfg, tok):
 
 def _trainer(workdir):
   printed = []
-  return types.SimpleNamespace(parts=types.SimpleNamespace(merge=lambda *a: None), params=None,
-                               base=None, rest=None, workdir=workdir, is_chief=True,
-                               print=printed.append, printed=printed)
+  return types.SimpleNamespace(model=None, workdir=workdir, is_chief=True, print=printed.append,
+                               printed=printed)
 
 
 def test_val_calibrates_and_test_applies_the_stored_threshold(tok, tmp_path):

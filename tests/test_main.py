@@ -242,7 +242,7 @@ def test_export_mode_writes_the_checkpoint_as_peft_and_merged_hf(cli_run, tmp_pa
   import jax.numpy as jnp
   import numpy as np
   from jaxicd import main
-  from jaxicd.train import trainer as trainer_lib
+  from jaxicd.train.trained import TrainedModel
   torch = require_reference("torch")
   transformers = require_reference("transformers")
   workdir, tok, _ = cli_run
@@ -254,9 +254,9 @@ def test_export_mode_writes_the_checkpoint_as_peft_and_merged_hf(cli_run, tmp_pa
   adapter_config = json.loads((tmp_path / "export/peft/adapter_config.json").read_text())
   assert adapter_config["r"] == config.lora.rank and adapter_config["base_model_name_or_path"]
 
-  restored = trainer_lib.Trainer(config, str(workdir))
-  assert restored.restore_latest(with_data=False) == 3
-  model = restored.parts.merge(restored.params, restored.base, restored.rest)
+  restored = TrainedModel(config, str(workdir))
+  assert restored.restore() == 3
+  model = restored.model
   tokens = np.random.RandomState(0).randint(0, 256, (2, 12)).astype(np.int32)
   ours = np.asarray(model(jnp.asarray(tokens)))
   base = np.asarray(restored.parts.merge(restored.parts.params, restored.base,

@@ -193,10 +193,10 @@ def test_bfloat16_policy(tiny):
 
 
 def test_every_param_has_logical_axes(tiny):
-  from jaxicd.train.sharding import DEFAULT_RULES
+  from jaxicd.sharding import DEFAULT_RULES, variable_logical_axes
   known = {name for name, _ in DEFAULT_RULES} | {"layers"}
   for path, var in nnx.to_flat_state(nnx.state(tiny, nnx.Param)):
-    axes = llama.logical_axes(var)
+    axes = variable_logical_axes(var)
     assert axes is not None and len(axes) == var.get_value().ndim, path
     assert set(axes) <= known, (path, axes)
 

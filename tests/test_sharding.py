@@ -15,7 +15,7 @@ from jax.sharding import PartitionSpec as P
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 import train_worker  # pylint: disable=wrong-import-position
 
-from jaxicd.train import sharding as shd
+from jaxicd import sharding as shd
 
 
 @pytest.mark.parametrize("sizes,devices,expected", [

@@ -14,7 +14,6 @@ from flax import nnx
 
 from conftest import random_hf_llama, require_reference, write_llama_gguf
 from jaxicd.model import gguf_io
-from jaxicd.model import llama
 from jaxicd.model import weights
 from jaxicd.model.weights import WeightsError
 
@@ -141,7 +140,7 @@ def test_llama3_gguf_rope_freqs_matches_transformers(tmp_path):
 
 
 def test_mesh_placement_and_preset(tiny_hf, tmp_path):
-  from jaxicd.train.sharding import DEFAULT_RULES, logical_to_spec
+  from jaxicd.sharding import DEFAULT_RULES, logical_to_spec, param_shardings
   hf_model, _ = tiny_hf
   hf_model.save_pretrained(tmp_path)
   mesh = jax.make_mesh((1, 1, 1), ("data", "fsdp", "tensor"),
@@ -154,7 +153,7 @@ def test_mesh_placement_and_preset(tiny_hf, tmp_path):
   np.testing.assert_allclose(_jax_logits(model), _torch_logits(hf_model), atol=1e-4)
   tiny, tokenizer = weights.load_model("tiny", mesh=mesh)
   assert tokenizer is None and tiny.embed.get_value().shape == (512, 64)
-  shardings = llama.param_shardings(model, mesh)
+  shardings = param_shardings(model, mesh)
   assert shardings["layers"]["down"]["kernel"].spec == logical_to_spec(("layers", "mlp", "embed"))
   assert shardings["embed"].spec == logical_to_spec(("vocab", "embed"))
 
@@ -164,7 +163,7 @@ import sys
 import jax, numpy as np
 from jax.sharding import AxisType
 from jaxicd.model import weights
-from jaxicd.train.sharding import logical_to_spec
+from jaxicd.sharding import logical_to_spec
 path = sys.argv[1]
 mesh = jax.make_mesh((1, 2, 2), ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3)
 sharded = weights.build_model(path, mesh=mesh, lora=dict(rank=4, alpha=8.0))

@@ -102,8 +102,8 @@ def scenario_parity(args: dict[str, Any]) -> dict[str, Any]:
   import jax
   import numpy as np
   from flax import nnx
+  from jaxicd import sharding as shd
   from jaxicd.model import weights
-  from jaxicd.train import sharding as shd
   from jaxicd.train import trainer
 
   config = tiny_config(args["tokenizer_dir"], steps=40, lr=1e-2, warmup_steps=0)

@@ -46,10 +46,19 @@ import pathlib
 import time
 from typing import Any, Callable, Sequence
 
+import jax
+import numpy as np
+from etils import epath
+from jax.experimental import multihost_utils
+
 from jaxicd.data.records import Document
+from jaxicd.data.sources import common, jsonl
 from jaxicd.errors import ConfigError, InputError
+from jaxicd.eval import report as report_lib
+from jaxicd.infer import coder as coder_lib
 from jaxicd.infer.coder import CodedEvidence
-from jaxicd.train.config import checkpoint_directory
+from jaxicd.ontology import get_ontology, normalize_code
+from jaxicd.progress import format_eta
 
 TEXT_SOURCE = "text"
 ACCEPTED = ".txt note, .jsonl file of notes, or a folder of .txt notes"
@@ -69,7 +78,6 @@ class Notes:
 
 
 def _text_note(path: pathlib.Path) -> Document:
-  from jaxicd.data.sources import common  # pylint: disable=import-outside-toplevel
   text, bad_line = common.decode_utf8(path.read_bytes())  # drops a byte-order mark
   if text is None:
     raise InputError(f"{path}:{bad_line}: not UTF-8 text")
@@ -80,8 +88,6 @@ def _text_note(path: pathlib.Path) -> Document:
 
 def _gold_codes(obj: dict) -> tuple[str, ...] | None:
   """A JSONL line's gold codes as given (normalised where they parse), or None if it has none."""
-  from jaxicd.data.sources import common  # pylint: disable=import-outside-toplevel
-  from jaxicd.ontology import normalize_code  # pylint: disable=import-outside-toplevel
   raw = obj.get("codes")
   if raw is None and isinstance(obj.get("evidence"), list) and obj["evidence"]:
     raw = [ev.get("code") for ev in obj["evidence"] if isinstance(ev, dict)]
@@ -100,7 +106,6 @@ def _gold_codes(obj: dict) -> tuple[str, ...] | None:
 def _jsonl_notes(path: pathlib.Path, notes: Notes) -> None:
   """The JSONL reader's line and document checks on ``id`` and ``text`` only: gold fields and
   ``split`` are no input of predict, so they are never refused."""
-  from jaxicd.data.sources import common, jsonl  # pylint: disable=import-outside-toplevel
 
   class Issues(common.Issues):
     def error(self, reason: str, where: str, detail: str = "") -> None:
@@ -173,7 +178,6 @@ def prediction_rows(doc: Document, evidence: Sequence[CodedEvidence],
 
 def describer() -> Callable[[str], str]:
   """code -> its ICD-10-CM description ("" for codes the ontology lacks)."""
-  from jaxicd.ontology import get_ontology  # pylint: disable=import-outside-toplevel
   ontology = get_ontology()
 
   def describe(code: str) -> str:
@@ -224,15 +228,16 @@ def _check_outputs(cfg_input: pathlib.Path, notes: Notes, outputs: Sequence[path
 
 def has_checkpoint(directory: str | os.PathLike) -> bool:
   """True when ``directory`` holds a finished Orbax checkpoint (a folder named by its step)."""
-  from etils import epath  # pylint: disable=import-outside-toplevel
   path = epath.Path(directory)
   # Unfinished saves are temporaries named <step>.orbax-checkpoint-tmp-...
   return path.is_dir() and any(p.name.isdigit() and p.is_dir() for p in path.iterdir())
 
 
-def preflight(cfg: Any, workdir: str | os.PathLike) -> Plan:
-  """Reads and checks the input, output paths and checkpoint: refuses before any side effect."""
-  notes = read_input(cfg.input, max_chars=int(cfg.max_note_chars))
+def preflight(cfg: Any, workdir: str | os.PathLike, checkpoints: str) -> Plan:
+  """Reads and checks the input, output paths and the checkpoint folder ``checkpoints``:
+  refuses before any side effect."""
+  max_chars = int(cfg.max_note_chars)
+  notes = read_input(cfg.input, max_chars=max_chars)
   output = pathlib.Path(cfg.output or pathlib.Path(workdir) / "predictions.jsonl")
   report = str(cfg.report)
   report_path = (None if report == "none" else
@@ -242,11 +247,10 @@ def preflight(cfg: Any, workdir: str | os.PathLike) -> Plan:
     raise ConfigError(f"config.report and config.output are the same file {output}")
   outputs = [output, plan.partial, *([report_path] if report_path else [])]
   _check_outputs(pathlib.Path(cfg.input), notes, outputs)
-  directory = checkpoint_directory(cfg, workdir)
-  if not bool(cfg.allow_untrained) and not has_checkpoint(directory):
+  if not bool(cfg.allow_untrained) and not has_checkpoint(checkpoints):
     where = "" if pathlib.Path(workdir).exists() else f" (--workdir={workdir} does not exist)"
     raise InputError(
-        f"no checkpoint in {directory}{where}: predict would code with the untrained adapters. "
+        f"no checkpoint in {checkpoints}{where}: predict would code with the untrained adapters. "
         "Check --workdir, or pass --config.allow_untrained=True to code with the base model "
         "on purpose")
   return plan
@@ -374,12 +378,11 @@ class _Progress:
     if not force and now - self.last < PROGRESS_EVERY_S:
       return
     self.last = now
-    from jaxicd.train.trainer import _format_eta  # pylint: disable=import-outside-toplevel
     minutes = max(now - self.t0, 1e-9) / 60
     windows = self.windows + self.chunk_windows
     left = (self.total_chars - self.chars) / self.chars_per_window - self.chunk_windows
     rate = windows / minutes
-    eta = _format_eta(max(left, 0) / rate * 60 if rate > 0 else float("nan"))
+    eta = format_eta(max(left, 0) / rate * 60 if rate > 0 else float("nan"))
     self.print(f"predict: {self.notes}/{self.total_notes} notes, {windows} windows coded, "
                f"{(self.notes - self.resumed) / minutes:.1f} notes/min, {rate:.1f} windows/min, "
                f"ETA {eta}")
@@ -410,51 +413,32 @@ def _settings(cfg: Any, step: int | None, checkpoints: str) -> dict[str, Any]:
 
 def _pending_mask(pending: list[bool]) -> list[bool]:
   """The chief's list of notes to code, for every process (each must make the same calls)."""
-  import jax  # pylint: disable=import-outside-toplevel
   if jax.process_count() == 1:
     return pending
-  import numpy as np  # pylint: disable=import-outside-toplevel
-  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
   return [bool(x) for x in multihost_utils.broadcast_one_to_all(np.asarray(pending, np.bool_))]
 
 
-def run_predict(cfg: Any, workdir: str, plan: Plan | None = None) -> dict[str, Any]:
-  """Codes ``cfg.input`` with the latest checkpoint in ``workdir``; writes the JSONL and report."""
-  from jaxicd.eval import report as report_lib  # pylint: disable=import-outside-toplevel
-  from jaxicd.infer.coder import build_coder  # pylint: disable=import-outside-toplevel
-  from jaxicd.train import trainer as trainer_lib  # pylint: disable=import-outside-toplevel
-  plan = plan or preflight(cfg, workdir)  # before loading the model: bad input fails fast
+def code_notes(cfg: Any, workdir: str | os.PathLike, plan: Plan, model: Any, tokenizer: Any, *,
+               step: int | None, checkpoints: str, is_chief: bool = True,
+               print_fn: Callable[[str], None] = print) -> dict[str, Any]:
+  """Codes the notes of ``plan`` with ``model`` (the adapters of checkpoint ``step`` in the
+  folder ``checkpoints``), resuming a half-done run's ``.partial`` file; writes the JSONL and
+  the report (process 0 only) and returns the run's summary."""
   docs = plan.notes.docs
-  trainer = trainer_lib.Trainer(cfg, workdir)
-  if plan.notes.ignored:
-    trainer.print(f"predict: {plan.notes.ignored} files in {cfg.input} are not .txt notes and "
-                  "were left out")
-  partial = None
+  partial = Partial(plan.partial, _settings(cfg, step, checkpoints), write=is_chief)
   try:
-    step = trainer.restore_latest(with_data=False)
-    if step is None:
-      if not bool(cfg.allow_untrained):
-        raise InputError(f"no usable checkpoint in {trainer.checkpointer.directory}; pass "
-                         "--config.allow_untrained=True to code with the base model on purpose")
-      trainer.print(f"warning: no checkpoint in {trainer.checkpointer.directory}: coding with "
-                    "the base model and untrained adapters (config.allow_untrained)")
-    partial = Partial(plan.partial, _settings(cfg, step, str(trainer.checkpointer.directory)),
-                      write=trainer.is_chief)
     partial.load()
     pending = _pending_mask([partial.rows_for(doc) is None for doc in docs])
     todo = [doc for doc, p in zip(docs, pending) if p]
     resumed = len(docs) - len(todo)
     if resumed:
-      trainer.print(f"predict: resuming {plan.partial}: {resumed} of {len(docs)} notes already "
-                    "coded")
-    model = trainer.parts.merge(trainer.params, trainer.base, trainer.rest)
-    coder = build_coder(cfg, model, trainer.tokenizer, workdir)
-    trainer.print(f"predict: decision threshold {coder.threshold:.3f} ({coder.threshold_origin})")
+      print_fn(f"predict: resuming {plan.partial}: {resumed} of {len(docs)} notes already coded")
+    coder = coder_lib.build_coder(cfg, model, tokenizer, workdir)
+    print_fn(f"predict: decision threshold {coder.threshold:.3f} ({coder.threshold_origin})")
     describe = describer()
     # A first guess of note characters per window (~3 characters a token); then measured.
     guess = 3.0 * max(coder.seq_len - coder.max_new_tokens - 64, 64)
-    progress = _Progress(trainer.print, len(docs), sum(len(d.text) for d in todo), resumed,
-                         guess)
+    progress = _Progress(print_fn, len(docs), sum(len(d.text) for d in todo), resumed, guess)
     generate = coder._generate  # pylint: disable=protected-access
 
     def counted(batch, *args, **kwargs):  # progress lines inside a long note's windows too
@@ -471,7 +455,7 @@ def run_predict(cfg: Any, workdir: str, plan: Plan | None = None) -> dict[str, A
 
     # (Another process may not see the chief's .partial file: it writes nothing.)
     rows = [row for doc in docs for row in partial.rows_for(doc) or []]
-    if trainer.is_chief:
+    if is_chief:
       plan.output.parent.mkdir(parents=True, exist_ok=True)
       _write_atomic(plan.output, "".join(json.dumps(row, ensure_ascii=False) + "\n"
                                          for row in rows))
@@ -480,19 +464,17 @@ def run_predict(cfg: Any, workdir: str, plan: Plan | None = None) -> dict[str, A
         _write_atomic(plan.report, report_lib.render(
             docs, rows, gold=plan.notes.gold, describe=describe,
             title=f"jaxicd predictions: {pathlib.Path(str(cfg.input)).name}",
-            subtitle=f"checkpoint step {step or 0} of {trainer.checkpointer.directory}; "
+            subtitle=f"checkpoint step {step or 0} of {checkpoints}; "
                      f"{len(docs)} notes; output {plan.output.name}"))
     partial.close(remove=True)
     codes = sum(len({r["code"] for r in partial.rows_for(doc) or []}) for doc in docs)
     grounded = sum(1 for row in rows if row["begin"] >= 0)
     report = f" and {plan.report}" if plan.report is not None else ""
-    trainer.print(f"predict (checkpoint step {step or 0}): {len(docs)} notes ({resumed} "
-                  f"resumed), {codes} codes, {len(rows)} evidence lines ({grounded} found in the "
-                  f"note) in {time.time() - t0:.0f}s -> {plan.output}{report}")
+    print_fn(f"predict (checkpoint step {step or 0}): {len(docs)} notes ({resumed} "
+             f"resumed), {codes} codes, {len(rows)} evidence lines ({grounded} found in the "
+             f"note) in {time.time() - t0:.0f}s -> {plan.output}{report}")
     return dict(step=step or 0, documents=len(docs), codes=codes, evidence=len(rows),
                 grounded=grounded, resumed=resumed, output=str(plan.output),
                 report=str(plan.report) if plan.report is not None else "")
   finally:
-    if partial is not None:
-      partial.close()
-    trainer.close()
+    partial.close()

@@ -23,7 +23,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tokenizers
 from flax import nnx
+from safetensors.numpy import save_file
+from tokenizers import processors
 
 from jaxicd.model import lora as lora_lib
 from jaxicd.model import weights
@@ -345,7 +348,6 @@ class _Writer:
 
 
 def _save_safetensors(tensors: dict[str, np.ndarray], path: pathlib.Path) -> None:
-  from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
   try:
     save_file(tensors, str(path), metadata=_SAFETENSORS_METADATA)
   except Exception as e:  # the Rust serializer raises plain exceptions (e.g. an unknown dtype)
@@ -455,8 +457,6 @@ def _save_tokenizer(tokenizer: Any, writer: _Writer, cfg: LlamaConfig) -> str:
     log.warning("tokenizer of type %s has no tokenizer.json writer; not exported",
                 type(tokenizer).__name__)
     return f"skipped: {type(tokenizer).__name__} has no tokenizer.json writer"
-  import tokenizers  # pylint: disable=import-outside-toplevel
-  from tokenizers import processors  # pylint: disable=import-outside-toplevel
   copy = tokenizers.Tokenizer.from_str(backend.to_str())
   bos = getattr(tokenizer, "bos_token", None)
   add_bos = bool(getattr(tokenizer, "add_bos", False)) and bos is not None
@@ -483,35 +483,3 @@ def _save_tokenizer(tokenizer: Any, writer: _Writer, cfg: LlamaConfig) -> str:
   writer.write(TOKENIZER_FILE, lambda tmp: copy.save(str(tmp)))
   writer.write(TOKENIZER_CONFIG, lambda tmp: _save_json(config, tmp))
   return "written (tokenizer.json, tokenizer_config.json)"
-
-
-# --------------------------------------------------------------------------------------------
-# Export mode (python -m jaxicd.main --config.mode=export)
-# --------------------------------------------------------------------------------------------
-
-def run_export(cfg: Any, workdir: str) -> dict[str, Any]:
-  """Writes the latest checkpoint of ``workdir`` as ``<output>/peft`` (the adapters) and
-  ``<output>/merged`` (base + adapters, a transformers checkpoint with the tokenizer), where
-  ``output`` is ``cfg.output`` or ``<workdir>/export``. The merged weights are stored in
-  ``cfg.model.param_dtype``; earlier export files there are replaced."""
-  from jaxicd.train import trainer as trainer_lib  # pylint: disable=import-outside-toplevel
-  out = pathlib.Path(cfg.output or pathlib.Path(workdir) / "export")
-  trainer = trainer_lib.Trainer(cfg, workdir)
-  try:
-    step = trainer.restore_latest(with_data=False)
-    if step is None:
-      raise ExportError(f"export: no checkpoint in {trainer.checkpointer.directory}; train "
-                        "first (or point --workdir at a trained run)")
-    model = trainer.parts.merge(trainer.params, trainer.base, trainer.rest)
-    source = weights.resolve_source(cfg.model.source)
-    summary = dict(step=step)
-    if trainer.is_chief:
-      summary["peft"] = export_peft(model, out / "peft", overwrite=True,
-                                    base_model_name_or_path=str(source.path or source.name))
-      summary["merged"] = export_merged(model, out / "merged", tokenizer=trainer.tokenizer,
-                                        dtype=cfg.model.param_dtype, overwrite=True)
-      trainer.print(f"export (checkpoint step {step}): adapters -> {out / 'peft'}, merged "
-                    f"{cfg.model.param_dtype} checkpoint -> {out / 'merged'}")
-    return summary
-  finally:
-    trainer.close()

@@ -5,8 +5,8 @@ the forward pass runs ``jax.lax.scan`` over it, so a 30-layer model compiles as 
 one. Kernels are laid out ``[in, out]`` (``y = x @ kernel``).
 
 Every parameter carries its logical axis names in the variable metadata ``logical_axes`` (names
-from ``jaxicd.train.sharding``; the leading ``layers`` axis has no rule and stays replicated).
-``param_shardings`` turns them into ``NamedSharding``s for a mesh.
+from ``jaxicd.sharding``; the leading ``layers`` axis has no rule and stays replicated).
+``jaxicd.sharding.param_shardings`` turns them into ``NamedSharding``s for a mesh.
 
 Attention masks come from ``segment_ids`` (0 = padding): a token attends to itself and to earlier
 tokens of its own segment, so packed rows work when ``positions`` restart per segment. A negative
@@ -29,12 +29,10 @@ from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh
 
 from jaxicd.model.config import LlamaConfig, LoraConfig, RopeScaling
-from jaxicd.train import sharding as sharding_lib
+from jaxicd.sharding import LOGICAL_AXES
 
-LOGICAL_AXES = "logical_axes"  # Variable metadata key holding the logical axis names.
 _NEG_INF = -1e30  # Finite, so fully-masked (padding) rows give uniform, not NaN, attention.
 _INIT_STD = 0.02  # transformers' initializer_range for Llama-family models.
 
@@ -45,23 +43,6 @@ _INIT_STD = 0.02  # transformers' initializer_range for Llama-family models.
 
 def _param(value: jax.Array, axes: tuple[str | None, ...], cls=nnx.Param) -> nnx.Variable:
   return cls(value, **{LOGICAL_AXES: axes})
-
-
-def logical_axes(variable: nnx.Variable) -> tuple[str | None, ...] | None:
-  """The logical axis names of a parameter (None for non-parameter state such as RNG counts)."""
-  return variable.get_metadata().get(LOGICAL_AXES)
-
-
-def param_shardings(tree: Any, mesh: Mesh, rules=sharding_lib.DEFAULT_RULES) -> Any:
-  """Maps each Variable of a module or ``nnx.State`` to the ``NamedSharding`` of its value.
-
-  Returns a tree of the same structure as ``nnx.state(tree)`` (for use as jit in/out shardings
-  or Orbax restore targets).
-  """
-  state = tree if isinstance(tree, nnx.State) else nnx.state(tree)
-  return jax.tree.map(
-      lambda v: sharding_lib.logical_sharding(mesh, logical_axes(v), rules),
-      state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 class StackedLinear(nnx.Module):
@@ -376,7 +357,7 @@ class Llama(nnx.Module):
     """Logits float32 ``[B, T, vocab]``; with ``cache=``, returns ``(logits, new_cache)``.
 
     ``logits(hidden_states(...))``; training computes its loss from ``hidden_states`` without
-    materialising the logits (``jaxicd.train.losses``).
+    materialising the logits.
 
     Args:
       tokens: int32 ``[B, T]``.

@@ -25,12 +25,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxicd import sharding as sharding_lib
 from jaxicd.model import config as config_lib
 from jaxicd.model import embedded
 from jaxicd.model import gguf_io
 from jaxicd.model.config import LlamaConfig, LoraConfig
-from jaxicd.model.llama import Llama, logical_axes
-from jaxicd.train import sharding as sharding_lib
+from jaxicd.model.llama import Llama
+from jaxicd.model.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -189,6 +190,7 @@ class GgufTensors:
     return f"{self.path}: tensor {self._tensors[name].name!r}"
 
   def get(self, name: str) -> np.ndarray:
+    # Imported here: `import gguf` is slowish and only GGUF reads need it.
     import gguf  # pylint: disable=import-outside-toplevel
     info = self._tensors.get(name)
     if info is None:
@@ -395,7 +397,7 @@ def fill_from_tensors(model: Llama, tensors, *, mesh=None, rules=sharding_lib.DE
       else:
         host[...] = w.astype(dtype)
       used.add(name)
-    sharding = (sharding_lib.logical_sharding(mesh, logical_axes(var), rules)
+    sharding = (sharding_lib.variable_sharding(mesh, var, rules)
                 if mesh is not None else None)
     var.set_value(jax.device_put(host, sharding) if sharding is not None else jnp.asarray(host))
     del host
@@ -474,7 +476,7 @@ def build_model(source: str | os.PathLike = "smollm2", *, dtype=None, param_dtyp
   if mesh is not None:
     initialised = jax.tree.map(
         lambda v: v.replace(jax.device_put(
-            v.get_value(), sharding_lib.logical_sharding(mesh, logical_axes(v), rules))),
+            v.get_value(), sharding_lib.variable_sharding(mesh, v, rules))),
         initialised, is_leaf=lambda x: isinstance(x, nnx.Variable))
   nnx.update(model, initialised)
   if tensors is not None:
@@ -508,7 +510,6 @@ def source_tokenizer(source: str | os.PathLike = "smollm2"):
   src = resolve_source(source)
   if src.kind == "preset":
     return None
-  from jaxicd.model.tokenizer import load_tokenizer  # pylint: disable=import-outside-toplevel
   embedded_name = str(src.name).lower() in embedded.EMBEDDED_NAMES
   return load_tokenizer("smollm2" if embedded_name else str(src.path))
 

@@ -22,12 +22,15 @@ import pathlib
 import re
 from typing import Any, Callable, Mapping
 
+import grain
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.experimental import multihost_utils
 
 from jaxicd import errors
+from jaxicd.data import prompts
 
 _ITEMS = ("state", "data_iter", "meta")
 # Settings that only shape training examples: an eval / predict / export restore may differ.
@@ -54,7 +57,6 @@ def _jsonable(value):
 def run_settings(cfg) -> dict[str, Any]:
   """What a checkpoint's adapters depend on besides the base weights: LoRA settings, the answer
   format and prompt version, and the data settings that shape training examples."""
-  from jaxicd.data import prompts  # pylint: disable=import-outside-toplevel
   return _jsonable({
       "lora.rank": cfg.lora.rank, "lora.alpha": cfg.lora.alpha,
       "lora.dropout": cfg.lora.dropout, "lora.targets": list(cfg.lora.targets),
@@ -182,7 +184,6 @@ class Checkpointer:
     if jax.process_index() == 0:
       src.rename(dst)
     if jax.process_count() > 1:
-      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
       multihost_utils.sync_global_devices(f"jaxicd_move_aside_{step}")
     self.manager.reload()
     return dst
@@ -195,24 +196,29 @@ class Checkpointer:
     meta = dict(meta or {}, checksums=checksums(state), step=int(step))
     items = dict(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(_jsonable(meta)))
     if data_iter is not None:
-      import grain  # pylint: disable=g-import-not-at-top
       items["data_iter"] = grain.checkpoint.CheckpointSave(data_iter)
     saved = self.manager.save(int(step), args=ocp.args.Composite(**items), force=force)
     if saved:
       logging.info("checkpoint: saving step %d to %s (async)", step, self.directory)
     return saved
 
-  def restore(self, step: int, abstract_state: Any, *, data_iter=None) -> Any:
+  def restore(self, step: int, abstract_state: Any, *, data_iter=None,
+              partial: bool = False) -> Any:
     """Restores ``state`` onto the shardings of ``abstract_state`` (``ShapeDtypeStruct``s).
 
     The target shardings may differ from the saving run's mesh. ``data_iter``'s state is set in
-    place when given. Raises `CheckpointCorruptError` when a file cannot be read back or an
-    array differs from its checksum at save time.
+    place when given. ``partial``: only the entries of ``abstract_state`` are read (e.g. the
+    adapters without the optimizer state). Raises `CheckpointCorruptError` when a file cannot be
+    read back or an array differs from its checksum at save time.
     """
     expected = self.read_meta(step).get("checksums")
-    items = dict(state=ocp.args.StandardRestore(abstract_state))
+    if partial:
+      items = dict(state=ocp.args.PyTreeRestore(
+          abstract_state, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state),
+          partial_restore=True))
+    else:
+      items = dict(state=ocp.args.StandardRestore(abstract_state))
     if data_iter is not None:
-      import grain  # pylint: disable=g-import-not-at-top
       items["data_iter"] = grain.checkpoint.CheckpointRestore(data_iter)
     try:
       state = self.manager.restore(int(step), args=ocp.args.Composite(**items))["state"]
@@ -220,6 +226,8 @@ class Checkpointer:
       raise CheckpointCorruptError(diagnose(self.step_dir(step), e)) from e
     if expected is not None:  # None: saved before checksums were recorded
       got = checksums(state)
+      if partial:
+        expected = {k: v for k, v in expected.items() if k in got}
       bad = sorted(k for k in set(expected) | set(got) if expected.get(k) != got.get(k))
       if bad:
         raise CheckpointCorruptError(
@@ -234,6 +242,31 @@ class Checkpointer:
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def restore_newest(checkpointer: Checkpointer, restore_step: Callable[[int], int], *,
+                   step: int | None = None, move_aside: bool = False,
+                   warn: Callable[[str], None] = logging.warning) -> int | None:
+  """``restore_step`` of the newest checkpoint (or of `step`), if any; returns its result.
+
+  An unreadable newest checkpoint gives way to the one before it, with a warning; with
+  ``move_aside`` (a training resume, which will save that step again) it is renamed
+  ``<step>.unreadable``. With no earlier one (or an explicit `step`) `CheckpointCorruptError`
+  names the file.
+  """
+  steps = sorted(checkpointer.all_steps(), reverse=True) if step is None else [step]
+  for i, candidate in enumerate(steps):
+    try:
+      return restore_step(candidate)
+    except CheckpointCorruptError as e:
+      if step is not None:
+        raise
+      if i + 1 == len(steps):
+        raise e.last_resort(checkpointer.step_dir(candidate)) from e
+      moved = f"; moved to {checkpointer.move_aside(candidate)}" if move_aside else ""
+      warn(f"warning: {e}; using step {steps[i + 1]} ({checkpointer.step_dir(steps[i + 1])}) "
+           f"instead{moved}")
+  return None
 
 
 _legacy_warned: set[str] = set()

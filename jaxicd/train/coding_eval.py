@@ -109,8 +109,7 @@ class CodingEval:
   def __call__(self, trainer: Any, step: int) -> Mapping[str, float]:
     if step == 0 and not self.at_start:
       return {}
-    model = trainer.parts.merge(trainer.params, trainer.base, trainer.rest)
-    coder = self._get_coder(model)
+    coder = self._get_coder(trainer.model)
     unseen = metrics_lib.unseen_in_training(self.trained_codes, coder.code_space,
                                             (c for d in self.documents for c in d.codes))
     threshold, origin = calibration.resolve_threshold(

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import os
 import pathlib
 import signal
@@ -29,14 +28,15 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxicd import errors
+from jaxicd import sharding as shd
 from jaxicd.data import pipeline
 from jaxicd.model import weights
 from jaxicd.model.config import LoraConfig
 from jaxicd.model.tokenizer import load_tokenizer
+from jaxicd.progress import TrainingProgress
 from jaxicd.train import losses
-from jaxicd.train import sharding as shd
 from jaxicd.train.checkpoint import (CheckpointCorruptError, Checkpointer, abstract_like,
-                                     check_compatible, run_settings)
+                                     check_compatible, restore_newest, run_settings)
 from jaxicd.train.config import checkpoint_directory
 from jaxicd.train.metrics_writer import MetricsWriter
 
@@ -91,6 +91,16 @@ class ModelParts:
 
   def lora_shapes(self) -> dict[str, list[int]]:
     return {k: list(v.shape) for k, v in self.params.items()}
+
+  def param_shardings(self, mesh: Mesh) -> dict[str, NamedSharding]:
+    return {k: NamedSharding(mesh, shd.fit_spec(self.lora_specs[k], v.shape, mesh))
+            for k, v in self.params.items()}
+
+  def base_shardings(self, mesh: Mesh):
+    return shd.named_shardings(mesh, self.base_specs, self.base)
+
+  def rest_shardings(self, mesh: Mesh):
+    return jax.tree.map(lambda _: shd.replicated(mesh), self.rest)
 
 
 def split_model(model: nnx.Module, rules=shd.DEFAULT_RULES) -> ModelParts:
@@ -152,10 +162,9 @@ class StepFunctions:
     self.grad_accum = int(grad_accum)
     if self.grad_accum < 1:
       raise ValueError(f"config.train.grad_accum must be >= 1, got {grad_accum}")
-    self.param_shardings = {k: NamedSharding(mesh, shd.fit_spec(parts.lora_specs[k], v.shape, mesh))
-                            for k, v in parts.params.items()}
-    self.base_shardings = shd.named_shardings(mesh, parts.base_specs, parts.base)
-    self.rest_shardings = jax.tree.map(lambda _: shd.replicated(mesh), parts.rest)
+    self.param_shardings = parts.param_shardings(mesh)
+    self.base_shardings = parts.base_shardings(mesh)
+    self.rest_shardings = parts.rest_shardings(mesh)
     abstract_opt = jax.eval_shape(tx.init, parts.params)
     self.opt_shardings = optax.tree_map_params(
         tx, lambda _, s: s, abstract_opt, self.param_shardings,
@@ -302,6 +311,22 @@ def load_model_and_tokenizer(cfg, mesh: Mesh | None = None, rules=shd.DEFAULT_RU
   return model, tokenizer
 
 
+def load_model_parts(cfg, mesh: Mesh, rules=shd.DEFAULT_RULES,
+                     tokenizer=None) -> tuple[ModelParts, Any]:
+  """The base model with fresh adapters, split (`split_model`), and the run's tokenizer."""
+  # One device: load plainly (no jitted, sharded init to compile); else place each weight on
+  # its shards as it loads, so no host holds a full copy of a large model.
+  load_mesh = mesh if mesh.size > 1 else None
+  with jax.set_mesh(mesh):
+    model, tokenizer = load_model_and_tokenizer(cfg, load_mesh, rules, tokenizer)
+  return split_model(model, rules), tokenizer
+
+
+def config_rules(cfg) -> tuple:
+  """The run's logical axis rules: ``config.rules``, else the defaults."""
+  return tuple(tuple(r) for r in cfg.rules or shd.DEFAULT_RULES)
+
+
 def base_fingerprint(source: str) -> dict:
   return weights.source_fingerprint(source)
 
@@ -331,13 +356,6 @@ def check_checkpoints(cfg, workdir, *, resume: bool,
       return
   finally:
     checkpointer.close()
-
-
-def _format_eta(seconds: float) -> str:
-  if not math.isfinite(seconds) or seconds < 0:
-    return "?"
-  seconds = int(seconds)
-  return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
 class _StopSignal:
@@ -374,24 +392,19 @@ class Trainer:
     self.cfg = cfg
     self.workdir = pathlib.Path(workdir)
     self.workdir.mkdir(parents=True, exist_ok=True)
-    shd.maybe_initialize_distributed(cfg.distributed)
     self.is_chief = jax.process_index() == 0
     # Progress lines from process 0 only (the metrics are global, the same on every process).
     self.print = print_fn or ((lambda s: print(s, flush=True)) if self.is_chief
                               else (lambda s: None))
     self.mesh = mesh or shd.make_mesh(dict(cfg.mesh))
-    self.rules = tuple(tuple(r) for r in cfg.rules or shd.DEFAULT_RULES)
+    self.rules = config_rules(cfg)
     t0 = time.time()
     if model is None:
-      # One device: load plainly (no jitted, sharded init to compile); else place each weight
-      # on its shards as it loads, so no host holds a full copy of a large model.
-      load_mesh = self.mesh if self.mesh.size > 1 else None
-      with jax.set_mesh(self.mesh):
-        model, tokenizer = load_model_and_tokenizer(cfg, load_mesh, self.rules, tokenizer)
-    self.tokenizer = tokenizer
+      self.parts, self.tokenizer = load_model_parts(cfg, self.mesh, self.rules, tokenizer)
+    else:
+      self.parts, self.tokenizer = split_model(model, self.rules), tokenizer
+      del model
     self.base_fingerprint = base_fingerprint(cfg.model.source)
-    self.parts = split_model(model, self.rules)
-    del model
     self.tx = build_optimizer(cfg.train)
     self.schedule = learning_rate_schedule(cfg.train)
     self.fns = StepFunctions(self.parts, self.tx, self.mesh,
@@ -427,6 +440,11 @@ class Trainer:
   def lora_params_host(self) -> dict[str, np.ndarray]:
     return shd.to_host(dict(self.params))
 
+  @property
+  def model(self):
+    """A live model with the current adapters (for coding metrics)."""
+    return self.parts.merge(self.params, self.base, self.rest)
+
   def data_iterator(self):
     if self._data_iter is None:
       self._data_iter = pipeline.make_train_iterator(
@@ -443,19 +461,8 @@ class Trainer:
     resume moves it aside (``<step>.unreadable``) to save that step again. With no earlier one
     (or an explicit `step`) it raises `CheckpointCorruptError` naming the file.
     """
-    steps = sorted(self.checkpointer.all_steps(), reverse=True) if step is None else [step]
-    for i, candidate in enumerate(steps):
-      try:
-        return self._restore(candidate, with_data)
-      except CheckpointCorruptError as e:
-        if step is not None:
-          raise
-        if i + 1 == len(steps):
-          raise e.last_resort(self.checkpointer.step_dir(candidate)) from e
-        moved = (f"; moved to {self.checkpointer.move_aside(candidate)}" if with_data else "")
-        self.print(f"warning: {e}; using step {steps[i + 1]} "
-                   f"({self.checkpointer.step_dir(steps[i + 1])}) instead{moved}")
-    return None
+    return restore_newest(self.checkpointer, lambda s: self._restore(s, with_data), step=step,
+                          move_aside=with_data, warn=self.print)
 
   def _restore(self, step: int, with_data: bool) -> int:
     saved_meta = self.checkpointer.read_meta(step)
@@ -528,6 +535,8 @@ class Trainer:
   # --- the loop -----------------------------------------------------------------------------
 
   def train(self) -> dict[str, Any]:
+    """Trains from the newest checkpoint to ``config.train.steps``: each step is logged, then
+    evaluated and checkpointed when due; SIGTERM (or a multi-host preemption) saves and stops."""
     cfg = self.cfg
     total_steps = int(cfg.train.steps)
     log_every = max(int(cfg.train.log_every), 1)
@@ -540,80 +549,25 @@ class Trainer:
       self.print(f"nothing to do: checkpoint step {start_step} >= config.train.steps {total_steps}")
       writer.close()
       return dict(step=self.step, status="done")
-    self.print(f"training steps {start_step + 1}..{total_steps} on mesh "
-               f"{dict(self.mesh.shape)} ({jax.device_count()} {jax.devices()[0].platform} "
-               f"devices, {jax.process_count()} processes); "
-               f"{sum(v.size for v in self.parts.params.values()):,} LoRA params; "
-               f"model+tokenizer loaded in {self.load_seconds:.1f}s")
+    self._print_start(total_steps)
     if start_step == 0 and cfg.train.eval_at_start:
       self._run_eval(writer)
     status = "done"
     history: list[dict] = []
-    window = dict(tokens=0.0, steps=0, span=0.0, doc=0.0, t=time.time())
-    totals = dict(span=0.0, doc=0.0, span_target=0.0, doc_target=0.0)
-    first_step_time = None
-    t_start = time.time()
+    progress = TrainingProgress(total_steps)
     with _StopSignal() as stop:
       while self.step < total_steps:
-        batch, counts = self._next_batch(it)
-        t_step = time.time()
-        self.params, self.opt_state, self.rest, metrics = self.fns.train_step(
-            self.params, self.opt_state, self.base, self.rest, batch)
-        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        if first_step_time is None:
-          first_step_time = time.time() - t_step
-          self.print(f"step {self.step + 1} (compile + run) took {first_step_time:.1f}s")
-          window["t"] = time.time()
-        else:
-          window["tokens"] += metrics["tokens"]
-          window["steps"] += 1
-        for kind in ("span", "doc"):
-          window[kind] += counts[kind]
-        for kind in totals:
-          totals[kind] += counts[kind]
-        if metrics["target_tokens"] == 0:
-          self._stop(writer, metrics, NoTargetTokensError,
-                     f"step {self.step + 1} has no answer tokens to learn from (every loss weight "
-                     f"of its batch is 0: answers cut off by config.data.seq_len="
-                     f"{cfg.data.seq_len}, or examples without answers)",
-                     "Raise config.data.seq_len or check the data.")
-        if metrics["finite"] < 1:
-          self._stop(writer, metrics, TrainingDivergedError,
-                     f"non-finite loss ({metrics['loss']}) or gradient norm "
-                     f"({metrics['grad_norm']}) at step {self.step + 1}",
-                     "Lower config.train.lr or check the data.")
+        metrics = self._train_step(it, writer, progress)
         self.step += 1
-        lr = float(self.schedule(self.step - 1))
-        record = dict(metrics, lr=lr)
-        if self.step % log_every == 0 or self.step == total_steps or self.step == start_step + 1:
-          elapsed = time.time() - window["t"]
-          steps_per_s = window["steps"] / elapsed if window["steps"] and elapsed > 0 else 0.0
-          tokens_per_s = window["tokens"] / elapsed if window["steps"] and elapsed > 0 else 0.0
-          kinds = window["span"] + window["doc"]
-          span_frac = window["span"] / kinds if kinds else float("nan")
-          record.update(steps_per_s=steps_per_s, tokens_per_s=tokens_per_s,
-                        span_token_fraction=span_frac)
-          eta = (total_steps - self.step) / steps_per_s if steps_per_s else float("nan")
-          speed = (f"{steps_per_s:.2f} steps/s  {tokens_per_s:,.0f} tok/s  "
-                   if window["steps"] else "")
-          kind_text = (f"tokens {100 * span_frac:.0f}% span / {100 * (1 - span_frac):.0f}% doc"
-                       if kinds else "span/doc split n/a")
-          self.print(f"step {self.step}/{total_steps}  loss {metrics['loss']:.4f}  "
-                     f"acc {metrics['accuracy']:.3f}  |g| {metrics['grad_norm']:.3f}  lr {lr:.2e}  "
-                     f"{speed}{kind_text}  "
-                     f"ETA {_format_eta(eta)}")
-          window.update(tokens=0.0, steps=0, span=0.0, doc=0.0, t=time.time())
+        record = dict(metrics, lr=float(self.schedule(self.step - 1)))
+        if self.step % log_every == 0 or self.step in (total_steps, start_step + 1):
+          record.update(self._log_progress(metrics, record["lr"], progress))
         writer.write(self.step, record, prefix="train/")
         history.append(dict(step=self.step, loss=metrics["loss"]))
         if eval_every and self.step % eval_every == 0 and self.step < total_steps:
           self._run_eval(writer)
-        preempted = stop.received or (
-            jax.process_count() > 1 and self.checkpointer.manager.reached_preemption(self.step))
-        if preempted:
-          self.save()
-          self.checkpointer.wait()
+        if self._preempted(stop):
           status = "preempted"
-          self.print(f"preempted: saved checkpoint at step {self.step}; exiting")
           break
         if self.checkpointer.should_save(self.step) and self.step < total_steps:
           self.save(force=True)
@@ -623,18 +577,67 @@ class Trainer:
           self._run_eval(writer)
     self.checkpointer.wait()
     writer.close()
-    kinds = totals["span"] + totals["doc"]
-    targets = totals["span_target"] + totals["doc_target"]
-    summary = dict(step=self.step, status=status, seconds=time.time() - t_start,
-                   first_step_seconds=first_step_time, history=history,
-                   span_token_fraction=totals["span"] / kinds if kinds else None,
-                   span_target_fraction=totals["span_target"] / targets if targets else None)
-    if kinds:
-      self.print(f"tokens trained this run: {int(kinds):,} ({100 * totals['span'] / kinds:.1f}% "
-                 f"spans, {100 * totals['doc'] / kinds:.1f}% documents); target tokens "
-                 f"{int(targets):,} ({100 * totals['span_target'] / max(targets, 1):.1f}% spans, "
-                 f"{100 * totals['doc_target'] / max(targets, 1):.1f}% documents)")
+    done = progress.summary()
+    summary = dict(step=self.step, status=status, seconds=done["seconds"],
+                   first_step_seconds=done["first_step_seconds"], history=history,
+                   span_token_fraction=done["span_token_fraction"],
+                   span_target_fraction=done["span_target_fraction"])
+    totals = progress.totals_line()
+    if totals:
+      self.print(totals)
     return summary
+
+  def _print_start(self, total_steps: int) -> None:
+    self.print(f"training steps {self.step + 1}..{total_steps} on mesh "
+               f"{dict(self.mesh.shape)} ({jax.device_count()} {jax.devices()[0].platform} "
+               f"devices, {jax.process_count()} processes); "
+               f"{sum(v.size for v in self.parts.params.values()):,} LoRA params; "
+               f"model+tokenizer loaded in {self.load_seconds:.1f}s")
+
+  def _train_step(self, it: Iterator, writer: MetricsWriter,
+                  progress: TrainingProgress) -> dict[str, float]:
+    """One optimizer step on the next batch; its metrics (host floats). Stops the run at a
+    step that had no answer tokens or a non-finite loss or gradient (its update is skipped)."""
+    batch, counts = self._next_batch(it)
+    t_step = time.time()
+    self.params, self.opt_state, self.rest, metrics = self.fns.train_step(
+        self.params, self.opt_state, self.base, self.rest, batch)
+    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    seconds = time.time() - t_step
+    if progress.first_step_seconds is None:
+      self.print(f"step {self.step + 1} (compile + run) took {seconds:.1f}s")
+    progress.step_done(seconds, metrics["tokens"], counts)
+    if metrics["target_tokens"] == 0:
+      self._stop(writer, metrics, NoTargetTokensError,
+                 f"step {self.step + 1} has no answer tokens to learn from (every loss weight "
+                 f"of its batch is 0: answers cut off by config.data.seq_len="
+                 f"{self.cfg.data.seq_len}, or examples without answers)",
+                 "Raise config.data.seq_len or check the data.")
+    if metrics["finite"] < 1:
+      self._stop(writer, metrics, TrainingDivergedError,
+                 f"non-finite loss ({metrics['loss']}) or gradient norm "
+                 f"({metrics['grad_norm']}) at step {self.step + 1}",
+                 "Lower config.train.lr or check the data.")
+    return metrics
+
+  def _log_progress(self, metrics: Mapping[str, float], lr: float,
+                    progress: TrainingProgress) -> dict[str, float]:
+    """Prints the progress line of the step just taken; returns its rates for the metrics."""
+    rates, text = progress.report(self.step)
+    self.print(f"step {self.step}/{progress.total_steps}  loss {metrics['loss']:.4f}  "
+               f"acc {metrics['accuracy']:.3f}  |g| {metrics['grad_norm']:.3f}  lr {lr:.2e}  "
+               f"{text}")
+    return rates
+
+  def _preempted(self, stop: "_StopSignal") -> bool:
+    """True after SIGTERM or at a multi-host preemption sync point: the step is saved."""
+    preempted = stop.received or (
+        jax.process_count() > 1 and self.checkpointer.manager.reached_preemption(self.step))
+    if preempted:
+      self.save()
+      self.checkpointer.wait()
+      self.print(f"preempted: saved checkpoint at step {self.step}; exiting")
+    return preempted
 
   def _stop(self, writer: MetricsWriter, metrics: Mapping[str, float], error: type[Exception],
             what: str, advice: str):
@@ -678,42 +681,3 @@ def _token_kind_counts(batches: list[Mapping[str, np.ndarray]]) -> dict[str, flo
     out["span_target"] += float(np.sum(w * (sources == 1)))
     out["doc_target"] += float(np.sum(w * (sources == 2)))
   return out
-
-
-def _add_coding_eval(trainer: Trainer) -> None:
-  """Registers coding metrics on held-out notes when ``eval_coding.documents > 0``."""
-  if int(trainer.cfg.eval_coding.documents) > 0:
-    from jaxicd.train.coding_eval import CodingEval  # pylint: disable=g-import-not-at-top
-    trainer.eval_hooks.append(CodingEval(trainer.cfg, trainer.tokenizer))
-
-
-def run_train(cfg, workdir: str, tokenizer=None) -> dict[str, Any]:
-  trainer = Trainer(cfg, workdir, tokenizer=tokenizer)
-  _add_coding_eval(trainer)
-  try:
-    return trainer.train()
-  finally:
-    trainer.close()
-
-
-def run_eval(cfg, workdir: str, tokenizer=None) -> dict[str, float]:
-  trainer = Trainer(cfg, workdir, tokenizer=tokenizer)
-  try:
-    step = trainer.restore_latest(with_data=False)
-    result = trainer.evaluate()
-    _add_coding_eval(trainer)
-    for hook in trainer.eval_hooks:
-      if hasattr(hook, "report_path"):  # eval mode: an evidence report of the coded notes
-        hook.report_path = trainer.workdir / f"report.{cfg.eval_coding.split}.html"
-      result.update(hook(trainer, max(step or 0, 1)))  # coding runs even without a checkpoint
-    result["step"] = step or 0
-    where = (f"checkpoint step {step}" if step is not None
-             else "no checkpoint in the workdir: base model, adapters untrained")
-    trainer.print(f"eval ({where}): val loss {result['loss']:.4f}  "
-                  f"acc {result['accuracy']:.3f} over {result['batches']} batches")
-    writer = MetricsWriter(trainer.workdir, enabled=trainer.is_chief)
-    writer.write(step or 0, result, prefix="eval/")
-    writer.close()
-    return result
-  finally:
-    trainer.close()

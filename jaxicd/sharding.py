@@ -1,9 +1,12 @@
-"""Device mesh and logical-axis sharding rules.
+"""Device mesh, logical-axis sharding rules, and shardings from parameter metadata.
 
-Every parameter of the model carries logical axis names (see ``jaxicd.model.llama``):
+Every parameter of the model carries logical axis names in its variable metadata
+``logical_axes`` (`LOGICAL_AXES`; see ``jaxicd.model.llama``):
   vocab, embed, heads (q/o projection: num_heads * head_dim), kv_heads (k/v projection),
   mlp, lora (LoRA rank: never sharded), norm (RMSNorm scales).
 Rules map each logical name to a mesh axis (or a tuple of them, or None = replicated).
+`variable_logical_axes` is the one reader of that metadata; `state_specs` and
+`param_shardings` build on it.
 """
 
 from __future__ import annotations
@@ -14,8 +17,11 @@ from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
+from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+LOGICAL_AXES = "logical_axes"  # nnx.Variable metadata key holding the logical axis names
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")  # a batch's leading dim is split over both
 
@@ -102,7 +108,7 @@ def maybe_initialize_distributed(cfg: Mapping[str, Any] | None) -> None:
   """
   if not cfg or not cfg.get("enabled", False):
     return
-  if jax.distributed.is_initialized():  # main initialises before the Trainer does
+  if jax.distributed.is_initialized():
     return
   kwargs = {k: cfg[k] for k in ("coordinator_address", "num_processes", "process_id")
             if cfg.get(k) not in (None, "", -1)}
@@ -118,17 +124,16 @@ def maybe_initialize_distributed(cfg: Mapping[str, Any] | None) -> None:
 def variable_logical_axes(variable) -> tuple[str | None, ...] | None:
   """The logical axis names of an ``nnx.Variable``.
 
-  ``jaxicd.model.llama`` stores them under the metadata key ``logical_axes``; flax's own
-  ``out_sharding`` annotation is accepted too.
+  ``jaxicd.model.llama`` stores them under the metadata key `LOGICAL_AXES`; flax's own
+  ``out_sharding`` annotation is accepted too. None for state without them (RNG counts).
   """
   metadata = variable.get_metadata() if hasattr(variable, "get_metadata") else {}
-  names = metadata.get("logical_axes") or metadata.get("out_sharding")
+  names = metadata.get(LOGICAL_AXES) or metadata.get("out_sharding")
   return tuple(names) if names else None
 
 
 def state_specs(state, rules=DEFAULT_RULES):
   """PartitionSpecs, structured like ``state`` (an ``nnx.State``), from the variables' metadata."""
-  from flax import nnx  # local: keep this module importable without flax
 
   def spec(leaf):
     if isinstance(leaf, nnx.Variable):
@@ -136,6 +141,19 @@ def state_specs(state, rules=DEFAULT_RULES):
     return PartitionSpec()
 
   return jax.tree.map(spec, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def variable_sharding(mesh: Mesh, variable, rules=DEFAULT_RULES) -> NamedSharding:
+  """Where the value of ``variable`` lives on ``mesh`` under ``rules``."""
+  return logical_sharding(mesh, variable_logical_axes(variable), rules)
+
+
+def param_shardings(tree: Any, mesh: Mesh, rules=DEFAULT_RULES) -> Any:
+  """The ``NamedSharding`` of each Variable of a module or ``nnx.State``, structured like
+  ``nnx.state(tree)`` (for jit in/out shardings or Orbax restore targets)."""
+  state = tree if isinstance(tree, nnx.State) else nnx.state(tree)
+  return jax.tree.map(lambda spec: NamedSharding(mesh, spec), state_specs(state, rules),
+                      is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 
 def fit_spec(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh) -> PartitionSpec:
@@ -175,7 +193,6 @@ def to_host(tree):
   """numpy copies of a pytree of arrays; arrays sharded over other processes are all-gathered."""
   def get(x):
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
-      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
       return np.asarray(multihost_utils.process_allgather(x, tiled=True))
     return np.asarray(jax.device_get(x))
   return jax.tree.map(get, tree)
@@ -185,7 +202,6 @@ def any_process(flag: bool) -> bool:
   """True if ``flag`` is true on any process (a collective: every process must call it)."""
   if jax.process_count() == 1:
     return bool(flag)
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   return bool(np.any(multihost_utils.process_allgather(np.int32(bool(flag)))))
 
 
