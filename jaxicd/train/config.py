@@ -69,19 +69,26 @@ def base_config() -> ml_collections.ConfigDict:
       expansion_seed=0,              # seed of the code-space span expansion
       cache_tokens=32_000_000,       # encoded examples kept for later epochs (tokens)
       pack_bins=0,                   # first-fit packing bins (0: from the batch size)
-      read_buffer=16))               # grain prefetch buffer per source
+      read_buffer=16,                # grain prefetch buffer per source
+      # Named sources mixed in one run, each a source_config() entry (jaxicd.data.mixture); when
+      # set, source, manual_dir, span/doc weights and the span keys above are not used.
+      sources=ml_collections.ConfigDict()))
 
   config.train = ml_collections.ConfigDict(dict(
       steps=100, lr=2e-4, warmup_steps=10, final_lr_fraction=0.1, weight_decay=0.0,
       b1=0.9, b2=0.999, eps=1e-8, clip_norm=1.0,
       grad_accum=1,                  # microbatches per optimizer step (same global batch each)
       log_every=10, eval_every=0, eval_batches=4,
-      eval_at_start=False))          # val loss before the first step of a fresh run
+      eval_at_start=False,           # val loss before the first step of a fresh run
+      # The loss eval's documents: a data.sources name ("" = every document source, or
+      # data.source) and its split.
+      eval_source="", eval_split="val"))
 
   # Coding metrics (micro/macro/unseen-code F1, evidence F1) on the first `documents` notes of
   # `split`, decoded with the current adapters at every evaluation; 0 turns it off.
   config.eval_coding = ml_collections.ConfigDict(dict(
       documents=0, split="val", max_new_tokens=96, batch_size=8, constrained=True,
+      source="",                     # a data.sources name ("" = every document source)
       unique_codes=True,             # constrained: each code at most once per answer
       spans=0,                       # also code N gold evidence spans of the split one by one
       # Re-code each evidence span the document pass found with the span prompt; its code and
@@ -112,6 +119,29 @@ def base_config() -> ml_collections.ConfigDict:
   config.checkpoint = ml_collections.ConfigDict(dict(every=100, keep=3, async_save=True,
                                                      directory=""))
   return config
+
+
+def source_config(**values: Any) -> ml_collections.ConfigDict:
+  """One entry of ``config.data.sources`` (jaxicd.data.mixture); ``values`` override defaults,
+  ``options``/``splits`` given as dicts."""
+  entry = ml_collections.ConfigDict(dict(
+      reader="",                     # demo | mimic_iv | mdace | codiesp | jsonl | expansion | span_jsonl
+      manual_dir="",                 # the reader's files (span_jsonl: the .jsonl file)
+      # Reader options (mixture.READER_OPTIONS): split_file, min_code_count (mimic_iv);
+      # split_dir, annotation_dir (mdace); demo_seed (demo); code_space, spans_per_code,
+      # negatives, seed (expansion).
+      options=ml_collections.ConfigDict(),
+      role="documents",              # documents | spans (its spans or gold evidence) | both
+      weight=0.0,                    # mixture weight of its documents (role spans: its spans)
+      span_weight=0.0,               # role both: mixture weight of its evidence spans
+      pool="",                       # a span source whose examples its spans join, at its weight
+      # The source's split feeding each split of the run ("" = none).
+      splits=ml_collections.ConfigDict(dict(train="train", val="val", test="test")),
+      fraction=1.0))                 # of its training documents used, evenly spread
+  entry.options.update(values.pop("options", None) or {})
+  entry.splits.update(values.pop("splits", None) or {})
+  entry.update(values)
+  return entry
 
 
 def checkpoint_directory(config: Any, workdir) -> str:
