@@ -391,11 +391,13 @@ def data_statistics(data_cfg: Any, tokenizer: Any, *, sample_documents: int, sam
   exact; tokens are measured on an evenly spread sample per split (and of the spans) and scaled
   to the counts. ``packing_batches`` training batches measure the non-pad fraction and each
   example kind's share of the tokens."""
-  from jaxicd.data import pipeline, prompts  # pylint: disable=import-outside-toplevel
+  # pylint: disable-next=import-outside-toplevel
+  from jaxicd.data import mixture, pipeline, prompts
   get = lambda k, d=None: pipeline.cfg_get(data_cfg, k, d)  # noqa: E731
   seq_len, overlap = int(get("seq_len", 1024)), int(get("window_overlap", 128))
   answer_format = get("answer_format", "code_first")
-  docs = pipeline.load_documents(data_cfg)
+  named = bool(mixture.named_sources(data_cfg))
+  docs = mixture.documents(data_cfg)
   splits: dict[str, Any] = {}
   stats = pipeline.PipelineStats()
   for split in sorted({d.split for d in docs}, key=lambda s: (_SPLIT_ORDER.get(s, 9), s)):
@@ -421,7 +423,12 @@ def data_statistics(data_cfg: Any, tokenizer: Any, *, sample_documents: int, sam
         "codes_per_document": codes / max(len(sample), 1)}
   train_docs = [d for d in docs if d.split == "train"]
   # The spans only when the mixture trains on them (documents are read for eval and coding too).
-  spans = pipeline.load_spans(data_cfg, train_docs) if float(get("span_weight", 0.8)) > 0 else []
+  parts = mixture.components(data_cfg) if named else []
+  if named:
+    spans = [s for c in parts if c.kind == "spans" and c.weight > 0 for s in c.records]
+  else:
+    spans = (pipeline.load_spans(data_cfg, train_docs) if float(get("span_weight", 0.8)) > 0
+             else [])
   sample = _evenly(spans, sample_spans)
   by_origin = collections.Counter(s.origin for s in spans)
   measured: dict[str, list[float]] = collections.defaultdict(lambda: [0, 0, 0])
@@ -459,20 +466,58 @@ def data_statistics(data_cfg: Any, tokenizer: Any, *, sample_documents: int, sam
     # One prefix per packed row instead of one per example.
     span_summary["row_tokens_shared_prompt"] = round(
         (span_tokens - len(spans) * prefix) * seq_len / (seq_len - prefix))
-  doc_epoch = (splits.get("train", {}).get("tokens", 0)
-               if float(get("doc_weight", 0.2)) > 0 else 0)
+  if named:  # the documents the mixture trains on (fractions, weights), not every train split
+    doc_epoch = sum(_document_tokens(c.records, tokenizer, data_cfg, sample_documents)
+                    for c in parts if c.kind == "documents" and c.weight > 0)
+  else:
+    doc_epoch = (splits.get("train", {}).get("tokens", 0)
+                 if float(get("doc_weight", 0.2)) > 0 else 0)
   epoch = {"spans": span_summary.get("row_tokens_shared_prompt", span_tokens),
            "documents": doc_epoch}
   epoch["total"] = epoch["spans"] + epoch["documents"]
-  result = {"source": get("source", "demo"), "code_space": get("code_space", "demo"),
+  if named:
+    per_source = {}
+    for c in parts:
+      measure = _document_tokens if c.kind == "documents" else _span_tokens
+      per_source[c.name] = {
+          "kind": c.kind, "weight": c.weight, "records": len(c.records),
+          "tokens": measure(c.records, tokenizer, data_cfg,
+                            sample_documents if c.kind == "documents" else sample_spans)}
+    epoch["sources"] = per_source
+  result = {"source": ("+".join(mixture.named_sources(data_cfg)) if named
+                       else get("source", "demo")), "code_space": get("code_space", "demo"),
             "splits": splits, "spans": span_summary, "epoch_tokens": epoch,
             # What encoding the sampled documents and spans truncated or split.
             "pipeline": {k: v for k, v in stats.as_dict().items()
                          if k in ("truncated", "truncated_tokens", "split_evidence",
                                   "multi_window_documents")}}
   if packing_batches > 0:
-    result["packing"] = _packing(data_cfg, tokenizer, docs, spans, packing_batches)
+    result["packing"] = (_packing(data_cfg, tokenizer, None, None, packing_batches) if named
+                         else _packing(data_cfg, tokenizer, docs, spans, packing_batches))
   return result
+
+
+def _document_tokens(documents, tokenizer, data_cfg, sample: int) -> int:
+  """Tokens of one epoch of ``documents``' training windows, measured on an even sample."""
+  from jaxicd.data import pipeline  # pylint: disable=import-outside-toplevel
+  get = lambda k, d=None: pipeline.cfg_get(data_cfg, k, d)  # noqa: E731
+  picked = _evenly(documents, sample)
+  tokens = sum(len(w.tokens) - 1 for d in picked for w in pipeline.document_windows(
+      d, tokenizer, seq_len=int(get("seq_len", 1024)),
+      window_overlap=int(get("window_overlap", 128)),
+      answer_format=get("answer_format", "code_first")))
+  return round(tokens * len(documents) / max(len(picked), 1))
+
+
+def _span_tokens(spans, tokenizer, data_cfg, sample: int) -> int:
+  """Tokens of one epoch of ``spans``' examples, measured on an even sample."""
+  from jaxicd.data import pipeline  # pylint: disable=import-outside-toplevel
+  get = lambda k, d=None: pipeline.cfg_get(data_cfg, k, d)  # noqa: E731
+  picked = _evenly(spans, sample)
+  tokens = sum(len(pipeline.encode_span(tokenizer, s, int(get("seq_len", 1024)),
+                                        answer_format=get("answer_format", "code_first"))
+                   ["tokens"]) - 1 for s in picked)
+  return round(tokens * len(spans) / max(len(picked), 1))
 
 
 def _packing(data_cfg, tokenizer, docs, spans, batches: int) -> dict[str, Any]:
@@ -482,19 +527,24 @@ def _packing(data_cfg, tokenizer, docs, spans, batches: int) -> dict[str, Any]:
                                     prefetch=0, with_sources=True)
   real = total = 0
   kinds = collections.Counter()
+  per_source = collections.Counter()
+  component_kinds = it.summary["source_kinds"]
   for _ in range(batches):
     batch = next(it)
     real += int((batch["segment_ids"] != 0).sum())
     total += batch["segment_ids"].size
-    for name, c in pipeline.count_sources(batch).items():
-      kinds[f"{name}_tokens"] += c["tokens"]
-      kinds[f"{name}_target_tokens"] += c["target_tokens"]
-      kinds[f"{name}_examples"] += c["examples"]
+    for name, c in pipeline.count_sources(batch, it.summary["source_ids"]).items():
+      kind = component_kinds[name]
+      kinds[f"{kind}_tokens"] += c["tokens"]
+      kinds[f"{kind}_target_tokens"] += c["target_tokens"]
+      kinds[f"{kind}_examples"] += c["examples"]
+      per_source[name] += c["tokens"]
   close = getattr(it, "close", None)
   if close is not None:
     close()
   share = {n: kinds[f"{n}_tokens"] / max(real, 1) for n in ("spans", "documents")}
   return {"batches": batches, "non_pad_fraction": real / max(total, 1), "token_share": share,
+          "source_token_share": {n: per_source[n] / max(real, 1) for n in component_kinds},
           "examples": {n: kinds[f"{n}_examples"] for n in ("spans", "documents")},
           "target_tokens": {n: kinds[f"{n}_target_tokens"] for n in ("spans", "documents")}}
 
@@ -642,6 +692,9 @@ def plan(config) -> dict[str, Any]:
     training["epochs"] = {k: (real * pk["token_share"][k] / stats["epoch_tokens"][k]
                               if stats["epoch_tokens"][k] else None)
                           for k in ("spans", "documents")}
+    for name, src in stats["epoch_tokens"].get("sources", {}).items():
+      src["trained_tokens"] = real * pk["source_token_share"][name]
+      src["epochs"] = src["trained_tokens"] / src["tokens"] if src["tokens"] else None
 
   # Memory per chip.
   hbm = acc.hbm_gb * GB
@@ -761,6 +814,11 @@ def describe(summary: Mapping[str, Any]) -> list[str]:
     lines.append(f"data spans: {sp['spans']:,} ({origins}) -> {_si(sp['tokens'])} tokens; "
                  f"epoch: {_si(d['epoch_tokens']['spans'])} span + "
                  f"{_si(d['epoch_tokens']['documents'])} document tokens")
+    for name, src in d["epoch_tokens"].get("sources", {}).items():
+      trained = (f"; this run trains {_si(src['trained_tokens'])} of them "
+                 f"({src['epochs']:.2f} epochs)" if src.get("epochs") is not None else "")
+      lines.append(f"source {name} ({src['kind']}, weight {src['weight']:g}): "
+                   f"{src['records']:,} records, {_si(src['tokens'])} tokens per epoch{trained}")
   run = (f"run: {t['steps']:,} steps x {t['grad_accum']} x {t['global_batch_rows']} rows x "
          f"{t['seq_len']} = {_si(t['tokens'])} tokens")
   if "non_pad_tokens" in t:

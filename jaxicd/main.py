@@ -86,9 +86,9 @@ def run(config, workdir: str) -> dict:
     from jaxicd.infer import predict  # pylint: disable=g-import-not-at-top
     plan = predict.preflight(config, workdir)
   if mode in ("train", "eval"):
-    from jaxicd.data import pipeline  # pylint: disable=g-import-not-at-top
+    from jaxicd.data import mixture  # pylint: disable=g-import-not-at-top
     tokenizer = trainer.config_tokenizer(config)
-    config_lib.validate_data(config, tokenizer, pipeline.load_documents(config.data))
+    config_lib.validate_data(config, tokenizer, mixture.documents(config.data))
   trainer.check_checkpoints(config, workdir, resume=mode == "train",
                             warn=lambda line: print(line, file=sys.stderr, flush=True))
   pathlib.Path(workdir).mkdir(parents=True, exist_ok=True)

@@ -162,6 +162,16 @@ def _unknown_keys(config: Any, schema: Any, prefix: str) -> list[str]:
       hint = f" (did you mean {close[0]!r}?)" if close else ""
       problems.append(f"config.{name}: unknown key{hint}; valid keys of "
                       f"config{'.' + prefix if prefix else ''}: {', '.join(valid)}")
+    elif name == "data.sources":  # named entries, each with the keys of source_config()
+      for entry in config[key]:
+        if not isinstance(config[key][entry], (ml_collections.ConfigDict, dict)):
+          problems.append(f"config.{name}.{entry} must be a section made by source_config(), "
+                          f"got {config[key][entry]!r}")
+          continue
+        template = source_config()
+        del template["options"]  # reader options: checked against the reader
+        problems.extend(_unknown_keys({k: v for k, v in config[key][entry].items()
+                                       if k != "options"}, template, f"{name}.{entry}"))
     elif isinstance(schema.get(key), ml_collections.ConfigDict):
       if not isinstance(config[key], (ml_collections.ConfigDict, dict)):
         problems.append(f"config.{name} must be a section with keys "
@@ -210,6 +220,7 @@ def validate(config: Any) -> None:
     _at_least(config, key, 0)
   _one_of(config, "data.answer_format", ANSWER_FORMATS)
   _one_of(config, "eval_coding.split", SPLITS)
+  _one_of(config, "train.eval_split", SPLITS)
   if mode == "train":
     for key in ("train.steps", "train.grad_accum"):
       _at_least(config, key, 1)
@@ -220,16 +231,87 @@ def validate(config: Any) -> None:
     _one_of(config, "data.mixture_unit", ("examples", "tokens"))
     for key in ("data.span_weight", "data.doc_weight"):
       _at_least(config, key, 0)
-    if config.data.span_weight + config.data.doc_weight <= 0:
+    if not config.data.sources and config.data.span_weight + config.data.doc_weight <= 0:
       raise ConfigError(f"config.data.span_weight={config.data.span_weight!r}, "
                         f"config.data.doc_weight={config.data.doc_weight!r}: at least one must "
                         "be > 0")
+  _check_sources(config)
   if _codes_notes(config):
     _at_least(config, "eval_coding.max_new_tokens", 1)
     if config.eval_coding.max_new_tokens >= config.data.seq_len:
       raise ConfigError(f"config.eval_coding.max_new_tokens={config.eval_coding.max_new_tokens} "
                         f"leaves no room for a prompt in config.data.seq_len="
                         f"{config.data.seq_len}")
+
+
+def _check_sources(config: Any) -> None:
+  """The entries of ``data.sources`` and the sources that evaluation names."""
+  # pylint: disable=import-outside-toplevel
+  from jaxicd.data.mixture import (DOCUMENT_READERS, READER_OPTIONS, READERS, ROLES,
+                                   SPAN_READERS)
+  sources = config.data.sources
+  named = {"train.eval_source": config.train.eval_source,
+           "eval_coding.source": config.eval_coding.source}
+  if not sources:
+    for key, value in named.items():
+      if value:
+        raise ConfigError(f"config.{key}={value!r} names a source, but config.data.sources is "
+                          "empty (one source: data.source)")
+    return
+  for key, default in (("source", "demo"), ("manual_dir", "")):
+    if config.data[key] != default:
+      raise ConfigError(f"config.data.{key}={config.data[key]!r} is not used when "
+                        "config.data.sources is set: give each source its own reader and "
+                        "manual_dir")
+  for name in sources:
+    entry, key = sources[name], f"config.data.sources.{name}"
+    if entry.reader not in READERS:
+      raise ConfigError(f"{key}.reader={entry.reader!r}: choose one of {', '.join(READERS)}")
+    if entry.role not in ROLES:
+      raise ConfigError(f"{key}.role={entry.role!r}: choose one of {', '.join(ROLES)}")
+    if entry.reader in SPAN_READERS and entry.role != "spans":
+      raise ConfigError(f"{key}.role={entry.role!r}: reader {entry.reader!r} gives spans only; "
+                        "set role='spans'")
+    if entry.reader not in ("demo", "expansion") and not entry.manual_dir:
+      raise ConfigError(f"{key}.manual_dir is empty: reader {entry.reader!r} reads files from "
+                        "it")
+    unknown = sorted(set(entry.options or {}) - set(READER_OPTIONS[entry.reader]))
+    if unknown:
+      raise ConfigError(f"{key}.options: {', '.join(unknown)} unknown to reader "
+                        f"{entry.reader!r} (it takes: "
+                        f"{', '.join(READER_OPTIONS[entry.reader]) or 'no options'})")
+    for field in ("weight", "span_weight"):
+      if entry[field] < 0:
+        raise ConfigError(f"{key}.{field}={entry[field]!r}: must be >= 0")
+    if entry.span_weight > 0 and entry.role != "both":
+      raise ConfigError(f"{key}.span_weight={entry.span_weight!r} is for role='both'; with "
+                        f"role={entry.role!r} set {key}.weight")
+    if not 0 < entry.fraction <= 1:
+      raise ConfigError(f"{key}.fraction={entry.fraction!r}: must be in (0, 1]")
+    for split in SPLITS:
+      if entry.splits[split] not in SPLITS + ("",):
+        raise ConfigError(f"{key}.splits.{split}={entry.splits[split]!r}: choose one of "
+                          f"{', '.join(SPLITS)} or '' (none)")
+    if entry.pool:
+      target = sources.get(entry.pool)
+      if entry.role == "documents":
+        raise ConfigError(f"{key}.pool={entry.pool!r}: role='documents' gives no spans to pool")
+      if target is None or target.role == "documents" or target.pool or entry.pool == name:
+        raise ConfigError(f"{key}.pool={entry.pool!r}: must name another source that gives "
+                          "spans of its own (role spans or both, no pool)")
+      unused = "weight" if entry.role == "spans" else "span_weight"
+      if entry[unused] > 0:
+        raise ConfigError(f"{key}.{unused}={entry[unused]!r} is unused: its spans join "
+                          f"{entry.pool!r} at that source's weight; set it to 0")
+  documents = [n for n in sources if sources[n].reader in DOCUMENT_READERS]
+  for key, value in named.items():
+    if value and value not in documents:
+      raise ConfigError(f"config.{key}={value!r}: no document source of that name in "
+                        f"config.data.sources ({', '.join(documents) or 'none'})")
+  if config.mode == "train" and not any(sources[n].weight + sources[n].span_weight > 0
+                                        for n in sources):
+    raise ConfigError("config.data.sources: every weight is 0; give at least one source a "
+                      "weight > 0")
 
 
 def _codes_notes(config: Any) -> bool:
@@ -259,6 +341,9 @@ def validate_data(config: Any, tokenizer: Any, documents: Sequence[Any]) -> None
         f"config.data.seq_len={data.seq_len} is too short: the prompt with an empty note and a "
         f"one-code answer (data.answer_format={data.answer_format!r}) takes {needed} tokens; "
         f"set config.data.seq_len >= {needed - 1} (notes and quotes need more)")
+  if data.sources:
+    _validate_sources_data(config)
+    return
   source = f"data.source={data.source!r}"
   if mode == "train" and data.span_weight > 0 and not (
       data.spans_per_code > 0 or data.span_files
@@ -289,3 +374,31 @@ def validate_data(config: Any, tokenizer: Any, documents: Sequence[Any]) -> None
                       f"coding metrics need them (config.eval_coding.split={split!r}, "
                       f"config.eval_coding.documents={config.eval_coding.documents}); set "
                       "config.eval_coding.documents=0 to turn coding off")
+
+
+def _validate_sources_data(config: Any) -> None:
+  """`validate_data` for named sources: every weighted component has records, and the sources
+  and splits that evaluation names have documents."""
+  from jaxicd.data import mixture  # pylint: disable=import-outside-toplevel
+  data, mode = config.data, config.mode
+  if mode == "train":
+    for part in mixture.components(data):
+      if part.weight > 0 and not part.records:
+        entry = data.sources[part.source]
+        where = (f"its split mapping train={entry.splits.train!r}" if part.kind == "documents"
+                 or entry.reader in mixture.DOCUMENT_READERS else f"reader {entry.reader!r}")
+        raise ConfigError(f"config.{part.weight_key}={part.weight!r} but source "
+                          f"{part.source!r} gives no training {part.kind} ({where}); set it to 0")
+  checks = [("eval_coding", config.eval_coding.source, config.eval_coding.split,
+             _codes_notes(config), "coding metrics", "config.eval_coding.documents=0")]
+  loss = mode == "eval" or any(config.train[k] for k in ("eval_batches", "eval_every",
+                                                        "eval_at_start"))
+  checks.append(("train", config.train.eval_source, config.train.eval_split, loss,
+                 "the validation loss", "config.train.eval_batches=0, eval_every=0 and "
+                 "eval_at_start=False"))
+  for section, source, split, needed, what, off in checks:
+    if needed and not any(d.split == split for d in mixture.documents(data, source)):
+      key = "source" if section == "eval_coding" else "eval_source"
+      raise ConfigError(f"no {split!r} documents in {mixture.describe_source(data, source)} "
+                        f"(config.{section}.{key}={source!r}), but {what} need them; name a "
+                        f"source whose splits map to {split!r}, or set {off}")

@@ -487,20 +487,23 @@ class Trainer:
       local = {k: np.stack([m[k] for m in micro]) for k in BATCH_FIELDS}
     else:
       local = micro[0]
-    counts = _token_kind_counts(micro)
+    counts = _token_kind_counts(micro, getattr(it, "summary", None))
     return self.fns.place_batch(local), counts
 
   # --- evaluation ---------------------------------------------------------------------------
 
-  def evaluate(self, max_batches: int | None = None, split: str = "val") -> dict[str, float]:
-    """Mean token cross-entropy over the validation split (target tokens only)."""
+  def evaluate(self, max_batches: int | None = None, split: str = "") -> dict[str, float]:
+    """Mean token cross-entropy over the validation split (target tokens only) of
+    ``train.eval_source`` (``split``: default ``train.eval_split``)."""
     max_batches = max_batches if max_batches is not None else int(
         self.cfg.train.get("eval_batches", 0) or 0)
     # Every process must run the same number of eval steps (each is a collective), though their
     # shards may hold different numbers of batches: exactly max_batches (padded with empty
     # batches), or, for all batches, until no process has any left.
     multi = jax.process_count() > 1
-    it = pipeline.make_eval_iterator(self.cfg.data, self.tokenizer, split=split,
+    it = pipeline.make_eval_iterator(self.cfg.data, self.tokenizer,
+                                     split=split or self.cfg.train.eval_split,
+                                     source=self.cfg.train.eval_source,
                                      process_index=jax.process_index(),
                                      process_count=jax.process_count(),
                                      num_batches=(max_batches or None) if multi else None)
@@ -568,10 +571,11 @@ class Trainer:
         else:
           window["tokens"] += metrics["tokens"]
           window["steps"] += 1
-        for kind in ("span", "doc"):
-          window[kind] += counts[kind]
-        for kind in totals:
-          totals[kind] += counts[kind]
+        for kind, n in counts.items():
+          if kind in totals or kind.startswith(_PER_SOURCE):
+            totals[kind] = totals.get(kind, 0.0) + n
+          if kind in ("span", "doc") or kind.startswith(_PER_SOURCE):
+            window[kind] = window.get(kind, 0.0) + n
         if metrics["target_tokens"] == 0:
           self._stop(writer, metrics, NoTargetTokensError,
                      f"step {self.step + 1} has no answer tokens to learn from (every loss weight "
@@ -594,6 +598,8 @@ class Trainer:
           span_frac = window["span"] / kinds if kinds else float("nan")
           record.update(steps_per_s=steps_per_s, tokens_per_s=tokens_per_s,
                         span_token_fraction=span_frac)
+          shares = _source_shares(window)
+          record.update(shares)
           eta = (total_steps - self.step) / steps_per_s if steps_per_s else float("nan")
           speed = (f"{steps_per_s:.2f} steps/s  {tokens_per_s:,.0f} tok/s  "
                    if window["steps"] else "")
@@ -601,9 +607,9 @@ class Trainer:
                        if kinds else "span/doc split n/a")
           self.print(f"step {self.step}/{total_steps}  loss {metrics['loss']:.4f}  "
                      f"acc {metrics['accuracy']:.3f}  |g| {metrics['grad_norm']:.3f}  lr {lr:.2e}  "
-                     f"{speed}{kind_text}  "
+                     f"{speed}{kind_text}{_describe_shares(shares)}  "
                      f"ETA {_format_eta(eta)}")
-          window.update(tokens=0.0, steps=0, span=0.0, doc=0.0, t=time.time())
+          window = dict(tokens=0.0, steps=0, span=0.0, doc=0.0, t=time.time())
         writer.write(self.step, record, prefix="train/")
         history.append(dict(step=self.step, loss=metrics["loss"]))
         if eval_every and self.step % eval_every == 0 and self.step < total_steps:
@@ -634,7 +640,9 @@ class Trainer:
       self.print(f"tokens trained this run: {int(kinds):,} ({100 * totals['span'] / kinds:.1f}% "
                  f"spans, {100 * totals['doc'] / kinds:.1f}% documents); target tokens "
                  f"{int(targets):,} ({100 * totals['span_target'] / max(targets, 1):.1f}% spans, "
-                 f"{100 * totals['doc_target'] / max(targets, 1):.1f}% documents)")
+                 f"{100 * totals['doc_target'] / max(targets, 1):.1f}% documents)"
+                 f"{_describe_shares(_source_shares(totals))}")
+    summary.update(_source_shares(totals))
     return summary
 
   def _stop(self, writer: MetricsWriter, metrics: Mapping[str, float], error: type[Exception],
@@ -666,19 +674,52 @@ class Trainer:
 
 # --- Helpers ------------------------------------------------------------------------------------
 
-def _token_kind_counts(batches: list[Mapping[str, np.ndarray]]) -> dict[str, float]:
-  """Tokens (all, and target-only) from spans vs documents: the pipeline's ``sources`` 1 / 2."""
+_PER_SOURCE = "source:"  # counts of one named source: "source:<name>:tokens" / ":examples"
+
+
+def _token_kind_counts(batches: list[Mapping[str, np.ndarray]],
+                       summary: Mapping[str, Any] | None) -> dict[str, float]:
+  """Tokens (all, and target-only) from spans vs documents, by the pipeline's ``sources``
+  feature; with named sources (``data.sources``) also tokens and examples per source."""
+  ids = (summary or {}).get("source_ids", pipeline.SOURCE_IDS)
+  kinds = (summary or {}).get("source_kinds", {"spans": "spans", "documents": "documents"})
+  named = set(ids) != set(pipeline.SOURCE_IDS)
   out = dict(span=0.0, doc=0.0, span_target=0.0, doc_target=0.0)
   for b in batches:
     if "sources" not in b:
       continue
-    w = np.asarray(b["loss_weights"], np.float32)
-    sources = np.asarray(b["sources"])
-    out["span"] += float(np.sum(sources == 1))
-    out["doc"] += float(np.sum(sources == 2))
-    out["span_target"] += float(np.sum(w * (sources == 1)))
-    out["doc_target"] += float(np.sum(w * (sources == 2)))
+    for name, c in pipeline.count_sources(b, ids).items():
+      kind = "span" if kinds[name] == "spans" else "doc"
+      out[kind] += c["tokens"]
+      out[f"{kind}_target"] += c["target_tokens"]
+      if named:
+        for what in ("tokens", "examples"):
+          key = f"{_PER_SOURCE}{name}:{what}"
+          out[key] = out.get(key, 0.0) + c[what]
   return out
+
+
+def _source_shares(counts: Mapping[str, float]) -> dict[str, float]:
+  """Each named source's fraction of the tokens and examples counted (metrics keys)."""
+  per = {k[len(_PER_SOURCE):]: v for k, v in counts.items() if k.startswith(_PER_SOURCE)}
+  out = {}
+  for what in ("tokens", "examples"):
+    total = sum(v for k, v in per.items() if k.endswith(f":{what}"))
+    for k, v in per.items():
+      name, kind = k.rsplit(":", 1)
+      if kind == what and total:
+        out[f"source_{'token' if what == 'tokens' else 'example'}_fraction/{name}"] = v / total
+  return out
+
+
+def _describe_shares(shares: Mapping[str, float]) -> str:
+  """``; sources (tokens/examples): mimic 40%/5%, ...`` for the log line ("" without them)."""
+  names = [k.split("/", 1)[1] for k in shares if k.startswith("source_token_fraction/")]
+  if not names:
+    return ""
+  return "; sources (tokens/examples): " + ", ".join(
+      f"{n} {100 * shares[f'source_token_fraction/{n}']:.0f}%/"
+      f"{100 * shares.get(f'source_example_fraction/{n}', 0.0):.0f}%" for n in names)
 
 
 def _add_coding_eval(trainer: Trainer) -> None:
