@@ -244,7 +244,7 @@ def test_a_weight_without_data_is_refused_naming_the_key():
   validate(config)
   with pytest.raises(ConfigError, match=r"^config\.data\.sources\.mimic\.weight=0\.3 but source "
                                         r"'mimic' gives no training documents \(its split "
-                                        r"mapping train=''\); set it to 0$"):
+                                        r"mapping train='', fraction=1\.0\); set it to 0$"):
     validate_data(config, ByteTokenizer(), mixture.documents(config.data))
   config = three_sources()
   config.train.update(eval_source="mimic", eval_split="test")

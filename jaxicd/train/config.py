@@ -385,8 +385,9 @@ def _validate_sources_data(config: Any) -> None:
     for part in mixture.components(data):
       if part.weight > 0 and not part.records:
         entry = data.sources[part.source]
-        where = (f"its split mapping train={entry.splits.train!r}" if part.kind == "documents"
-                 or entry.reader in mixture.DOCUMENT_READERS else f"reader {entry.reader!r}")
+        where = (f"its split mapping train={entry.splits.train!r}, fraction={entry.fraction!r}"
+                 if part.kind == "documents" or entry.reader in mixture.DOCUMENT_READERS
+                 else f"reader {entry.reader!r}")
         raise ConfigError(f"config.{part.weight_key}={part.weight!r} but source "
                           f"{part.source!r} gives no training {part.kind} ({where}); set it to 0")
   checks = [("eval_coding", config.eval_coding.source, config.eval_coding.split,
