@@ -21,9 +21,8 @@ def get_config():
                       # activations alone outgrow v5e's 16 GB per chip (mode=plan: ~41 GB).
                       remat="full")
   config.lora.update(rank=16, alpha=32.0, dropout=0.05)
-  # The pipeline reads one document source per run: MIMIC-IV documents + code-system spans here.
-  # MDACE's evidence spans come in through `source="mdace"` (annotated_spans=True turns its gold
-  # evidence into span examples), e.g. as a second stage resumed from this run's adapters.
+  # One document source (MIMIC-IV) + code-system spans; configs/paper.py mixes MIMIC-IV, MDACE
+  # evidence and expansion spans as named sources (config.data.sources).
   config.data.update(
       source="mimic_iv", manual_dir="/mnt/data/mimic", code_space="all",
       spans_per_code=8, negatives=True, annotated_spans=True,

@@ -37,7 +37,7 @@ from flax import nnx
 from jax._src import xla_bridge
 
 from jaxicd import errors
-from jaxicd.data import demo, pipeline, prompts, windows
+from jaxicd.data import demo, mixture, pipeline, prompts, windows
 from jaxicd.model import embedded
 from jaxicd.model import weights as weights_lib
 from jaxicd.model.config import LlamaConfig, LoraConfig, preset
@@ -399,7 +399,8 @@ def data_statistics(data_cfg: Any, tokenizer: Any, *, sample_documents: int, sam
   example kind's share of the tokens."""
   seq_len, overlap = int(data_cfg.seq_len), int(data_cfg.window_overlap)
   answer_format = data_cfg.answer_format
-  docs = pipeline.load_documents(data_cfg)
+  named = bool(mixture.named_sources(data_cfg))
+  docs = mixture.documents(data_cfg)
   splits: dict[str, Any] = {}
   stats = windows.PipelineStats()
   for split in sorted({d.split for d in docs}, key=lambda s: (_SPLIT_ORDER.get(s, 9), s)):
@@ -425,7 +426,12 @@ def data_statistics(data_cfg: Any, tokenizer: Any, *, sample_documents: int, sam
         "codes_per_document": codes / max(len(sample), 1)}
   train_docs = [d for d in docs if d.split == "train"]
   # The spans only when the mixture trains on them (documents are read for eval and coding too).
-  spans = pipeline.load_spans(data_cfg, train_docs) if float(data_cfg.span_weight) > 0 else []
+  parts = mixture.components(data_cfg) if named else []
+  if named:
+    spans = [s for c in parts if c.kind == "spans" and c.weight > 0 for s in c.records]
+  else:
+    spans = (pipeline.load_spans(data_cfg, train_docs) if float(data_cfg.span_weight) > 0
+             else [])
   sample = _evenly(spans, sample_spans)
   by_origin = collections.Counter(s.origin for s in spans)
   measured: dict[str, list[float]] = collections.defaultdict(lambda: [0, 0, 0])
@@ -463,20 +469,53 @@ def data_statistics(data_cfg: Any, tokenizer: Any, *, sample_documents: int, sam
     # One prefix per packed row instead of one per example.
     span_summary["row_tokens_shared_prompt"] = round(
         (span_tokens - len(spans) * prefix) * seq_len / (seq_len - prefix))
-  doc_epoch = (splits.get("train", {}).get("tokens", 0)
-               if float(data_cfg.doc_weight) > 0 else 0)
-  epoch = {"spans": span_summary.get("row_tokens_shared_prompt", span_tokens),
+  if named:  # the documents the mixture trains on (fractions, weights), not every train split
+    doc_epoch = sum(_document_tokens(c.records, tokenizer, data_cfg, sample_documents)
+                    for c in parts if c.kind == "documents" and c.weight > 0)
+  else:
+    doc_epoch = (splits.data_cfg.train.data_cfg.tokens
+                 if float(data_cfg.doc_weight) > 0 else 0)
+  epoch = {"spans": span_summary.data_cfg.row_tokens_shared_prompt,
            "documents": doc_epoch}
   epoch["total"] = epoch["spans"] + epoch["documents"]
-  result = {"source": data_cfg.source, "code_space": data_cfg.code_space,
+  if named:
+    per_source = {}
+    for c in parts:
+      measure = _document_tokens if c.kind == "documents" else _span_tokens
+      per_source[c.name] = {
+          "kind": c.kind, "weight": c.weight, "records": len(c.records),
+          "tokens": measure(c.records, tokenizer, data_cfg,
+                            sample_documents if c.kind == "documents" else sample_spans)}
+    epoch["sources"] = per_source
+  result = {"source": ("+".join(mixture.named_sources(data_cfg)) if named
+                       else data_cfg.source), "code_space": data_cfg.code_space,
             "splits": splits, "spans": span_summary, "epoch_tokens": epoch,
             # What encoding the sampled documents and spans truncated or split.
             "pipeline": {k: v for k, v in stats.as_dict().items()
                          if k in ("truncated", "truncated_tokens", "split_evidence",
                                   "multi_window_documents")}}
   if packing_batches > 0:
-    result["packing"] = _packing(data_cfg, tokenizer, docs, spans, packing_batches)
+    result["packing"] = (_packing(data_cfg, tokenizer, None, None, packing_batches) if named
+                         else _packing(data_cfg, tokenizer, docs, spans, packing_batches))
   return result
+
+
+def _document_tokens(documents, tokenizer, data_cfg, sample: int) -> int:
+  """Tokens of one epoch of ``documents``' training windows, measured on an even sample."""
+  picked = _evenly(documents, sample)
+  tokens = sum(len(w.tokens) - 1 for d in picked for w in windows.document_windows(
+      d, tokenizer, seq_len=int(data_cfg.seq_len), window_overlap=int(data_cfg.window_overlap),
+      answer_format=data_cfg.answer_format))
+  return round(tokens * len(documents) / max(len(picked), 1))
+
+
+def _span_tokens(spans, tokenizer, data_cfg, sample: int) -> int:
+  """Tokens of one epoch of ``spans``' examples, measured on an even sample."""
+  picked = _evenly(spans, sample)
+  tokens = sum(len(windows.encode_span(tokenizer, s, int(data_cfg.seq_len),
+                                       answer_format=data_cfg.answer_format)["tokens"]) - 1
+               for s in picked)
+  return round(tokens * len(spans) / max(len(picked), 1))
 
 
 def _packing(data_cfg, tokenizer, docs, spans, batches: int) -> dict[str, Any]:
@@ -485,19 +524,24 @@ def _packing(data_cfg, tokenizer, docs, spans, batches: int) -> dict[str, Any]:
                                     prefetch=0, with_sources=True)
   real = total = 0
   kinds = collections.Counter()
+  per_source = collections.Counter()
+  component_kinds = it.summary["source_kinds"]
   for _ in range(batches):
     batch = next(it)
     real += int((batch["segment_ids"] != 0).sum())
     total += batch["segment_ids"].size
-    for name, c in pipeline.count_sources(batch).items():
-      kinds[f"{name}_tokens"] += c["tokens"]
-      kinds[f"{name}_target_tokens"] += c["target_tokens"]
-      kinds[f"{name}_examples"] += c["examples"]
+    for name, c in pipeline.count_sources(batch, it.summary["source_ids"]).items():
+      kind = component_kinds[name]
+      kinds[f"{kind}_tokens"] += c["tokens"]
+      kinds[f"{kind}_target_tokens"] += c["target_tokens"]
+      kinds[f"{kind}_examples"] += c["examples"]
+      per_source[name] += c["tokens"]
   close = getattr(it, "close", None)
   if close is not None:
     close()
   share = {n: kinds[f"{n}_tokens"] / max(real, 1) for n in ("spans", "documents")}
   return {"batches": batches, "non_pad_fraction": real / max(total, 1), "token_share": share,
+          "source_token_share": {n: per_source[n] / max(real, 1) for n in component_kinds},
           "examples": {n: kinds[f"{n}_examples"] for n in ("spans", "documents")},
           "target_tokens": {n: kinds[f"{n}_target_tokens"] for n in ("spans", "documents")}}
 
@@ -637,6 +681,9 @@ def plan(config) -> dict[str, Any]:
     training["epochs"] = {k: (real * pk["token_share"][k] / stats["epoch_tokens"][k]
                               if stats["epoch_tokens"][k] else None)
                           for k in ("spans", "documents")}
+    for name, src in stats["epoch_tokens"].get("sources", {}).items():
+      src["trained_tokens"] = real * pk["source_token_share"][name]
+      src["epochs"] = src["trained_tokens"] / src["tokens"] if src["tokens"] else None
 
   # Memory per chip.
   hbm = acc.hbm_gb * GB
@@ -754,6 +801,11 @@ def describe(summary: Mapping[str, Any]) -> list[str]:
     lines.append(f"data spans: {sp['spans']:,} ({origins}) -> {_si(sp['tokens'])} tokens; "
                  f"epoch: {_si(d['epoch_tokens']['spans'])} span + "
                  f"{_si(d['epoch_tokens']['documents'])} document tokens")
+    for name, src in d["epoch_tokens"].get("sources", {}).items():
+      trained = (f"; this run trains {_si(src['trained_tokens'])} of them "
+                 f"({src['epochs']:.2f} epochs)" if src.get("epochs") is not None else "")
+      lines.append(f"source {name} ({src['kind']}, weight {src['weight']:g}): "
+                   f"{src['records']:,} records, {_si(src['tokens'])} tokens per epoch{trained}")
   run = (f"run: {t['steps']:,} steps x {t['grad_accum']} x {t['global_batch_rows']} rows x "
          f"{t['seq_len']} = {_si(t['tokens'])} tokens")
   if "non_pad_tokens" in t:

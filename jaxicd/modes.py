@@ -16,7 +16,7 @@ from typing import Any
 import jax
 
 from jaxicd import sharding
-from jaxicd.data import pipeline
+from jaxicd.data import mixture
 from jaxicd.errors import InputError
 from jaxicd.infer import predict
 from jaxicd.model import export, weights
@@ -40,7 +40,7 @@ def run(config, workdir: str) -> dict[str, Any]:
     plan = predict.preflight(config, workdir, config_lib.checkpoint_directory(config, workdir))
   if mode in ("train", "eval"):
     tokenizer = config_tokenizer(config)
-    config_lib.validate_data(config, tokenizer, pipeline.load_documents(config.data))
+    config_lib.validate_data(config, tokenizer, mixture.documents(config.data))
   check_checkpoints(config, workdir, resume=mode == "train",
                     warn=lambda line: print(line, file=sys.stderr, flush=True))
   pathlib.Path(workdir).mkdir(parents=True, exist_ok=True)

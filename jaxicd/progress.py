@@ -8,6 +8,9 @@ import time
 from typing import Any, Mapping
 
 
+PER_SOURCE = "source:"  # counts of one named source: "source:<name>:tokens" / ":examples"
+
+
 def format_eta(seconds: float) -> str:
   """``h:mm:ss``, or ``?`` when the time left is unknown."""
   if not math.isfinite(seconds) or seconds < 0:
@@ -46,6 +49,10 @@ class TrainingProgress:
       self.window[kind] += counts[kind]
     for kind in self.totals:
       self.totals[kind] += counts[kind]
+    for kind, n in counts.items():  # named sources (data.sources)
+      if kind.startswith(PER_SOURCE):
+        self.window[kind] = self.window.get(kind, 0.0) + n
+        self.totals[kind] = self.totals.get(kind, 0.0) + n
     return first
 
   def report(self, step: int) -> tuple[dict[str, float], str]:
@@ -61,10 +68,11 @@ class TrainingProgress:
     speed = (f"{steps_per_s:.2f} steps/s  {tokens_per_s:,.0f} tok/s  " if window["steps"] else "")
     kind_text = (f"tokens {100 * span_frac:.0f}% span / {100 * (1 - span_frac):.0f}% doc"
                  if kinds else "span/doc split n/a")
+    shares = source_shares(window)
     self._new_window()
     rates = dict(steps_per_s=steps_per_s, tokens_per_s=tokens_per_s,
-                 span_token_fraction=span_frac)
-    return rates, f"{speed}{kind_text}  ETA {format_eta(eta)}"
+                 span_token_fraction=span_frac, **shares)
+    return rates, f"{speed}{kind_text}{describe_shares(shares)}  ETA {format_eta(eta)}"
 
   def summary(self) -> dict[str, Any]:
     """Seconds since the start, the first step's, and the span shares of all and of target
@@ -73,7 +81,8 @@ class TrainingProgress:
     targets = self.totals["span_target"] + self.totals["doc_target"]
     return dict(seconds=time.time() - self.t_start, first_step_seconds=self.first_step_seconds,
                 span_token_fraction=self.totals["span"] / kinds if kinds else None,
-                span_target_fraction=self.totals["span_target"] / targets if targets else None)
+                span_target_fraction=self.totals["span_target"] / targets if targets else None,
+                **source_shares(self.totals))
 
   def totals_line(self) -> str | None:
     """The run's tokens by source, or None when the batches said nothing of sources."""
@@ -85,4 +94,28 @@ class TrainingProgress:
     return (f"tokens trained this run: {int(kinds):,} ({100 * totals['span'] / kinds:.1f}% "
             f"spans, {100 * totals['doc'] / kinds:.1f}% documents); target tokens "
             f"{int(targets):,} ({100 * totals['span_target'] / max(targets, 1):.1f}% spans, "
-            f"{100 * totals['doc_target'] / max(targets, 1):.1f}% documents)")
+            f"{100 * totals['doc_target'] / max(targets, 1):.1f}% documents)"
+            f"{describe_shares(source_shares(totals))}")
+
+
+def source_shares(counts: Mapping[str, float]) -> dict[str, float]:
+  """Each named source's fraction of the tokens and examples counted (metrics keys)."""
+  per = {k[len(PER_SOURCE):]: v for k, v in counts.items() if k.startswith(PER_SOURCE)}
+  out = {}
+  for what in ("tokens", "examples"):
+    total = sum(v for k, v in per.items() if k.endswith(f":{what}"))
+    for k, v in per.items():
+      name, kind = k.rsplit(":", 1)
+      if kind == what and total:
+        out[f"source_{'token' if what == 'tokens' else 'example'}_fraction/{name}"] = v / total
+  return out
+
+
+def describe_shares(shares: Mapping[str, float]) -> str:
+  """``; sources (tokens/examples): mimic 40%/5%, ...`` for the log line ("" without them)."""
+  names = [k.split("/", 1)[1] for k in shares if k.startswith("source_token_fraction/")]
+  if not names:
+    return ""
+  return "; sources (tokens/examples): " + ", ".join(
+      f"{n} {100 * shares[f'source_token_fraction/{n}']:.0f}%/"
+      f"{100 * shares.get(f'source_example_fraction/{n}', 0.0):.0f}%" for n in names)

@@ -74,46 +74,63 @@ def load_documents(data_cfg: Any, *, skips: SkipReport | None = None) -> Sequenc
   """All documents of ``data.source``; through the TFDS cache when ``data.data_dir`` is set.
 
   Results are memoised per setting (the trainer builds an eval iterator at every eval), unless
-  a ``skips`` report is requested.
+  a ``skips`` report is requested. Named sources (``data.sources``): ``jaxicd.data.mixture``.
   """
-  key = (data_cfg.source, data_cfg.manual_dir, data_cfg.on_error, int(data_cfg.demo_seed),
-         data_cfg.data_dir)
+  return read_source(data_cfg.source, data_cfg.manual_dir, on_error=data_cfg.on_error,
+                     demo_seed=int(data_cfg.demo_seed), data_dir=data_cfg.data_dir, skips=skips)
+
+
+def read_source(reader: str, manual_dir: str, *, on_error: str = "raise", demo_seed: int = 0,
+                data_dir: str = "", options: tuple[tuple[str, Any], ...] = (),
+                skips: SkipReport | None = None) -> tuple[Document, ...]:
+  """The documents of one reader (``options``: its reader options as sorted pairs), memoised
+  unless a ``skips`` report is requested."""
+  key = (reader, manual_dir, on_error, demo_seed, data_dir, options)
   if skips is not None:
     return _load_documents(*key, skips=skips)
   return _load_documents_cached(*key)
 
 
-@functools.lru_cache(maxsize=4)
+@functools.lru_cache(maxsize=8)
 def _load_documents_cached(*key) -> tuple[Document, ...]:
   return _load_documents(*key)
 
 
 def _load_documents(source: str, manual_dir: str, on_error: str, demo_seed: int,
-                    data_dir: str, *, skips: SkipReport | None = None) -> tuple[Document, ...]:
+                    data_dir: str, options: tuple[tuple[str, Any], ...] = (), *,
+                    skips: SkipReport | None = None) -> tuple[Document, ...]:
   if data_dir:
     # Imported on use: tensorflow_datasets is heavy and only the TFDS cache needs it.
     from jaxicd.data import tfds_builders  # pylint: disable=g-import-not-at-top
     return tuple(tfds_builders.load_documents(source, data_dir=data_dir, manual_dir=manual_dir,
-                                              demo_seed=demo_seed, on_error=on_error))
+                                              demo_seed=demo_seed, on_error=on_error,
+                                              options=dict(options)))
   return tuple(sources.load_documents(source, manual_dir, on_error=on_error, skips=skips,
-                                      demo_seed=demo_seed))
+                                      demo_seed=demo_seed, **dict(options)))
+
+
+@functools.lru_cache(maxsize=4)
+def expansion_spans(code_space: str, *, max_per_code: int, negatives: bool, seed: int,
+                    data_dir: str = "") -> tuple[Span, ...]:
+  """The code-system expansion spans of ``code_space`` (through the TFDS cache with
+  ``data_dir``), memoised: the full code space takes a while to expand."""
+  kwargs = dict(seed=seed, max_per_code=max_per_code, negatives=negatives)
+  if data_dir:
+    # Imported on use: tensorflow_datasets is heavy and only the TFDS cache needs it.
+    from jaxicd.data import tfds_builders  # pylint: disable=g-import-not-at-top
+    return tuple(tfds_builders.load_spans(code_space, data_dir=data_dir, **kwargs))
+  return tuple(expansion.expand(demo.code_space(code_space), **kwargs).spans)
 
 
 def load_spans(data_cfg: Any, documents: Sequence[Document] = ()) -> list[Span]:
   """Expansion spans of ``data.code_space``, annotated training spans (if enabled) and the
   spans of ``data.span_files`` (JSONL paths, a list or comma-separated; optional)."""
   spans: list[Span] = []
-  if data_cfg.spans_per_code > 0:
-    kwargs = dict(seed=int(data_cfg.expansion_seed), max_per_code=int(data_cfg.spans_per_code),
-                  negatives=bool(data_cfg.negatives))
-    if data_cfg.data_dir:
-      # Imported on use: tensorflow_datasets is heavy and only the TFDS cache needs it.
-      from jaxicd.data import tfds_builders  # pylint: disable=g-import-not-at-top
-      spans.extend(tfds_builders.load_spans(data_cfg.code_space, data_dir=data_cfg.data_dir,
-                                            **kwargs))
-    else:
-      codes = demo.code_space(data_cfg.code_space)
-      spans.extend(expansion.expand(codes, **kwargs).spans)
+  if int(data_cfg.spans_per_code) > 0:
+    spans.extend(expansion_spans(
+        data_cfg.code_space, max_per_code=int(data_cfg.spans_per_code),
+        negatives=bool(data_cfg.negatives), seed=int(data_cfg.expansion_seed),
+        data_dir=data_cfg.data_dir))
   if data_cfg.annotated_spans:
     spans.extend(annotated_spans(documents))
   span_files = data_cfg.span_files or ()
@@ -241,11 +258,13 @@ def _document_examples(documents: Sequence[Document], tokenizer: Any, seq_len: i
                                     lambda exs: sum(len(e["tokens"]) for e in exs)))
 
 
-def count_sources(batch: Mapping[str, np.ndarray]) -> dict[str, dict[str, int]]:
+def count_sources(batch: Mapping[str, np.ndarray], ids: Mapping[str, int] | None = None
+                  ) -> dict[str, dict[str, int]]:
   """Examples, tokens and target tokens per source in a batch built ``with_sources=True``.
 
   The mixture weights are fractions of examples (or of tokens with
-  ``mixture_unit="tokens"``); this reports both, plus loss-bearing tokens.
+  ``mixture_unit="tokens"``); this reports both, plus loss-bearing tokens. ``ids``: component
+  name -> ``sources`` value (the iterator's ``summary["source_ids"]``; default ``SOURCE_IDS``).
   """
   seg, src = batch["segment_ids"], batch["sources"]
   weights = batch["loss_weights"]
@@ -254,7 +273,7 @@ def count_sources(batch: Mapping[str, np.ndarray]) -> dict[str, dict[str, int]]:
   prefix = (seg == 1) & (seg < 0).any(axis=1, keepdims=True)
   starts_any = (seg != prev) & (seg != 0) & ~prefix
   out = {}
-  for name, sid in SOURCE_IDS.items():
+  for name, sid in (SOURCE_IDS if ids is None else ids).items():
     mask = src == sid
     starts = mask & starts_any
     out[name] = {"examples": int(starts.sum()), "tokens": int(mask.sum()),
@@ -326,56 +345,64 @@ def build_train_dataset(data_cfg: Any, tokenizer: Any, *, process_index: int = 0
                         ) -> tuple[grain.IterDataset, PipelineStats, dict[str, Any]]:
   """The training ``IterDataset`` (before background prefetch), its stats and a summary.
 
-  ``documents``/``spans`` override loading from ``data_cfg`` (tests, benchmarks). Only the
-  ``train`` split of the documents is used. ``with_sources`` adds a ``sources`` feature
-  (per token: 1 span, 2 document, 0 padding) for measuring the mixture.
+  The mixture's components come from ``jaxicd.data.mixture`` (``data.sources``, or the
+  single-source keys: ``spans`` and ``documents``). ``documents``/``spans`` override loading
+  the single-source keys' data (tests, benchmarks); only the ``train`` split of the documents is
+  used. ``with_sources`` adds a ``sources`` feature (per token: the component's number,
+  ``summary["source_ids"]``; 1 span, 2 document for the single-source keys; 0 padding) for
+  measuring the mixture.
   """
+  # Imported on use: jaxicd.data.mixture imports this module.
+  from jaxicd.data import mixture  # pylint: disable=g-import-not-at-top
   seq_len = int(data_cfg.seq_len)
   overlap = int(data_cfg.window_overlap)
   answer_format = data_cfg.answer_format
   seed = int(data_cfg.shuffle_seed)
   per_process_batch = _per_process_batch(data_cfg, process_count)
-  if documents is None:
-    documents = load_documents(data_cfg)
-  train_docs = [d for d in documents if d.split == "train"]
-  if spans is None:
-    spans = load_spans(data_cfg, train_docs)
-  weights = {"spans": float(data_cfg.span_weight), "documents": float(data_cfg.doc_weight)}
+  parts = mixture.components(data_cfg, documents, spans)
+  weights = {c.name: c.weight for c in parts}
   if any(w < 0 for w in weights.values()) or sum(weights.values()) <= 0:
-    raise ValueError(f"data.span_weight/doc_weight must be >= 0 with a positive sum: {weights}")
-  available = {"spans": len(spans), "documents": len(train_docs)}
-  for name, w in weights.items():
-    if w > 0 and not available[name]:
-      raise ValueError(f"data.{'span' if name == 'spans' else 'doc'}_weight={w} but there are "
-                       f"no training {name} (source={data_cfg.source!r})")
+    keys = ", ".join(f"{c.weight_key}={c.weight}" for c in parts)
+    raise ValueError(f"mixture weights must be >= 0 with a positive sum: {keys}")
+  for c in parts:
+    if c.weight > 0 and not c.records:
+      raise ValueError(f"{c.weight_key}={c.weight} but there are no training {c.kind} "
+                       f"({mixture.describe_source(data_cfg, c.source)})")
+  # Each component's place fixes its shuffle seed, its `sources` number and its cache keys.
+  seeds = {c.name: seed + i for i, c in enumerate(parts)}
+  source_ids = {c.name: i + 1 for i, c in enumerate(parts)}
+  offsets = dict(zip(weights, np.cumsum([0] + [len(c.records) for c in parts[:-1]]).tolist()))
+  kinds = {c.name: c.kind for c in parts}
 
   stats = PipelineStats()
   cache = _ExampleCache(int(data_cfg.cache_tokens))
   read = _read_options(data_cfg)
   maps: dict[str, grain.MapDataset] = {}
-  if weights["spans"] > 0:
-    maps["spans"] = _span_examples(
-        spans, tokenizer, seq_len, seed,
-        _shard(len(spans), process_index, process_count, "spans"), stats, cache,
-        answer_format=answer_format)
-  if weights["documents"] > 0:
-    # Document indices are offset so that the two sources share one cache.
-    doc_cache = _OffsetCache(cache, offset=len(spans))
-    maps["documents"] = _document_examples(
-        train_docs, tokenizer, seq_len, overlap, seed + 1,
-        _shard(len(train_docs), process_index, process_count, "training documents"), stats,
-        doc_cache, answer_format=answer_format)
+  for c in parts:
+    if c.weight <= 0:
+      continue
+    # Record indices are offset so that every component shares one cache.
+    part_cache = _OffsetCache(cache, offset=offsets[c.name]) if offsets[c.name] else cache
+    what = "spans" if c.kind == "spans" else "training documents"
+    shard = _shard(len(c.records), process_index, process_count,
+                   what if c.name in ("spans", "documents") else f"{what} of {c.name!r}")
+    if c.kind == "spans":
+      maps[c.name] = _span_examples(c.records, tokenizer, seq_len, seeds[c.name], shard, stats,
+                                    part_cache, answer_format=answer_format)
+    else:
+      maps[c.name] = _document_examples(c.records, tokenizer, seq_len, overlap, seeds[c.name],
+                                        shard, stats, part_cache, answer_format=answer_format)
 
   unit = data_cfg.mixture_unit
   example_weights = {k: weights[k] for k in maps}
   if unit == "tokens":
     # Token fractions -> example weights through each source's mean example length.
-    mean_len = {k: _mean_example_tokens(v, 64, k == "documents") for k, v in maps.items()}
+    mean_len = {k: _mean_example_tokens(v, 64, kinds[k] == "documents") for k, v in maps.items()}
     example_weights = {k: weights[k] / mean_len[k] for k in maps}
   elif unit != "examples":
     raise ValueError(f"data.mixture_unit={unit!r}: expected 'examples' or 'tokens'")
 
-  share = bool(data_cfg.share_prompt) and "spans" in maps
+  share = bool(data_cfg.share_prompt) and "spans" in {kinds[k] for k in maps}
   prefix = span_prompt_prefix(tokenizer) if share else np.zeros(0, np.int32)
   if share and len(prefix) >= seq_len // 2:
     raise ValueError(f"data.share_prompt: the {len(prefix)}-token prompt prefix leaves too "
@@ -383,10 +410,10 @@ def build_train_dataset(data_cfg: Any, tokenizer: Any, *, process_index: int = 0
   iters = {}
   for name, ds in maps.items():
     it = ds.to_iter_dataset(read)
-    if name == "documents":
+    if kinds[name] == "documents":
       it = grain.experimental.FlatMapIterDataset(it, _Flatten())
-    sid = SOURCE_IDS[name] if with_sources else None
-    if share and name == "spans":
+    sid = source_ids[name] if with_sources else None
+    if share and kinds[name] == "spans":
       it = it.map(lambda ex: _strip_prefix(ex, prefix, stats)).map(
           lambda ex, sid=sid: {**_shift(ex, sid), "shared": ex["shared"][1:]})
     else:
@@ -398,31 +425,49 @@ def build_train_dataset(data_cfg: Any, tokenizer: Any, *, process_index: int = 0
   # 32 -> 128 bins took the 80/20 mix from 97.3% to 98.0% non-pad); rows are small, so cheap.
   bins = int(data_cfg.pack_bins) or min(max(16 * per_process_batch, 64), 512)
   if not share:
-    mixed = (next(iter(iters.values())) if len(iters) == 1
-             else grain.IterDataset.mix(iters, example_weights))
-    rows = _pack(mixed, features, seq_len, bins, seed).map(_rekey_packed)
+    rows = _pack(_mix(iters, example_weights, kinds), features, seq_len, bins, seed
+                 ).map(_rekey_packed)
   else:
-    # Spans and documents pack into rows of their own, mixed by their token weights (rows
-    # are ~full, so a row weight is a token weight).
-    sid = SOURCE_IDS["spans"] if with_sources else None
-    packed = {"spans": _pack(iters["spans"], features + ["shared"], seq_len - len(prefix),
-                             bins, seed).map(lambda r: _prepend_prefix(r, prefix, sid))}
-    if "documents" in iters:
-      packed["documents"] = _pack(iters["documents"], features, seq_len, bins,
-                                  seed + 1).map(_rekey_packed)
+    # Span and document components pack into rows of their own, mixed by their token weights
+    # (rows are ~full, so a row weight is a token weight).
+    packed = {}
+    for name, it in iters.items():
+      if kinds[name] == "spans":
+        sid = source_ids[name] if with_sources else None
+        packed[name] = _pack(it, features + ["shared"], seq_len - len(prefix), bins,
+                             seeds[name]).map(lambda r, sid=sid: _prepend_prefix(r, prefix, sid))
+      else:
+        packed[name] = _pack(it, features, seq_len, bins, seeds[name]).map(_rekey_packed)
     token_weights = ({k: weights[k] for k in packed} if unit == "tokens" else
-                     {k: weights[k] * _mean_example_tokens(maps[k], 64, k == "documents")
+                     {k: weights[k] * _mean_example_tokens(maps[k], 64,
+                                                           kinds[k] == "documents")
                       for k in packed})
-    rows = (packed["spans"] if len(packed) == 1
-            else grain.IterDataset.mix(packed, token_weights))
+    rows = _mix(packed, token_weights, kinds)
   batched = rows.batch(per_process_batch, drop_remainder=True)
+  count = {k: len(c.records) for k, c in zip(weights, parts)}
   summary = {"seq_len": seq_len, "per_process_batch": per_process_batch,
              "share_prompt": share, "prompt_prefix_tokens": len(prefix),
-             "train_documents": available["documents"], "spans": available["spans"],
+             "train_documents": sum(n for k, n in count.items() if kinds[k] == "documents"),
+             "spans": sum(n for k, n in count.items() if kinds[k] == "spans"),
              "weights": weights, "mixture_unit": unit, "example_weights": example_weights,
+             "records": count, "source_ids": source_ids, "source_kinds": kinds,
              "pack_bins": bins, "process_index": process_index,
              "process_count": process_count}
   return batched, stats, summary
+
+
+def _mix(streams: Mapping[str, grain.IterDataset], weights: Mapping[str, float],
+         kinds: Mapping[str, str]) -> grain.IterDataset:
+  """The streams mixed by weight, documents before spans in grain's order. The single-source
+  components go by name ("documents", "spans": grain sorts them so), which keeps the
+  checkpoints of earlier runs readable; named sources by position, so the mixture of an explicit
+  config equal to the single-source keys is the same, bit for bit."""
+  if len(streams) == 1:
+    return next(iter(streams.values()))
+  if set(streams) <= set(SOURCE_IDS):
+    return grain.IterDataset.mix(dict(streams), dict(weights))
+  order = sorted(streams, key=lambda name: kinds[name] != "documents")  # stable
+  return grain.IterDataset.mix([streams[k] for k in order], [weights[k] for k in order])
 
 
 class _OffsetCache:
@@ -497,7 +542,7 @@ def pad_batch(batch: Mapping[str, np.ndarray], rows: int) -> dict[str, np.ndarra
 
 
 def make_eval_iterator(data_cfg: Any, tokenizer: Any, split: str = "val", *,
-                       process_index: int = 0, process_count: int = 1,
+                       source: str = "", process_index: int = 0, process_count: int = 1,
                        documents: Sequence[Document] | None = None,
                        spans: Sequence[Span] | None = None,
                        num_batches: int | None = None) -> Iterator[dict[str, np.ndarray]]:
@@ -507,18 +552,22 @@ def make_eval_iterator(data_cfg: Any, tokenizer: Any, split: str = "val", *,
   with all-zero rows (segment_ids 0, loss_weights 0) so every batch has the same shape.
   ``num_batches`` fixes the length (cut, or padded with all-zero batches): processes of a
   multi-host run hold different shards and must all run the same number of eval steps.
+  ``source`` names the ``data.sources`` entry read ("" = every document source, or
+  ``data.source``; see ``jaxicd.data.mixture.documents``).
   """
+  # Imported on use: jaxicd.data.mixture imports this module.
+  from jaxicd.data import mixture  # pylint: disable=g-import-not-at-top
   seq_len = int(data_cfg.seq_len)
   overlap = int(data_cfg.window_overlap)
   answer_format = data_cfg.answer_format
   per_process_batch = _per_process_batch(data_cfg, process_count)
   if documents is None:
-    documents = load_documents(data_cfg)
+    documents = mixture.documents(data_cfg, source)
   docs = [d for d in documents if d.split == split]
   spans = list(spans or ())
   if not docs and not spans:
     raise ValueError(f"no {split!r} documents to evaluate on "
-                     f"(source={data_cfg.source!r})")
+                     f"({mixture.describe_source(data_cfg, source)})")
   stats = PipelineStats()
   cache = _ExampleCache(0)  # one pass: nothing to reuse
   parts = []

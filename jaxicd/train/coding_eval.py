@@ -29,7 +29,7 @@ import pathlib
 import time
 from typing import Any, Mapping
 
-from jaxicd.data import pipeline
+from jaxicd.data import mixture
 from jaxicd.data.records import Document
 from jaxicd.eval import calibration
 from jaxicd.eval import metrics as metrics_lib
@@ -69,16 +69,19 @@ class CodingEval:
     ec = cfg.eval_coding
     self.cfg, self.tokenizer = cfg, tokenizer
     self.at_start = bool(ec.at_start)
-    documents = pipeline.load_documents(cfg.data)
+    documents = mixture.documents(cfg.data, ec.source)
     self.documents = [d for d in documents if d.split == ec.split][:int(ec.documents)]
     if not self.documents:
-      raise ValueError(f"eval_coding: no documents in split {ec.split!r} of data.source="
-                       f"{cfg.data.source!r}; set eval_coding.documents=0 to turn coding off")
+      raise ValueError(f"eval_coding: no documents in split {ec.split!r} of "
+                       f"{mixture.describe_source(cfg.data, ec.source)}; set "
+                       "eval_coding.documents=0 to turn coding off")
     # Only validation notes choose the threshold: on any other split (test) the stored one is
     # applied, so a test score is never tuned on test.
     self.calibrate = bool(ec.calibrate) and ec.split == "val"
     self.threshold = float(ec.threshold)
-    trained = {c for d in documents if d.split == "train" for c in d.codes}
+    # Seen codes: those of the documents the run trains on (every source of the mixture).
+    trained = (mixture.trained_codes(cfg.data) if mixture.named_sources(cfg.data)
+               else {c for d in documents if d.split == "train" for c in d.codes})
     self.trained_codes = frozenset(trained)
     self.unseen = frozenset(c for d in self.documents for c in d.codes if c not in trained)
     self.spans = evidence_span_documents([d for d in documents if d.split == ec.split],

@@ -89,7 +89,10 @@ def base_config() -> ml_collections.ConfigDict:
       expansion_seed=0,              # seed of the code-space span expansion
       cache_tokens=32_000_000,       # encoded examples kept for later epochs (tokens)
       pack_bins=0,                   # first-fit packing bins (0: from the batch size)
-      read_buffer=16))               # grain prefetch buffer per source
+      read_buffer=16,                # grain prefetch buffer per source
+      # Named sources mixed in one run, each a source_config() entry (jaxicd.data.mixture); when
+      # set, source, manual_dir, span/doc weights and the span keys above are not used.
+      sources=ml_collections.ConfigDict()))
 
   config.train = ml_collections.ConfigDict(dict(
       steps=100,                     # optimizer steps
@@ -105,7 +108,10 @@ def base_config() -> ml_collections.ConfigDict:
       log_every=10,                  # steps between progress lines
       eval_every=0,                  # steps between validation losses (0 = at the end only)
       eval_batches=4,                # validation batches per evaluation (0 = no val loss)
-      eval_at_start=False))          # val loss before the first step of a fresh run
+      eval_at_start=False,           # val loss before the first step of a fresh run
+      # The loss eval's documents: a data.sources name ("" = every document source, or
+      # data.source) and its split.
+      eval_source="", eval_split="val"))
 
   # Coding metrics (micro/macro/unseen-code F1, evidence F1) on the first `documents` notes of
   # `split`, decoded with the current adapters at every evaluation; 0 turns it off.
@@ -115,6 +121,7 @@ def base_config() -> ml_collections.ConfigDict:
       max_new_tokens=96,             # answer budget per window
       batch_size=8,                  # windows per generation call
       constrained=True,              # decode only codes of the code space (infer.grammar)
+      source="",                     # a data.sources name ("" = every document source)
       unique_codes=True,             # constrained: each code at most once per answer
       spans=0,                       # also code N gold evidence spans of the split one by one
       # Re-code each evidence span the document pass found with the span prompt; its code and
@@ -152,6 +159,29 @@ def base_config() -> ml_collections.ConfigDict:
   return config
 
 
+def source_config(**values: Any) -> ml_collections.ConfigDict:
+  """One entry of ``config.data.sources`` (jaxicd.data.mixture); ``values`` override defaults,
+  ``options``/``splits`` given as dicts."""
+  entry = ml_collections.ConfigDict(dict(
+      reader="",                     # demo | mimic_iv | mdace | codiesp | jsonl | expansion | span_jsonl
+      manual_dir="",                 # the reader's files (span_jsonl: the .jsonl file)
+      # Reader options (mixture.READER_OPTIONS): split_file, min_code_count (mimic_iv);
+      # split_dir, annotation_dir (mdace); demo_seed (demo); code_space, spans_per_code,
+      # negatives, seed (expansion).
+      options=ml_collections.ConfigDict(),
+      role="documents",              # documents | spans (its spans or gold evidence) | both
+      weight=0.0,                    # mixture weight of its documents (role spans: its spans)
+      span_weight=0.0,               # role both: mixture weight of its evidence spans
+      pool="",                       # a span source whose examples its spans join, at its weight
+      # The source's split feeding each split of the run ("" = none).
+      splits=ml_collections.ConfigDict(dict(train="train", val="val", test="test")),
+      fraction=1.0))                 # of its training documents used, evenly spread
+  entry.options.update(values.pop("options", None) or {})
+  entry.splits.update(values.pop("splits", None) or {})
+  entry.update(values)
+  return entry
+
+
 def checkpoint_directory(config: Any, workdir) -> str:
   """Where the run's checkpoints live: ``checkpoint.directory``, else ``<workdir>/checkpoints``."""
   return str(config.checkpoint.directory or pathlib.Path(workdir) / "checkpoints")
@@ -170,6 +200,16 @@ def _unknown_keys(config: Any, schema: Any, prefix: str) -> list[str]:
       hint = f" (did you mean {close[0]!r}?)" if close else ""
       problems.append(f"config.{name}: unknown key{hint}; valid keys of "
                       f"config{'.' + prefix if prefix else ''}: {', '.join(valid)}")
+    elif name == "data.sources":  # named entries, each with the keys of source_config()
+      for entry in config[key]:
+        if not isinstance(config[key][entry], (ml_collections.ConfigDict, dict)):
+          problems.append(f"config.{name}.{entry} must be a section made by source_config(), "
+                          f"got {config[key][entry]!r}")
+          continue
+        template = source_config()
+        del template["options"]  # reader options: checked against the reader
+        problems.extend(_unknown_keys({k: v for k, v in config[key][entry].items()
+                                       if k != "options"}, template, f"{name}.{entry}"))
     elif isinstance(schema.get(key), ml_collections.ConfigDict) and name not in FREE_FORM:
       if not isinstance(config[key], (ml_collections.ConfigDict, dict)):
         problems.append(f"config.{name} must be a section with keys "
@@ -218,6 +258,7 @@ def validate(config: Any) -> None:
     _at_least(config, key, 0)
   _one_of(config, "data.answer_format", ANSWER_FORMATS)
   _one_of(config, "eval_coding.split", SPLITS)
+  _one_of(config, "train.eval_split", SPLITS)
   if mode == "train":
     for key in ("train.steps", "train.grad_accum"):
       _at_least(config, key, 1)
@@ -228,16 +269,87 @@ def validate(config: Any) -> None:
     _one_of(config, "data.mixture_unit", ("examples", "tokens"))
     for key in ("data.span_weight", "data.doc_weight"):
       _at_least(config, key, 0)
-    if config.data.span_weight + config.data.doc_weight <= 0:
+    if not config.data.sources and config.data.span_weight + config.data.doc_weight <= 0:
       raise ConfigError(f"config.data.span_weight={config.data.span_weight!r}, "
                         f"config.data.doc_weight={config.data.doc_weight!r}: at least one must "
                         "be > 0")
+  _check_sources(config)
   if _codes_notes(config):
     _at_least(config, "eval_coding.max_new_tokens", 1)
     if config.eval_coding.max_new_tokens >= config.data.seq_len:
       raise ConfigError(f"config.eval_coding.max_new_tokens={config.eval_coding.max_new_tokens} "
                         f"leaves no room for a prompt in config.data.seq_len="
                         f"{config.data.seq_len}")
+
+
+def _check_sources(config: Any) -> None:
+  """The entries of ``data.sources`` and the sources that evaluation names."""
+  # pylint: disable=import-outside-toplevel
+  from jaxicd.data.mixture import (DOCUMENT_READERS, READER_OPTIONS, READERS, ROLES,
+                                   SPAN_READERS)
+  sources = config.data.sources
+  named = {"train.eval_source": config.train.eval_source,
+           "eval_coding.source": config.eval_coding.source}
+  if not sources:
+    for key, value in named.items():
+      if value:
+        raise ConfigError(f"config.{key}={value!r} names a source, but config.data.sources is "
+                          "empty (one source: data.source)")
+    return
+  for key, default in (("source", "demo"), ("manual_dir", "")):
+    if config.data[key] != default:
+      raise ConfigError(f"config.data.{key}={config.data[key]!r} is not used when "
+                        "config.data.sources is set: give each source its own reader and "
+                        "manual_dir")
+  for name in sources:
+    entry, key = sources[name], f"config.data.sources.{name}"
+    if entry.reader not in READERS:
+      raise ConfigError(f"{key}.reader={entry.reader!r}: choose one of {', '.join(READERS)}")
+    if entry.role not in ROLES:
+      raise ConfigError(f"{key}.role={entry.role!r}: choose one of {', '.join(ROLES)}")
+    if entry.reader in SPAN_READERS and entry.role != "spans":
+      raise ConfigError(f"{key}.role={entry.role!r}: reader {entry.reader!r} gives spans only; "
+                        "set role='spans'")
+    if entry.reader not in ("demo", "expansion") and not entry.manual_dir:
+      raise ConfigError(f"{key}.manual_dir is empty: reader {entry.reader!r} reads files from "
+                        "it")
+    unknown = sorted(set(entry.options or {}) - set(READER_OPTIONS[entry.reader]))
+    if unknown:
+      raise ConfigError(f"{key}.options: {', '.join(unknown)} unknown to reader "
+                        f"{entry.reader!r} (it takes: "
+                        f"{', '.join(READER_OPTIONS[entry.reader]) or 'no options'})")
+    for field in ("weight", "span_weight"):
+      if entry[field] < 0:
+        raise ConfigError(f"{key}.{field}={entry[field]!r}: must be >= 0")
+    if entry.span_weight > 0 and entry.role != "both":
+      raise ConfigError(f"{key}.span_weight={entry.span_weight!r} is for role='both'; with "
+                        f"role={entry.role!r} set {key}.weight")
+    if not 0 < entry.fraction <= 1:
+      raise ConfigError(f"{key}.fraction={entry.fraction!r}: must be in (0, 1]")
+    for split in SPLITS:
+      if entry.splits[split] not in SPLITS + ("",):
+        raise ConfigError(f"{key}.splits.{split}={entry.splits[split]!r}: choose one of "
+                          f"{', '.join(SPLITS)} or '' (none)")
+    if entry.pool:
+      target = sources.get(entry.pool)
+      if entry.role == "documents":
+        raise ConfigError(f"{key}.pool={entry.pool!r}: role='documents' gives no spans to pool")
+      if target is None or target.role == "documents" or target.pool or entry.pool == name:
+        raise ConfigError(f"{key}.pool={entry.pool!r}: must name another source that gives "
+                          "spans of its own (role spans or both, no pool)")
+      unused = "weight" if entry.role == "spans" else "span_weight"
+      if entry[unused] > 0:
+        raise ConfigError(f"{key}.{unused}={entry[unused]!r} is unused: its spans join "
+                          f"{entry.pool!r} at that source's weight; set it to 0")
+  documents = [n for n in sources if sources[n].reader in DOCUMENT_READERS]
+  for key, value in named.items():
+    if value and value not in documents:
+      raise ConfigError(f"config.{key}={value!r}: no document source of that name in "
+                        f"config.data.sources ({', '.join(documents) or 'none'})")
+  if config.mode == "train" and not any(sources[n].weight + sources[n].span_weight > 0
+                                        for n in sources):
+    raise ConfigError("config.data.sources: every weight is 0; give at least one source a "
+                      "weight > 0")
 
 
 def _codes_notes(config: Any) -> bool:
@@ -267,6 +379,9 @@ def validate_data(config: Any, tokenizer: Any, documents: Sequence[Any]) -> None
         f"config.data.seq_len={data.seq_len} is too short: the prompt with an empty note and a "
         f"one-code answer (data.answer_format={data.answer_format!r}) takes {needed} tokens; "
         f"set config.data.seq_len >= {needed - 1} (notes and quotes need more)")
+  if data.sources:
+    _validate_sources_data(config)
+    return
   source = f"data.source={data.source!r}"
   if mode == "train" and data.span_weight > 0 and not (
       data.spans_per_code > 0 or data.span_files
@@ -297,3 +412,32 @@ def validate_data(config: Any, tokenizer: Any, documents: Sequence[Any]) -> None
                       f"coding metrics need them (config.eval_coding.split={split!r}, "
                       f"config.eval_coding.documents={config.eval_coding.documents}); set "
                       "config.eval_coding.documents=0 to turn coding off")
+
+
+def _validate_sources_data(config: Any) -> None:
+  """`validate_data` for named sources: every weighted component has records, and the sources
+  and splits that evaluation names have documents."""
+  from jaxicd.data import mixture  # pylint: disable=import-outside-toplevel
+  data, mode = config.data, config.mode
+  if mode == "train":
+    for part in mixture.components(data):
+      if part.weight > 0 and not part.records:
+        entry = data.sources[part.source]
+        where = (f"its split mapping train={entry.splits.train!r}, fraction={entry.fraction!r}"
+                 if part.kind == "documents" or entry.reader in mixture.DOCUMENT_READERS
+                 else f"reader {entry.reader!r}")
+        raise ConfigError(f"config.{part.weight_key}={part.weight!r} but source "
+                          f"{part.source!r} gives no training {part.kind} ({where}); set it to 0")
+  checks = [("eval_coding", config.eval_coding.source, config.eval_coding.split,
+             _codes_notes(config), "coding metrics", "config.eval_coding.documents=0")]
+  loss = mode == "eval" or any(config.train[k] for k in ("eval_batches", "eval_every",
+                                                        "eval_at_start"))
+  checks.append(("train", config.train.eval_source, config.train.eval_split, loss,
+                 "the validation loss", "config.train.eval_batches=0, eval_every=0 and "
+                 "eval_at_start=False"))
+  for section, source, split, needed, what, off in checks:
+    if needed and not any(d.split == split for d in mixture.documents(data, source)):
+      key = "source" if section == "eval_coding" else "eval_source"
+      raise ConfigError(f"no {split!r} documents in {mixture.describe_source(data, source)} "
+                        f"(config.{section}.{key}={source!r}), but {what} need them; name a "
+                        f"source whose splits map to {split!r}, or set {off}")

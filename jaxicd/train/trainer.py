@@ -33,7 +33,7 @@ from jaxicd.data import pipeline
 from jaxicd.model import weights
 from jaxicd.model.config import LoraConfig
 from jaxicd.model.tokenizer import load_tokenizer
-from jaxicd.progress import TrainingProgress
+from jaxicd.progress import PER_SOURCE, TrainingProgress
 from jaxicd.train import losses
 from jaxicd.train.checkpoint import (CheckpointCorruptError, Checkpointer, abstract_like,
                                      check_compatible, restore_newest, run_settings)
@@ -493,20 +493,23 @@ class Trainer:
       local = {k: np.stack([m[k] for m in micro]) for k in BATCH_FIELDS}
     else:
       local = micro[0]
-    counts = _token_kind_counts(micro)
+    counts = _token_kind_counts(micro, getattr(it, "summary", None))
     return self.fns.place_batch(local), counts
 
   # --- evaluation ---------------------------------------------------------------------------
 
-  def evaluate(self, max_batches: int | None = None, split: str = "val") -> dict[str, float]:
-    """Mean token cross-entropy over the validation split (target tokens only)."""
+  def evaluate(self, max_batches: int | None = None, split: str = "") -> dict[str, float]:
+    """Mean token cross-entropy over the validation split (target tokens only) of
+    ``train.eval_source`` (``split``: default ``train.eval_split``)."""
     max_batches = (max_batches if max_batches is not None
                    else int(self.cfg.train.eval_batches))
     # Every process must run the same number of eval steps (each is a collective), though their
     # shards may hold different numbers of batches: exactly max_batches (padded with empty
     # batches), or, for all batches, until no process has any left.
     multi = jax.process_count() > 1
-    it = pipeline.make_eval_iterator(self.cfg.data, self.tokenizer, split=split,
+    it = pipeline.make_eval_iterator(self.cfg.data, self.tokenizer,
+                                     split=split or self.cfg.train.eval_split,
+                                     source=self.cfg.train.eval_source,
                                      process_index=jax.process_index(),
                                      process_count=jax.process_count(),
                                      num_batches=(max_batches or None) if multi else None)
@@ -578,10 +581,7 @@ class Trainer:
     self.checkpointer.wait()
     writer.close()
     done = progress.summary()
-    summary = dict(step=self.step, status=status, seconds=done["seconds"],
-                   first_step_seconds=done["first_step_seconds"], history=history,
-                   span_token_fraction=done["span_token_fraction"],
-                   span_target_fraction=done["span_target_fraction"])
+    summary = dict(step=self.step, status=status, history=history, **done)
     totals = progress.totals_line()
     if totals:
       self.print(totals)
@@ -668,16 +668,23 @@ class Trainer:
 
 # --- Helpers ------------------------------------------------------------------------------------
 
-def _token_kind_counts(batches: list[Mapping[str, np.ndarray]]) -> dict[str, float]:
-  """Tokens (all, and target-only) from spans vs documents: the pipeline's ``sources`` 1 / 2."""
+def _token_kind_counts(batches: list[Mapping[str, np.ndarray]],
+                       summary: Mapping[str, Any] | None) -> dict[str, float]:
+  """Tokens (all, and target-only) from spans vs documents, by the pipeline's ``sources``
+  feature; with named sources (``data.sources``) also tokens and examples per source."""
+  ids = (summary or {}).get("source_ids", pipeline.SOURCE_IDS)
+  kinds = (summary or {}).get("source_kinds", {"spans": "spans", "documents": "documents"})
+  named = set(ids) != set(pipeline.SOURCE_IDS)
   out = dict(span=0.0, doc=0.0, span_target=0.0, doc_target=0.0)
   for b in batches:
     if "sources" not in b:
       continue
-    w = np.asarray(b["loss_weights"], np.float32)
-    sources = np.asarray(b["sources"])
-    out["span"] += float(np.sum(sources == 1))
-    out["doc"] += float(np.sum(sources == 2))
-    out["span_target"] += float(np.sum(w * (sources == 1)))
-    out["doc_target"] += float(np.sum(w * (sources == 2)))
+    for name, c in pipeline.count_sources(b, ids).items():
+      kind = "span" if kinds[name] == "spans" else "doc"
+      out[kind] += c["tokens"]
+      out[f"{kind}_target"] += c["target_tokens"]
+      if named:
+        for what in ("tokens", "examples"):
+          key = f"{PER_SOURCE}{name}:{what}"
+          out[key] = out.get(key, 0.0) + c[what]
   return out
