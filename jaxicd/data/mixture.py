@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Sequence
 
-
 from jaxicd.data import pipeline
 from jaxicd.data.records import Document, Span
 from jaxicd.data.sources import SOURCES as DOCUMENT_READERS
