@@ -247,9 +247,16 @@ def _keys(config, prefix: str = "") -> set[str]:
 
 @pytest.mark.parametrize("config_file", CONFIG_FILES)
 def test_configs_set_only_base_config_keys(config_file):
-  """configs/ files change base_config() values; none adds a key (the one schema)."""
+  """configs/ files change base_config() values; none adds a key (the one schema). Named data
+  sources are entries of `data.sources`, each with exactly source_config()'s keys."""
+  import ml_collections  # pylint: disable=import-outside-toplevel
   from jaxicd.train import config as config_lib
-  assert _keys(_shipped_config(config_file)) == _keys(config_lib.base_config())
+  config = _shipped_config(config_file)
+  sources = dict(config.data.sources)
+  config.data.sources = ml_collections.ConfigDict()
+  assert _keys(config) == _keys(config_lib.base_config())
+  for entry in sources.values():
+    assert set(entry.keys()) == set(config_lib.source_config().keys())
 
 
 def test_base_config_defaults_reach_the_code(tok):
