@@ -47,9 +47,9 @@ class TrainingProgress:
       self.window["steps"] += 1
     for kind in ("span", "doc"):
       self.window[kind] += counts[kind]
-    for kind in self.totals:
+    for kind in ("span", "doc", "span_target", "doc_target"):
       self.totals[kind] += counts[kind]
-    for kind, n in counts.items():  # named sources (data.sources)
+    for kind, n in counts.items():  # named sources (data.sources), those this batch holds
       if kind.startswith(PER_SOURCE):
         self.window[kind] = self.window.get(kind, 0.0) + n
         self.totals[kind] = self.totals.get(kind, 0.0) + n

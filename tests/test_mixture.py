@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from jaxicd.data import mixture, pipeline
-from jaxicd.train.config import source_config
+from jaxicd.train.config import base_config, source_config
 from test_pipeline import ByteTokenizer, make_documents, make_spans  # pylint: disable=wrong-import-order
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
@@ -32,7 +32,11 @@ def digest(batch) -> str:
 
 
 def first_digests(cfg, n=5):
-  it = pipeline.make_train_iterator(cfg, ByteTokenizer(), with_sources=True, prefetch=0)
+  """Digests of the first `n` batches of the data config `cfg` (a dict of the keys the recorded
+  run set; every other key takes its base_config() default, as it did then)."""
+  data = base_config().data
+  data.update(cfg)
+  it = pipeline.make_train_iterator(data, ByteTokenizer(), with_sources=True, prefetch=0)
   return [digest(next(it)) for _ in range(n)]
 
 
@@ -70,7 +74,6 @@ def test_explicit_sources_equal_to_the_single_source_keys_give_the_same_batches(
 
 
 def three_sources(**changes) -> ml_collections.ConfigDict:
-  from jaxicd.train.config import base_config  # pylint: disable=g-import-not-at-top
   config = base_config()
   config.data.update(seq_len=512, batch_size=4, num_threads=0, answer_format="code_first",
                      on_error="skip")
@@ -255,6 +258,7 @@ def test_a_weight_without_data_is_refused_naming_the_key():
 
 
 def test_per_source_shares_for_the_log_and_metrics():
+  from jaxicd import progress  # pylint: disable=g-import-not-at-top
   from jaxicd.train import trainer  # pylint: disable=g-import-not-at-top
   # Two rows by hand: source 1 (3 tokens, 1 example), source 2 (5 tokens, 2 examples),
   # source 3 (2 tokens, 1 example); 0 is padding.
@@ -268,10 +272,33 @@ def test_per_source_shares_for_the_log_and_metrics():
   counts = trainer._token_kind_counts([batch], summary)  # pylint: disable=protected-access
   assert counts["span"] == 5 and counts["doc"] == 7
   assert counts["span_target"] == 3 and counts["doc_target"] == 4
-  shares = trainer._source_shares(counts)  # pylint: disable=protected-access
+  shares = progress.source_shares(counts)
   assert shares == pytest.approx({
       "source_token_fraction/a": 5 / 12, "source_token_fraction/b": 5 / 12,
       "source_token_fraction/c": 2 / 12, "source_example_fraction/a": 2 / 5,
       "source_example_fraction/b": 2 / 5, "source_example_fraction/c": 1 / 5})
-  assert trainer._describe_shares(shares) == (  # pylint: disable=protected-access
+  assert progress.describe_shares(shares) == (
       "; sources (tokens/examples): a 42%/40%, b 42%/40%, c 17%/20%")
+
+
+def test_training_progress_reports_per_source_shares():
+  from jaxicd import progress  # pylint: disable=g-import-not-at-top
+  p = progress.TrainingProgress(total_steps=4)
+  base = dict(span=0.0, doc=0.0, span_target=0.0, doc_target=0.0)
+  # The first step (compile) is timed apart; its counts still go to the window and the totals.
+  p.step_done(1.0, 8, {**base, "span": 6, "doc": 2, "source:a:tokens": 6, "source:a:examples": 3,
+                       "source:b:tokens": 2, "source:b:examples": 1})
+  p.step_done(1.0, 8, {**base, "span": 2, "doc": 6, "source:a:tokens": 2, "source:a:examples": 1,
+                       "source:b:tokens": 6, "source:b:examples": 1})
+  rates, text = p.report(step=2)
+  # Tokens a 8 / b 8; examples a 4 / b 2.
+  assert rates["source_token_fraction/a"] == rates["source_token_fraction/b"] == 0.5
+  assert rates["source_example_fraction/a"] == pytest.approx(4 / 6)
+  assert "; sources (tokens/examples): a 50%/67%, b 50%/33%" in text
+  p.step_done(1.0, 8, {**base, "span": 0, "doc": 8, "source:b:tokens": 8, "source:b:examples": 2})
+  rates, _ = p.report(step=3)  # a new window: b only
+  assert rates["source_token_fraction/b"] == 1.0 and "source_token_fraction/a" not in rates
+  summary = p.summary()  # the run: a 8 of 24 tokens, 4 of 8 examples
+  assert summary["source_token_fraction/a"] == pytest.approx(8 / 24)
+  assert summary["source_example_fraction/b"] == pytest.approx(4 / 8)
+  assert p.totals_line().endswith("; sources (tokens/examples): a 33%/50%, b 67%/50%")
