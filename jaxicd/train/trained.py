@@ -18,7 +18,8 @@ from jaxicd import sharding as shd
 from jaxicd.train.checkpoint import (Checkpointer, abstract_like, check_compatible,
                                      restore_newest, run_settings)
 from jaxicd.train.config import checkpoint_directory
-from jaxicd.train.trainer import base_fingerprint, config_rules, load_model_parts
+from jaxicd.train.trainer import (base_fingerprint, chief_printer, config_rules,
+                                  load_model_parts)
 
 
 class TrainedModel:
@@ -32,8 +33,7 @@ class TrainedModel:
     self.workdir = pathlib.Path(workdir)
     self.workdir.mkdir(parents=True, exist_ok=True)
     self.is_chief = jax.process_index() == 0
-    self.print = print_fn or ((lambda s: print(s, flush=True)) if self.is_chief
-                              else (lambda s: None))
+    self.print = chief_printer(print_fn)
     self.mesh = mesh or shd.make_mesh(dict(cfg.mesh))
     self.parts, self.tokenizer = load_model_parts(cfg, self.mesh, config_rules(cfg), tokenizer)
     self._param_shardings = self.parts.param_shardings(self.mesh)

@@ -383,6 +383,14 @@ class _StopSignal:
     return False
 
 
+def chief_printer(print_fn: Callable[[str], None] | None = None) -> Callable[[str], None]:
+  """``print_fn``, else a flushing print on process 0 and silence elsewhere (progress lines and
+  metrics are global, the same on every process)."""
+  if print_fn is not None:
+    return print_fn
+  return (lambda s: print(s, flush=True)) if jax.process_index() == 0 else (lambda s: None)
+
+
 class Trainer:
   """One training run in ``workdir``: resumes from the latest checkpoint there."""
 
@@ -393,9 +401,7 @@ class Trainer:
     self.workdir = pathlib.Path(workdir)
     self.workdir.mkdir(parents=True, exist_ok=True)
     self.is_chief = jax.process_index() == 0
-    # Progress lines from process 0 only (the metrics are global, the same on every process).
-    self.print = print_fn or ((lambda s: print(s, flush=True)) if self.is_chief
-                              else (lambda s: None))
+    self.print = chief_printer(print_fn)
     self.mesh = mesh or shd.make_mesh(dict(cfg.mesh))
     self.rules = config_rules(cfg)
     t0 = time.time()
