@@ -473,9 +473,9 @@ def data_statistics(data_cfg: Any, tokenizer: Any, *, sample_documents: int, sam
     doc_epoch = sum(_document_tokens(c.records, tokenizer, data_cfg, sample_documents)
                     for c in parts if c.kind == "documents" and c.weight > 0)
   else:
-    doc_epoch = (splits.data_cfg.train.data_cfg.tokens
+    doc_epoch = (splits.get("train", {}).get("tokens", 0)
                  if float(data_cfg.doc_weight) > 0 else 0)
-  epoch = {"spans": span_summary.data_cfg.row_tokens_shared_prompt,
+  epoch = {"spans": span_summary.get("row_tokens_shared_prompt", span_tokens),
            "documents": doc_epoch}
   epoch["total"] = epoch["spans"] + epoch["documents"]
   if named:
