@@ -302,3 +302,30 @@ def test_training_progress_reports_per_source_shares():
   assert summary["source_token_fraction/a"] == pytest.approx(8 / 24)
   assert summary["source_example_fraction/b"] == pytest.approx(4 / 8)
   assert p.totals_line().endswith("; sources (tokens/examples): a 33%/50%, b 67%/50%")
+
+
+def test_plan_counts_each_named_source():
+  """mode=plan's per-source epoch: records and tokens of each source, counted here by hand from
+  the same records (every record sampled, so the counts are exact)."""
+  from jaxicd import cost_model  # pylint: disable=g-import-not-at-top
+  from jaxicd.data import windows  # pylint: disable=g-import-not-at-top
+  config = three_sources()
+  tok = ByteTokenizer()
+  stats = cost_model.data_statistics(config.data, tok, sample_documents=0, sample_spans=0,
+                                     packing_batches=1)
+  parts = {p.name: p for p in mixture.components(config.data)}
+  per_source = stats["epoch_tokens"]["sources"]
+  assert set(per_source) == {"codes", "mdace", "mimic"}
+  # Fixture sizes (tests/fixtures/README.md): 1 MIMIC-IV and 2 MDACE training admissions.
+  assert per_source["mimic"]["records"] == 1 and per_source["mdace"]["records"] == 2
+  assert per_source["codes"]["records"] == len(parts["codes"].records)
+  for name in ("mimic", "mdace"):
+    by_hand = sum(len(w.tokens) - 1 for d in parts[name].records for w in windows.document_windows(
+        d, tok, seq_len=512, window_overlap=int(config.data.window_overlap),
+        answer_format="code_first"))
+    assert per_source[name]["tokens"] == by_hand
+  by_hand = sum(len(windows.encode_span(tok, s, 512, answer_format="code_first")["tokens"]) - 1
+                for s in parts["codes"].records)
+  assert per_source["codes"]["tokens"] == by_hand
+  assert stats["epoch_tokens"]["documents"] == per_source["mimic"]["tokens"] + per_source[
+      "mdace"]["tokens"]
