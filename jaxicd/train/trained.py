@@ -30,8 +30,7 @@ class TrainedModel:
   def __init__(self, cfg, workdir: str | os.PathLike, *, mesh=None, tokenizer=None,
                print_fn: Callable[[str], None] | None = None):
     self.cfg = cfg
-    self.workdir = pathlib.Path(workdir)
-    self.workdir.mkdir(parents=True, exist_ok=True)
+    self.workdir = pathlib.Path(workdir)  # modes.run creates it; a restore only reads
     self.is_chief = jax.process_index() == 0
     self.print = chief_printer(print_fn)
     self.mesh = mesh or shd.make_mesh(dict(cfg.mesh))
