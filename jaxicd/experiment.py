@@ -252,7 +252,7 @@ def evaluate_arm(arm: Arm, settings: Settings, workdir: pathlib.Path) -> dict[st
   documents = pipeline.load_documents(cfg.data)
   val = [d for d in documents if d.split == "val"][:settings.val_notes]
   test = [d for d in documents if d.split == "test"][:settings.test_notes]
-  trained = {c for d in documents if d.split == "train" for c in d.codes}
+  trained = _training_codes(documents)
   spans = coding_eval.evidence_span_documents(test, settings.spans)
   t0 = time.perf_counter()
   cache = _EvalCache(workdir, settings, cfg)
@@ -299,7 +299,7 @@ def evaluate_arm(arm: Arm, settings: Settings, workdir: pathlib.Path) -> dict[st
       m = metrics.evaluate(test, kept, code_space=coder.code_space, unseen_codes=unseen,
                            output_stats=stats)
       m["threshold"] = threshold
-      m["codes_per_note"] = sum(len({ev.code for ev in p}) for p in kept) / max(len(kept), 1)
+      m["codes_per_note"] = _codes_per_note(kept)
       variants[name] = m
     span_codes = cache.get(f"spans-step{step or 0}", [s.text for s in spans],
                            lambda: coder.code_spans([s.text for s in spans]))
@@ -328,6 +328,16 @@ def evaluate_arm(arm: Arm, settings: Settings, workdir: pathlib.Path) -> dict[st
   return result
 
 
+def _codes_per_note(kept: Sequence[Sequence[Any]]) -> float:
+  """Distinct codes per coded note."""
+  return sum(len({ev.code for ev in p}) for p in kept) / max(len(kept), 1)
+
+
+def _training_codes(documents) -> set[str]:
+  """Codes of the training documents: what "unseen in training" is measured against."""
+  return {c for d in documents if d.split == "train" for c in d.codes}
+
+
 def style_notes():
   """The held-out other-style notes (`STYLE_NOTES`) as `Document`s."""
   from jaxicd.data.sources import jsonl  # pylint: disable=g-import-not-at-top
@@ -345,7 +355,7 @@ def _score_styles(coder, cache: _EvalCache, step: int, variant: str, threshold: 
   unseen = metrics.unseen_in_training(trained, coder.code_space, (c for d in docs for c in d.codes))
   out = metrics.evaluate(docs, kept, code_space=coder.code_space, unseen_codes=unseen,
                          output_stats=stats)
-  out["codes_per_note"] = sum(len({ev.code for ev in p}) for p in kept) / max(len(kept), 1)
+  out["codes_per_note"] = _codes_per_note(kept)
   out["notes"] = len(docs)
   by_style = collections.defaultdict(list)
   for i, d in enumerate(docs):
@@ -364,8 +374,7 @@ def add_styles(arm: Arm, settings: Settings, workdir: pathlib.Path,
   checkpoint, variant and threshold."""
   pipeline, _, _, coder_lib, _, trained_lib = _import_eval()
   cfg = load_config(arm, settings)
-  trained = {c for d in pipeline.load_documents(cfg.data) if d.split == "train"
-             for c in d.codes}
+  trained = _training_codes(pipeline.load_documents(cfg.data))
   variant = chosen(result)
   with trained_lib.TrainedModel(cfg, workdir) as restored:
     if result["step"]:
