@@ -11,14 +11,18 @@ optimizer steps of 4 x 256 packed tokens, the recipe of ``configs/mixed.py`` oth
   validation micro-F1 is evaluated (document SFT "trained to its best validation F1").
 * ``span_only``: expansion + annotated spans, no documents.
 * ``mixed``: Code-Centric Learning (spans + a few documents), evidence-first answers.
-* ``mixed_20``: mixed at 20% of the budget (the paper's cost claim).
+* ``mixed_20``: mixed at 20% of the budget's tokens (the paper's cost claim), in steps of 2 rows
+  whose span examples share one copy of the prompt (``data.share_prompt``);
+  ``mixed_20_unshared`` the same tokens in the budget's 4-row steps without sharing.
 * ``mixed_code_first``: mixed with the older code-first answer lines (the format comparison).
 
 Each trained arm is evaluated the same way: the document pass codes the first ``--val`` val
-notes and every test note; the inference variants (document pass alone or with span re-coding,
-each with every candidate kept or with the threshold calibrated on the val notes) are scored on
-the test notes with the same metrics (`jaxicd.eval.metrics`, strict unseen-code scores), and
-every gold evidence span of the test notes is coded alone (span accuracy).
+notes and every test note; the inference variants (document pass alone, with span re-coding, or
+re-coding plus the segment scan, each with every candidate kept or with the threshold
+calibrated on the val notes) are scored on the test notes with the same metrics
+(`jaxicd.eval.metrics`, strict unseen-code scores), every gold evidence span of the test notes
+is coded alone (span accuracy), and the held-out other-style notes are coded with the arm's
+best calibrated variant.
 
 Every piece is resumable: an arm's training runs as ``python -m jaxicd.main`` in
 ``<workdir>/<arm>`` (a finished checkpoint is reused) and its evaluation is stored in
@@ -66,15 +70,26 @@ ARMS = (  # in the order they run: the comparisons that matter most come first
     Arm("doc_only", "doc_only.py", select_best=True, label="document-only SFT"),
     Arm("mixed_code_first", "mixed.py", overrides=(("data.answer_format", "code_first"),),
         label="mixed, code-first answers"),
-    Arm("mixed_20", "mixed.py", fraction=0.2, label="mixed at 20% of the budget"),
+    # 20% of the tokens in steps of 2 rows, each row's span examples sharing one prompt copy:
+    # the 135M model learns codes by optimizer steps (a plateau first), so the same tokens go
+    # further in more, smaller steps with ~2x the span examples per token.
+    Arm("mixed_20", "mixed.py", fraction=0.2,
+        overrides=(("data.share_prompt", True), ("data.batch_size", 2)),
+        label="mixed at 20% of the tokens (shared prompt)"),
+    Arm("mixed_20_unshared", "mixed.py", fraction=0.2,
+        label="mixed at 20% of the tokens (4-row steps, no sharing)"),
     Arm("span_only", "span_only.py", label="span-only"),
     Arm("zero_shot", "mixed.py", fraction=0.0, label="zero-shot (untrained adapters)"),
 )
 # The report's row order: from no training to the full recipe.
-DISPLAY = ("zero_shot", "doc_only", "span_only", "mixed_20", "mixed", "mixed_code_first")
-# Inference variants scored for every arm: (span re-coding, calibrated threshold).
-VARIANTS = (("doc", False, False), ("doc+cal", False, True), ("recode", True, False),
-            ("recode+cal", True, True))
+DISPLAY = ("zero_shot", "doc_only", "span_only", "mixed_20_unshared", "mixed_20", "mixed",
+           "mixed_code_first")
+# Inference variants scored for every arm: (name, candidates, calibrated threshold). Candidates:
+# "doc" the document pass, "recode" its evidence re-coded with the span prompt, "scan" those plus
+# every clause of the note coded with the span prompt (the segment scan).
+VARIANTS = (("doc", "doc", False), ("doc+cal", "doc", True), ("recode", "recode", False),
+            ("recode+cal", "recode", True), ("scan", "scan", False), ("scan+cal", "scan", True))
+CANDIDATES = ("doc", "recode", "scan")
 DEFAULT_VARIANT = "recode+cal"  # what eval and predict do with configs/mixed.py
 
 
@@ -119,8 +134,15 @@ def _arm(name: str) -> Arm:
   return next(a for a in ARMS if a.name == name)
 
 
+BUDGET_BATCH = 4  # rows of data.seq_len tokens per step of the budget (configs/mixed.py's)
+
+
 def arm_steps(arm: Arm, settings: Settings) -> int:
-  return max(1, round(arm.fraction * settings.steps)) if arm.fraction > 0 else 0
+  """Optimizer steps of an arm: its fraction of the budget's tokens in rows of its batch."""
+  if arm.fraction <= 0:
+    return 0
+  batch = dict(arm.overrides).get("data.batch_size", BUDGET_BATCH)
+  return max(1, round(arm.fraction * settings.steps * BUDGET_BATCH / batch))
 
 
 def _overrides(arm: Arm, settings: Settings) -> dict[str, Any]:
@@ -190,8 +212,10 @@ class _EvalCache:
 
   def __init__(self, workdir: pathlib.Path, settings: Settings, cfg: Any):
     self.dir = workdir / "eval_cache"
-    self._key = json.dumps([dataclasses.asdict(settings), cfg.eval_coding.to_dict(),
-                            cfg.data.answer_format], sort_keys=True, default=str)
+    # eval_coding.scan is left out: the segment scan is a piece of its own (`_scan_chunk`).
+    decoding = {k: v for k, v in cfg.eval_coding.to_dict().items() if k != "scan"}
+    self._key = json.dumps([dataclasses.asdict(settings), decoding, cfg.data.answer_format],
+                           sort_keys=True, default=str)
 
   def get(self, name: str, ids: Sequence[str], compute, encode=lambda x: x,
           decode=lambda x: x):
@@ -208,18 +232,22 @@ class _EvalCache:
     return value
 
 
-def _code(coder, docs, cache: _EvalCache, name: str, chunk: int = 10):
-  """Document-pass and re-coded predictions of `docs` (every candidate kept), and the
-  document pass's counts; computed (and cached) `chunk` notes at a time, so an interrupted
-  evaluation loses at most one chunk."""
-  preds: dict[str, list] = {"doc": [], "recode": []}
+def _code(coder, docs, cache: _EvalCache, name: str, chunk: int = 10, scan: bool = True):
+  """`CANDIDATES` of `docs` (every candidate kept: document pass, re-coded, re-coded + segment
+  scan; without `scan` the first two) and the document pass's counts; computed (and cached)
+  `chunk` notes at a time, so an interrupted evaluation loses at most one chunk."""
+  coder_lib = _import_eval()[3]
+  preds: dict[str, list] = {"doc": [], "recode": []} | ({"scan": []} if scan else {})
   stats: collections.Counter = collections.Counter()
   for lo in range(0, len(docs), chunk):
     part = docs[lo:lo + chunk]
     part_name = name if len(docs) <= chunk else f"{name}-notes{lo}"
     p, st = _code_chunk(coder, part, cache, part_name)
-    for k in preds:
-      preds[k] += p[k]
+    preds["doc"] += p["doc"]
+    preds["recode"] += p["recode"]
+    if scan:
+      preds["scan"] += coder_lib.merge_candidates(p["recode"],
+                                                  _scan_chunk(coder, part, cache, part_name))
     stats.update(st)
   return preds, dict(stats)
 
@@ -245,13 +273,22 @@ def _code_chunk(coder, docs, cache: _EvalCache, name: str):
   return cache.get(name, [d.id for d in docs], compute, encode, decode)
 
 
+def _scan_chunk(coder, docs, cache: _EvalCache, name: str):
+  """The segment scan's clause candidates of `docs` (cached apart from the document pass, so
+  arms evaluated before the scan existed keep their pieces)."""
+  coder_lib = _import_eval()[3]
+  return cache.get(
+      f"scan-{name}", [d.id for d in docs], lambda: coder.scan_clauses(docs),
+      lambda v: [[dataclasses.asdict(e) for e in doc] for doc in v],
+      lambda v: [[coder_lib.CodedEvidence(**e) for e in doc] for doc in v])
+
+
 def evaluate_arm(arm: Arm, settings: Settings, workdir: pathlib.Path) -> dict[str, Any]:
   """Scores an arm (see the module docstring); returns its result record."""
   pipeline, calibration, metrics, coder_lib, coding_eval, trained_lib = _import_eval()
   cfg = load_config(arm, settings)
   documents = pipeline.load_documents(cfg.data)
-  val = [d for d in documents if d.split == "val"][:settings.val_notes]
-  test = [d for d in documents if d.split == "test"][:settings.test_notes]
+  val, test = _eval_notes(documents, settings)
   trained = _training_codes(documents)
   spans = coding_eval.evidence_span_documents(test, settings.spans)
   t0 = time.perf_counter()
@@ -271,12 +308,10 @@ def evaluate_arm(arm: Arm, settings: Settings, workdir: pathlib.Path) -> dict[st
         coder = coder_lib.build_coder(cfg, model, restored.tokenizer)
       else:
         coder.model = coder_lib.decoding_model(cfg, model)
-      val_pred, _ = _code(coder, val, cache, f"val-step{step or 0}")
-      gold = [d.codes for d in val]
-      thresholds = {k: calibration.choose_threshold(gold, [coder_lib.code_scores(p) for p in ps])
-                    for k, ps in val_pred.items()}
-      # The arm's best calibrated variant on val: document-only adapters never saw the span
-      # prompt, so re-coding may not be their best inference.
+      # Checkpoints are compared without the segment scan (it codes every clause: the chosen
+      # checkpoint's alone is scanned).
+      val_pred, _ = _code(coder, val, cache, f"val-step{step or 0}", scan=False)
+      thresholds = _calibrate(val, val_pred)
       val_f1 = max(f1 for _, f1 in thresholds.values())
       selection[str(step or 0)] = val_f1
       log(f"{arm.name}: step {step or 0}: val micro-F1 {val_f1:.3f} (doc+cal "
@@ -288,19 +323,8 @@ def evaluate_arm(arm: Arm, settings: Settings, workdir: pathlib.Path) -> dict[st
     if step is not None and arm.select_best and step != candidates[-1]:
       restored.restore(step)
       coder.model = coder_lib.decoding_model(cfg, restored.model)
-    test_pred, stats = _code(coder, test, cache, f"test-step{step or 0}")
-    unseen = metrics.unseen_in_training(trained, coder.code_space,
-                                        (c for d in test for c in d.codes))
-    variants = {}
-    for name, recode, calibrated in VARIANTS:
-      preds = test_pred["recode" if recode else "doc"]
-      threshold = thresholds["recode" if recode else "doc"][0] if calibrated else 0.0
-      kept = coder_lib.apply_threshold(preds, threshold)
-      m = metrics.evaluate(test, kept, code_space=coder.code_space, unseen_codes=unseen,
-                           output_stats=stats)
-      m["threshold"] = threshold
-      m["codes_per_note"] = _codes_per_note(kept)
-      variants[name] = m
+    thresholds = _calibrate(val, _code(coder, val, cache, f"val-step{step or 0}")[0])
+    variants = _test_variants(coder, test, cache, f"test-step{step or 0}", thresholds, trained)
     span_codes = cache.get(f"spans-step{step or 0}", [s.text for s in spans],
                            lambda: coder.code_spans([s.text for s in spans]))
     span_preds = [[coder_lib.CodedEvidence(c, 0, len(s.text), s.text, p)] if c else []
@@ -308,9 +332,9 @@ def evaluate_arm(arm: Arm, settings: Settings, workdir: pathlib.Path) -> dict[st
     span_unseen = {s.codes[0] for s in spans if s.codes[0] not in trained}
     span_metrics = metrics.span_accuracy([s.codes[0] for s in spans], span_preds,
                                          unseen_codes=span_unseen)
-    variant = max(("recode+cal", "doc+cal"), key=lambda v: thresholds[v.split("+")[0]][1])
+    variant = _best_variant(thresholds)
     style_metrics = _score_styles(coder, cache, step or 0, variant,
-                                  thresholds[variant.split("+")[0]][0], trained)
+                                  thresholds[_candidates(variant)][0], trained)
   finally:
     restored.close()
   result = {
@@ -318,7 +342,7 @@ def evaluate_arm(arm: Arm, settings: Settings, workdir: pathlib.Path) -> dict[st
       "overrides": dict(arm.overrides), "step": int(step or 0),
       "tokens": trained_tokens(workdir, int(step or 0)),
       "val_selection": selection, "variants": variants, "spans": span_metrics,
-      "val_variant_f1": {"doc+cal": thresholds["doc"][1], "recode+cal": thresholds["recode"][1]},
+      "val_variant_f1": {f"{k}+cal": f1 for k, (_, f1) in thresholds.items()},
       "chosen_variant": variant, "styles": style_metrics,
       "gold_codes_per_note": sum(len(d.codes) for d in test) / max(len(test), 1),
       "val_notes": len(val), "test_notes": len(test), "test_spans": len(spans),
@@ -326,6 +350,52 @@ def evaluate_arm(arm: Arm, settings: Settings, workdir: pathlib.Path) -> dict[st
       "decode_dtype": cfg.eval_coding.dtype or str(cfg.model.dtype),
   }
   return result
+
+
+def _eval_notes(documents, settings: Settings):
+  """The val notes that calibrate and the test notes that are scored."""
+  return ([d for d in documents if d.split == "val"][:settings.val_notes],
+          [d for d in documents if d.split == "test"][:settings.test_notes])
+
+
+def _calibrate(val, val_pred) -> dict[str, tuple[float, float]]:
+  """Per candidate set, the threshold with the best val micro-F1 and that F1."""
+  _, calibration, _, coder_lib, _, _ = _import_eval()
+  gold = [d.codes for d in val]
+  return {k: calibration.choose_threshold(gold, [coder_lib.code_scores(p) for p in ps])
+          for k, ps in val_pred.items()}
+
+
+def _candidates(variant: str) -> str:
+  return variant.split("+")[0]
+
+
+def _best_variant(thresholds: dict[str, tuple[float, float]]) -> str:
+  """The arm's calibrated variant with the best val micro-F1: document-only adapters never saw
+  the span prompt, so re-coding or the scan may not be their best inference."""
+  # Ties go to the cheaper inference: re-coding, then the document pass alone, then the scan.
+  return max((f"{k}+cal" for k in ("recode", "doc", "scan") if k in thresholds),
+             key=lambda v: thresholds[_candidates(v)][1])
+
+
+def _test_variants(coder, test, cache: _EvalCache, name: str,
+                   thresholds: dict[str, tuple[float, float]], trained: set[str]
+                   ) -> dict[str, dict[str, Any]]:
+  """Metrics of every `VARIANTS` entry on the test notes."""
+  _, _, metrics, coder_lib, _, _ = _import_eval()
+  test_pred, stats = _code(coder, test, cache, name)
+  unseen = metrics.unseen_in_training(trained, coder.code_space,
+                                      (c for d in test for c in d.codes))
+  variants = {}
+  for name, candidates, calibrated in VARIANTS:
+    threshold = thresholds[candidates][0] if calibrated else 0.0
+    kept = coder_lib.apply_threshold(test_pred[candidates], threshold)
+    m = metrics.evaluate(test, kept, code_space=coder.code_space, unseen_codes=unseen,
+                         output_stats=stats)
+    m["threshold"] = threshold
+    m["codes_per_note"] = _codes_per_note(kept)
+    variants[name] = m
+  return variants
 
 
 def _codes_per_note(kept: Sequence[Sequence[Any]]) -> float:
@@ -349,9 +419,9 @@ def _score_styles(coder, cache: _EvalCache, step: int, variant: str, threshold: 
   """Metrics of `variant` at `threshold` on the other-style notes, overall and per style."""
   _, _, metrics, coder_lib, _, _ = _import_eval()
   docs = style_notes()
-  preds, stats = _code(coder, docs, cache, f"styles-step{step}", chunk=len(docs))
-  kept = coder_lib.apply_threshold(preds["recode" if variant.startswith("recode") else "doc"],
-                                   threshold)
+  preds, stats = _code(coder, docs, cache, f"styles-step{step}", chunk=len(docs),
+                       scan=_candidates(variant) == "scan")
+  kept = coder_lib.apply_threshold(preds[_candidates(variant)], threshold)
   unseen = metrics.unseen_in_training(trained, coder.code_space, (c for d in docs for c in d.codes))
   out = metrics.evaluate(docs, kept, code_space=coder.code_space, unseen_codes=unseen,
                          output_stats=stats)
@@ -368,21 +438,29 @@ def _score_styles(coder, cache: _EvalCache, step: int, variant: str, threshold: 
   return out
 
 
-def add_styles(arm: Arm, settings: Settings, workdir: pathlib.Path,
-               result: dict[str, Any]) -> dict[str, Any]:
-  """Scores an arm evaluated before the other-style notes existed on them, with its recorded
-  checkpoint, variant and threshold."""
+def add_scan(arm: Arm, settings: Settings, workdir: pathlib.Path,
+             result: dict[str, Any]) -> dict[str, Any]:
+  """Scores an arm evaluated before the segment scan existed with it: its recorded checkpoint
+  (document-pass pieces from its cache when there), every variant re-scored, its calibrated
+  variant chosen again and the other-style notes scored with that."""
   pipeline, _, _, coder_lib, _, trained_lib = _import_eval()
   cfg = load_config(arm, settings)
-  trained = _training_codes(pipeline.load_documents(cfg.data))
-  variant = chosen(result)
+  documents = pipeline.load_documents(cfg.data)
+  val, test = _eval_notes(documents, settings)
+  trained = _training_codes(documents)
+  cache = _EvalCache(workdir, settings, cfg)
+  step = result["step"]
   with trained_lib.TrainedModel(cfg, workdir) as restored:
-    if result["step"]:
-      restored.restore(result["step"])
+    if step:
+      restored.restore(step)
     coder = coder_lib.build_coder(cfg, restored.model, restored.tokenizer)
-    styles = _score_styles(coder, _EvalCache(workdir, settings, cfg), result["step"], variant,
-                           result["variants"][variant]["threshold"], trained)
-  return {**result, "styles": styles}
+    thresholds = _calibrate(val, _code(coder, val, cache, f"val-step{step}")[0])
+    variants = _test_variants(coder, test, cache, f"test-step{step}", thresholds, trained)
+    variant = _best_variant(thresholds)
+    styles = _score_styles(coder, cache, step, variant, thresholds[_candidates(variant)][0],
+                           trained)
+  return {**result, "variants": variants, "chosen_variant": variant, "styles": styles,
+          "val_variant_f1": {f"{k}+cal": f1 for k, (_, f1) in thresholds.items()}}
 
 
 # ------------------------------------------------------------------------------- report
@@ -450,6 +528,8 @@ def write_report(results: dict[str, dict], settings: Settings, out: pathlib.Path
   variant_rows = []
   for a in order:
     for name, _, _ in VARIANTS:
+      if name not in results[a]["variants"]:
+        continue  # evaluated before the variant existed (reported without it)
       m = results[a]["variants"][name]
       variant_rows.append([results[a]["label"], name, f"{m['threshold']:.3f}",
                            f"{m['micro_f1']:.3f}", f"{m['micro_precision']:.3f}",
@@ -486,8 +566,9 @@ def write_report(results: dict[str, dict], settings: Settings, out: pathlib.Path
       "`jaxicd/experiment.py`.",
       "",
       f"- Budget: {settings.steps} optimizer steps of 4 x 256 packed tokens per arm "
-      f"(mixed_20: {arm_steps(_arm('mixed_20'), settings)}); SmolLM2-135M-Instruct, LoRA r16 on all "
-      "projections, bf16, the demo corpus.",
+      f"(mixed_20: {arm_steps(_arm('mixed_20'), settings)} steps of 2 rows, "
+      f"mixed_20_unshared: {arm_steps(_arm('mixed_20_unshared'), settings)} of 4); "
+      "SmolLM2-135M-Instruct, LoRA r16 on all projections, bf16, the demo corpus.",
       f"- Test: the first {any_r.get('test_notes', 0)} test notes ({gold:.1f} gold codes per "
       f"note) and their {any_r.get('test_spans', 0)} gold evidence spans; the threshold is "
       f"calibrated on {any_r.get('val_notes', 0)} val notes; unseen-code scores are strict.",
@@ -495,9 +576,10 @@ def write_report(results: dict[str, dict], settings: Settings, out: pathlib.Path
           f"{a} {results[a].get('decode_dtype', 'bfloat16')}" for a in order)
       + " (the same greedy decoding; float32 runs faster on CPUs without bf16 units).",
       f"- Default inference (`{DEFAULT_VARIANT}`): evidence-first document pass, each evidence "
-      "span re-coded with the span prompt, codes kept at the calibrated threshold. Each arm is "
-      "scored with its calibrated variant (`doc+cal` or `recode+cal`) that is best on the val "
-      "notes (column *inference*); every variant is listed below.",
+      "span re-coded with the span prompt, codes kept at the calibrated threshold; `scan` adds "
+      "the segment scan (every clause of the note coded alone with the span prompt). Each arm "
+      "is scored with its calibrated variant (`doc+cal`, `recode+cal` or `scan+cal`) that is "
+      "best on the val notes (column *inference*); every variant is listed below.",
       "",
       "## Arms",
       "",
@@ -557,7 +639,7 @@ def _figure(results: dict[str, dict], path: pathlib.Path) -> None:
              for a in arms if a in results]
       if pts:
         ax.plot([p[0] / 1e3 for p in pts], [p[1] for p in pts], marker="o", label=label)
-    for a in ("span_only", "mixed_code_first"):
+    for a in ("span_only", "mixed_code_first", "mixed_20_unshared"):
       if a in results:
         ax.scatter([results[a]["tokens"] / 1e3],
                    [results[a]["variants"][chosen(results[a])][metric]], marker="x",
@@ -601,9 +683,9 @@ def run(settings: Settings, workdir: pathlib.Path, out: pathlib.Path,
     if path.exists():
       results[arm.name] = json.loads(path.read_text())
       log(f"{arm.name}: evaluated earlier, reusing {path}")
-      if "styles" not in results[arm.name] and not train_only:
-        log(f"{arm.name}: scoring the other-style notes")
-        results[arm.name] = add_styles(arm, settings, workdir / arm.name, results[arm.name])
+      if "scan" not in results[arm.name]["variants"] and not train_only:
+        log(f"{arm.name}: scoring the segment scan (and the other-style notes)")
+        results[arm.name] = add_scan(arm, settings, workdir / arm.name, results[arm.name])
         path.write_text(json.dumps(results[arm.name], indent=1))
       continue
     train(arm, settings, workdir / arm.name)

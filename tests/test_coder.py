@@ -292,3 +292,45 @@ def test_evidence_first_coder_with_a_tiny_random_model_grounds_every_quote(tok, 
       assert e.code in space and 0.0 < e.score <= 1.0
       if e.grounded:
         assert d.text[e.begin:e.end] == e.quote and e.quote.strip()
+
+
+def test_the_segment_scan_codes_clauses_the_document_pass_missed(tok):
+  # The document pass answers nothing; the span prompt knows two clauses. Hand-computed: the
+  # note's clauses are "Problem list", "CHF", "Denies chest pain", "Gout" (and again "CHF" in
+  # the second note, coded once).
+  docs = [Document("a", "Problem list:\n- CHF\n- Denies chest pain\n- Gout\n", ()),
+          Document("b", "Seen today. CHF, stable.", ())]
+  spans = SpanModel(tok, {"chf": ("I50.9", 0.9), "gout": ("M10.9", 0.6)})
+
+  def fake(batch, note_ranges=None, code_only=False):
+    if code_only:
+      return spans(batch, note_ranges, code_only)
+    tokens = np.full((len(batch), 1), tok.end_of_turn_id, np.int32)  # empty answers
+    return Generation(tokens, np.ones(len(batch), np.int32), np.zeros((len(batch), 1)),
+                      np.ones(len(batch), bool))
+
+  kwargs = dict(code_space=("I50.9", "M10.9", "R07.9"), seq_len=128, window_overlap=0,
+                max_new_tokens=16, generate_fn=fake)
+  assert coder_lib.Coder(None, tok, **kwargs).code_documents(docs) == [[], []]
+  coder = coder_lib.Coder(None, tok, **kwargs, scan=True)
+  a, b = coder.code_documents(docs)
+  chf, gout = docs[0].text.index("CHF"), docs[0].text.index("Gout")
+  assert [(e.code, e.begin, e.end, e.quote) for e in a] == [
+      ("I50.9", chf, chf + 3, "CHF"), ("M10.9", gout, gout + 4, "Gout")]
+  assert [round(e.score, 5) for e in a] == [0.9, 0.6]
+  assert [(e.code, e.quote) for e in b] == [("I50.9", "CHF")]
+  assert sorted(spans.texts) == ["CHF", "Denies chest pain", "Gout", "Problem list", "Seen today",
+                                 "stable"]
+  assert coder.stats["scanned_clauses"] == 6
+  # With a threshold the scan's low-probability codes go like any other.
+  coder = coder_lib.Coder(None, tok, **kwargs, scan=True, threshold=0.7)
+  assert [[e.code for e in evs] for evs in coder.code_documents(docs)] == [["I50.9"], ["I50.9"]]
+
+
+def test_merged_candidates_keep_the_first_entry_and_the_best_score():
+  ev = coder_lib.CodedEvidence
+  doc_pass = [[ev("I10", 0, 3, "HTN", 0.4), ev("E11.9", 10, 14, "T2DM", 0.7)]]
+  scan = [[ev("I10", 0, 3, "HTN (scan)", 0.9), ev("I10", 20, 23, "htn", 0.5)]]
+  [out] = coder_lib.merge_candidates(doc_pass, scan)
+  assert [(e.code, e.begin, e.quote, e.score) for e in out] == [
+      ("I10", 0, "HTN", 0.9), ("I10", 20, "htn", 0.9), ("E11.9", 10, "T2DM", 0.7)]

@@ -24,8 +24,8 @@ def test_toy_run_writes_the_table_json_and_figure(tmp_path, monkeypatch):
                            command="test")
   assert set(results) == {"mixed_20", "zero_shot"}
   assert results["zero_shot"]["tokens"] == 0 and results["zero_shot"]["step"] == 0
-  # 20% of 4 steps: one step of at most 4 x 256 tokens.
-  assert results["mixed_20"]["step"] == 1 and 0 < results["mixed_20"]["tokens"] <= 1024
+  # 20% of 4 steps of 4 x 256 tokens in 2-row steps: round(1.6) = 2 steps of 2 x 256 at most.
+  assert results["mixed_20"]["step"] == 2 and 0 < results["mixed_20"]["tokens"] <= 1024
   for r in results.values():
     assert set(r["variants"]) == {v[0] for v in experiment.VARIANTS}
     assert r["test_notes"] == 1 and r["val_notes"] == 1 and r["test_spans"] == 3
@@ -33,15 +33,20 @@ def test_toy_run_writes_the_table_json_and_figure(tmp_path, monkeypatch):
     for m in r["variants"].values():
       assert 0.0 <= m["micro_f1"] <= 1.0 and m["documents"] == 1.0
     # Calibration never makes val-chosen thresholds negative; raw variants keep every code.
-    assert r["variants"]["doc"]["threshold"] == r["variants"]["recode"]["threshold"] == 0.0
-    # The arm's inference is the calibrated variant best on val.
+    assert (r["variants"]["doc"]["threshold"] == r["variants"]["recode"]["threshold"]
+            == r["variants"]["scan"]["threshold"] == 0.0)
+    # The arm's inference is the calibrated variant best on val (ties: re-coding, then the
+    # document pass, then the scan).
     f1 = r["val_variant_f1"]
-    assert r["chosen_variant"] == max(("recode+cal", "doc+cal"), key=f1.get)
+    assert set(f1) == {"doc+cal", "recode+cal", "scan+cal"}
+    assert r["chosen_variant"] == max(("recode+cal", "doc+cal", "scan+cal"), key=f1.get)
+    # The scan only adds candidates: every code of the re-coded notes is still there.
+    assert r["variants"]["scan"]["micro_recall"] >= r["variants"]["recode"]["micro_recall"]
     assert r["styles"]["notes"] == 2 and set(r["styles"]["by_style"]) == {"soap", "signout"}
     assert 0.0 <= r["styles"]["micro_f1"] <= 1.0 and r["styles"]["documents"] == 2.0
   md = (out / "results.md").read_text()
-  assert "| mixed at 20% of the budget |" in md and "| zero-shot (untrained adapters) |" in md
-  assert md.count("| mixed at 20% of the budget | recode+cal |") == 1
+  assert "| mixed at 20% of the tokens (shared prompt) |" in md and "| zero-shot (untrained adapters) |" in md
+  assert md.count("| mixed at 20% of the tokens (shared prompt) | recode+cal |") == 1
   assert "## Notes in other styles" in md and "signout micro-F1" in md
   saved = json.loads((out / "results.json").read_text())
   assert saved["arms"]["mixed_20"]["tokens"] == results["mixed_20"]["tokens"]
@@ -51,22 +56,26 @@ def test_toy_run_writes_the_table_json_and_figure(tmp_path, monkeypatch):
   assert again == results
   # An evaluation stopped before its result.json resumes from its finished pieces (val and
   # test predictions, span codes), giving the same scores.
-  cached = sorted(p.name.split("-")[0] for p in (tmp_path / "runs/zero_shot/eval_cache").iterdir())
-  assert cached == ["spans", "styles", "test", "val"]
+  cached = {p.name.split("-")[0] for p in (tmp_path / "runs/zero_shot/eval_cache").iterdir()}
+  assert cached == {"scan", "spans", "styles", "test", "val"}
   (tmp_path / "runs/zero_shot/result.json").unlink()
   resumed = experiment.run(TOY, tmp_path / "runs", out, arms=("zero_shot",))["zero_shot"]
   assert resumed["variants"] == results["zero_shot"]["variants"]
   assert resumed["spans"] == results["zero_shot"]["spans"]
   assert resumed["styles"] == results["zero_shot"]["styles"]
-  # A result from before the other-style notes gets them scored on rerun, with its recorded
-  # checkpoint and threshold: the same figures as an evaluation that scored them itself.
+  # An arm evaluated before the segment scan existed gets it back-filled from its recorded
+  # checkpoint and cached document pass: the same variants, choice and other-style scores.
   path = tmp_path / "runs/mixed_20/result.json"
-  path.write_text(json.dumps({k: v for k, v in results["mixed_20"].items() if k != "styles"}))
-  for piece in (tmp_path / "runs/mixed_20/eval_cache").glob("styles-*"):
-    piece.unlink()  # computed again, not read back
-  backfilled = experiment.run(TOY, tmp_path / "runs", out, arms=("mixed_20",))["mixed_20"]
-  assert backfilled["styles"] == results["mixed_20"]["styles"]
-  assert json.loads(path.read_text())["styles"] == results["mixed_20"]["styles"]
+  old = json.loads(path.read_text())
+  for key in ("scan", "scan+cal"):
+    del old["variants"][key]
+  del old["val_variant_f1"]["scan+cal"], old["styles"]
+  path.write_text(json.dumps(old))
+  for piece in (tmp_path / "runs/mixed_20/eval_cache").glob("scan-*"):
+    piece.unlink()
+  filled = experiment.run(TOY, tmp_path / "runs", out, arms=("mixed_20",))["mixed_20"]
+  assert filled == json.loads(json.dumps(results["mixed_20"]))
+  assert json.loads(path.read_text()) == filled
 
 
 def test_other_style_notes_are_valid_held_out_test_notes():
@@ -115,7 +124,7 @@ def test_evaluation_pieces_are_cached_per_chunk_of_notes(tmp_path):
 
   class FakeCoder:  # codes note i as "A<i>"; counts the notes it was asked to code
     def __init__(self):
-      self.coded, self.stats = 0, {}
+      self.coded, self.scanned, self.stats = 0, 0, {}
 
     def code_documents(self, docs):
       self.coded += len(docs)
@@ -125,6 +134,10 @@ def test_evaluation_pieces_are_cached_per_chunk_of_notes(tmp_path):
     def recode_evidence(self, docs, first):
       return [[CodedEvidence(e.code + "r", 0, 1, "x", 0.9) for e in evs] for evs in first]
 
+    def scan_clauses(self, docs):
+      self.scanned += len(docs)
+      return [[CodedEvidence(f"S{d.id}", 2, 3, "y", 0.7)] for d in docs]
+
   cfg = base_config()
   cache = experiment._EvalCache(tmp_path, TOY, cfg)
   docs = [Document(str(i), "t", (), (), "test", "x") for i in range(25)]
@@ -132,11 +145,15 @@ def test_evaluation_pieces_are_cached_per_chunk_of_notes(tmp_path):
   preds, stats = experiment._code(coder, docs, cache, "test-step1", chunk=10)
   assert [p[0].code for p in preds["doc"]] == [f"A{i}" for i in range(25)]
   assert [p[0].code for p in preds["recode"]] == [f"A{i}r" for i in range(25)]
+  # The scan's candidates join the re-coded ones (ordered by score).
+  assert [[e.code for e in p] for p in preds["scan"]] == [[f"A{i}r", f"S{i}"] for i in range(25)]
   assert stats == {"documents": 25, "windows": 50}
   assert len(list((tmp_path / "eval_cache").glob("test-step1-notes*"))) == 3
+  assert len(list((tmp_path / "eval_cache").glob("scan-test-step1-notes*"))) == 3
   # A rerun after an interruption (one chunk never finished) codes only that chunk again.
   (tmp_path / "eval_cache" / sorted(p.name for p in (tmp_path / "eval_cache").iterdir())[-1]
    ).unlink()
   again = FakeCoder()
   preds2, stats2 = experiment._code(again, docs, cache, "test-step1", chunk=10)
   assert again.coded in (5, 10) and preds2 == preds and stats2 == stats
+  assert again.scanned == 0  # the scan's pieces were all finished

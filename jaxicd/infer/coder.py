@@ -23,6 +23,13 @@ span prompt gives replaces the document pass's code for that span, and its proba
 the score; a span the span prompt answers with no code (code-first ``NONE``) is dropped. A code's
 score is the best over its mentions in all windows.
 
+**Segment scan** (``scan=True``): every clause of the note (`jaxicd.infer.segments`) is coded
+alone the same way, and the clauses that get a code join the note's candidates, with that
+code's span-prompt probability as their score. The document pass finds evidence the way the
+training documents showed it; the scan also reaches evidence written in other ways (problem
+lists, SOAP assessments, sign-outs), at the cost of coding every clause. Identical clauses
+(headings, boilerplate) are coded once per call.
+
 **Decision**: codes whose score is below ``threshold`` are dropped (0 keeps every code). The
 threshold is calibrated on validation notes (`jaxicd.eval.calibration`) and stored in the
 workdir; eval and predict apply it.
@@ -39,7 +46,7 @@ import dataclasses
 import logging
 import math
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import jax
 import numpy as np
@@ -49,6 +56,7 @@ from jaxicd.data.records import Document
 from jaxicd.eval import calibration
 from jaxicd.infer import generate as generate_lib
 from jaxicd.infer import grammar
+from jaxicd.infer import segments
 from jaxicd.model import lora
 
 log = logging.getLogger(__name__)
@@ -92,6 +100,34 @@ def code_scores(evidence: Sequence[CodedEvidence]) -> dict[str, float]:
 class _Line:
   code: str | None
   score: float
+
+
+def merge_candidates(*coded: Sequence[Sequence[CodedEvidence]]) -> list[list[CodedEvidence]]:
+  """Per document, the union of several candidate lists (one entry per code and span: the
+  first list's, with the best score any list gives it), every mention of a code carrying the
+  code's best score."""
+  out = []
+  for evs in zip(*coded):
+    merged: dict[tuple[str, int, int], CodedEvidence] = {}
+    for ev in (ev for part in evs for ev in part):
+      key = (ev.code, ev.begin, ev.end)
+      first = merged.get(key)
+      if first is None:
+        merged[key] = ev
+      elif ev.score > first.score:
+        merged[key] = dataclasses.replace(first, score=ev.score)
+    out.append(_scored(merged.values()))
+  return out
+
+
+def _scored(evidence: Iterable[CodedEvidence]) -> list[CodedEvidence]:
+  """One document's evidence, every mention of a code carrying the code's best score, ordered
+  by score, code and offset."""
+  evidence = list(evidence)
+  scores = code_scores(evidence)
+  out = [dataclasses.replace(ev, score=scores[ev.code]) for ev in evidence]
+  out.sort(key=lambda ev: (-ev.score, ev.code, ev.begin, ev.end))
+  return out
 
 
 def line_scores(token_texts: Sequence[str], logprobs: Sequence[float],
@@ -163,6 +199,7 @@ class Coder:
       format the adapters were trained on.
     recode: re-code each evidence span with the span prompt (see the module docstring).
     recode_batch_size: spans per re-coding call.
+    scan: also code every clause of the note with the span prompt (see the module docstring).
     threshold: drop codes scored below it (0 keeps all).
     share_prefix: prefill the prompt prefix a batch shares once (`generate`).
   """
@@ -173,7 +210,7 @@ class Coder:
                bucket: int = 64, temperature: float = 0.0, seed: int = 0,
                generate_fn: GenerateFn | None = None,
                answer_format: str = prompts.CODE_FIRST, recode: bool = False,
-               recode_batch_size: int = 32, threshold: float = 0.0,
+               recode_batch_size: int = 32, scan: bool = False, threshold: float = 0.0,
                threshold_origin: str = "configured", share_prefix: bool = True):
     if isinstance(code_space, str):
       code_space = demo.code_space(code_space)
@@ -184,7 +221,7 @@ class Coder:
     self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
     self.answer_format = prompts.check_answer_format(answer_format)
     self.evidence_first = answer_format == prompts.EVIDENCE_FIRST
-    self.recode, self.recode_batch_size = recode, recode_batch_size
+    self.recode, self.recode_batch_size, self.scan = recode, recode_batch_size, scan
     self.threshold, self.threshold_origin = threshold, threshold_origin
     self.constraint = (grammar.build_constraint(tokenizer, self.code_space,
                                                      unique_codes=unique_codes,
@@ -253,6 +290,8 @@ class Coder:
     coded = [self._merge(doc, parts) for doc, parts in zip(docs, per_doc)]
     if self.recode:
       coded = self.recode_evidence(docs, coded)
+    if self.scan:
+      coded = merge_candidates(coded, self.scan_clauses(docs))
     if self.threshold > 0:
       kept = apply_threshold(coded, self.threshold)
       self.stats["below_threshold"] += sum(len(set(e.code for e in a)) - len(set(e.code for e in b))
@@ -307,11 +346,22 @@ class Coder:
           ev = dataclasses.replace(ev, code=code, score=score)
         key = (ev.code, ev.begin, ev.end)
         merged[key] = ev
-      # Every mention of a code carries the code's best score.
-      scores = code_scores(list(merged.values()))
-      evs = [dataclasses.replace(ev, score=scores[ev.code]) for ev in merged.values()]
-      evs.sort(key=lambda ev: (-ev.score, ev.code, ev.begin, ev.end))
-      out.append(evs)
+      out.append(_scored(merged.values()))
+    return out
+
+  def scan_clauses(self, docs: Sequence[Document]) -> list[list[CodedEvidence]]:
+    """The segment scan's candidates (see the module docstring): each note's clauses that the
+    span prompt gives a code, with its probability as the score."""
+    spans = [segments.clauses(doc.text) for doc in docs]
+    texts = sorted({doc.text[b:e] for doc, ss in zip(docs, spans) for b, e in ss})
+    code_of = dict(zip(texts, self.code_spans(texts)))
+    self.stats["scanned_clauses"] += len(texts)
+    out = []
+    for doc, ss in zip(docs, spans):
+      found = [CodedEvidence(code, b, e, doc.text[b:e], score)
+               for (b, e), (code, score) in ((s, code_of[doc.text[s[0]:s[1]]]) for s in ss)
+               if code is not None]
+      out.append(_scored(found))
     return out
 
   def _read_window(self, doc: Document, w: windows.DocumentWindow,
@@ -385,4 +435,5 @@ def build_coder(cfg: Any, model: Any, tokenizer: Any, workdir: Any = None) -> Co
                batch_size=int(ec.batch_size), constrained=bool(ec.constrained),
                unique_codes=bool(ec.unique_codes), answer_format=data.answer_format,
                recode=bool(ec.recode), recode_batch_size=int(ec.recode_batch_size),
+               scan=bool(ec.scan),
                threshold=threshold, threshold_origin=origin)

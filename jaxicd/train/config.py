@@ -128,6 +128,9 @@ def base_config() -> ml_collections.ConfigDict:
       # probability replace the document pass's (jaxicd.infer.coder).
       recode=True,
       recode_batch_size=32,          # spans per re-coding call
+      # Also code every clause of the note with the span prompt (the segment scan: evidence the
+      # document pass misses, e.g. in note styles the training documents never showed).
+      scan=False,
       # "" decodes with the trained model as it is; a dtype decodes with a copy in that dtype
       # with the adapters folded into the base (a CPU without bf16 units: "float32").
       dtype="",
