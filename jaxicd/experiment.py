@@ -212,8 +212,10 @@ class _EvalCache:
 
   def __init__(self, workdir: pathlib.Path, settings: Settings, cfg: Any):
     self.dir = workdir / "eval_cache"
-    # eval_coding.scan is left out: the segment scan is a piece of its own (`_scan_chunk`).
-    decoding = {k: v for k, v in cfg.eval_coding.to_dict().items() if k != "scan"}
+    # Left out: eval_coding.scan (the segment scan is a piece of its own, `_scan_chunk`) and
+    # eval_coding.source (the notes a piece codes are in its name's hash): pieces computed
+    # before those keys existed stay valid.
+    decoding = {k: v for k, v in cfg.eval_coding.to_dict().items() if k not in ("scan", "source")}
     self._key = json.dumps([dataclasses.asdict(settings), decoding, cfg.data.answer_format],
                            sort_keys=True, default=str)
 
