@@ -80,3 +80,13 @@ def test_save_load_and_resolve(tmp_path):
   with pytest.raises(ValueError, match="calibration.json"):
     calibration.load(tmp_path)
   np.testing.assert_equal(calibration.resolve_threshold(0.5, None)[0], 0.5)
+
+
+def test_stages_set_otherwise_than_at_calibration_are_named(tmp_path):
+  assert calibration.mismatched_stages(tmp_path, recode=True, scan=True) == []  # none stored
+  calibration.save(tmp_path, 0.4, step=8, recode=True, scan=False)
+  assert calibration.mismatched_stages(tmp_path, recode=True, scan=False) == []
+  assert calibration.mismatched_stages(tmp_path, recode=True, scan=True) == [
+      "scan=True (calibrated with scan=False)"]
+  calibration.save(tmp_path, 0.4, step=8)  # a record from before stages were stored
+  assert calibration.mismatched_stages(tmp_path, recode=False, scan=True) == []

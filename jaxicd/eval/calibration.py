@@ -91,3 +91,14 @@ def resolve_threshold(configured: float, workdir: str | os.PathLike | None
     return 0.0, "none (no calibration.json: every candidate code kept)"
   return float(record["threshold"]), f"calibrated on {record.get('split', 'val')} at step " \
                                      f"{record.get('step', '?')}"
+
+
+def mismatched_stages(workdir: str | os.PathLike | None, **stages: bool) -> list[str]:
+  """The inference stages (``recode=``, ``scan=``) set otherwise than when the workdir's
+  threshold was calibrated: candidates scored by other stages make that threshold a guess.
+  Stages the calibration did not record are not compared."""
+  record = load(workdir) if workdir else None
+  if record is None:
+    return []
+  return [f"{k}={v} (calibrated with {k}={record[k]})" for k, v in stages.items()
+          if k in record and bool(record[k]) != bool(v)]

@@ -358,9 +358,11 @@ class Coder:
     self.stats["scanned_clauses"] += len(texts)
     out = []
     for doc, ss in zip(docs, spans):
-      found = [CodedEvidence(code, b, e, doc.text[b:e], score)
-               for (b, e), (code, score) in ((s, code_of[doc.text[s[0]:s[1]]]) for s in ss)
-               if code is not None]
+      found = []
+      for b, e in ss:
+        code, score = code_of[doc.text[b:e]]
+        if code is not None:
+          found.append(CodedEvidence(code, b, e, doc.text[b:e], score))
       out.append(_scored(found))
     return out
 
@@ -429,6 +431,10 @@ def build_coder(cfg: Any, model: Any, tokenizer: Any, workdir: Any = None) -> Co
   `jaxicd.eval.calibration`; `Coder.threshold_origin` says which)."""
   threshold, origin = calibration.resolve_threshold(float(cfg.eval_coding.threshold), workdir)
   ec, data = cfg.eval_coding, cfg.data
+  if float(ec.threshold) < 0:
+    for stage in calibration.mismatched_stages(workdir, recode=ec.recode, scan=ec.scan):
+      log.warning("eval_coding.%s: the calibrated threshold does not fit these candidates",
+                  stage)
   return Coder(decoding_model(cfg, model), tokenizer, code_space=data.code_space,
                seq_len=int(data.seq_len),
                window_overlap=int(data.window_overlap), max_new_tokens=int(ec.max_new_tokens),

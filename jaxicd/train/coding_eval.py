@@ -129,7 +129,8 @@ class CodingEval:
       origin = f"calibrated on these {len(self.documents)} notes"
       if trainer.is_chief:
         calibration.save(trainer.workdir, threshold, step=int(step), split=self.cfg.eval_coding.split,
-                         documents=len(self.documents), **extra)
+                         documents=len(self.documents), recode=coder.recode, scan=coder.scan,
+                         **extra)
     result = metrics_lib.evaluate(self.documents, predictions, code_space=coder.code_space,
                                   unseen_codes=unseen, output_stats=coder.stats)
     if self.report_path is not None and trainer.is_chief:
