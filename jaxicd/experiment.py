@@ -89,7 +89,6 @@ DISPLAY = ("zero_shot", "doc_only", "span_only", "mixed_20_unshared", "mixed_20"
 # every clause of the note coded with the span prompt (the segment scan).
 VARIANTS = (("doc", "doc", False), ("doc+cal", "doc", True), ("recode", "recode", False),
             ("recode+cal", "recode", True), ("scan", "scan", False), ("scan+cal", "scan", True))
-CANDIDATES = ("doc", "recode", "scan")
 DEFAULT_VARIANT = "recode+cal"  # what eval and predict do with configs/mixed.py
 
 
@@ -235,8 +234,8 @@ class _EvalCache:
 
 
 def _code(coder, docs, cache: _EvalCache, name: str, chunk: int = 10, scan: bool = True):
-  """`CANDIDATES` of `docs` (every candidate kept: document pass, re-coded, re-coded + segment
-  scan; without `scan` the first two) and the document pass's counts; computed (and cached)
+  """The candidate sets of `docs` (every candidate kept): "doc", "recode" and "scan" (see
+  `VARIANTS`; without `scan` the first two) and the document pass's counts; computed (and cached)
   `chunk` notes at a time, so an interrupted evaluation loses at most one chunk."""
   coder_lib = _import_eval()[3]
   preds: dict[str, list] = {"doc": [], "recode": []} | ({"scan": []} if scan else {})
@@ -325,8 +324,8 @@ def evaluate_arm(arm: Arm, settings: Settings, workdir: pathlib.Path) -> dict[st
     if step is not None and arm.select_best and step != candidates[-1]:
       restored.restore(step)
       coder.model = coder_lib.decoding_model(cfg, restored.model)
-    thresholds = _calibrate(val, _code(coder, val, cache, f"val-step{step or 0}")[0])
-    variants = _test_variants(coder, test, cache, f"test-step{step or 0}", thresholds, trained)
+    thresholds, variants, variant, style_metrics = _score_checkpoint(coder, cache, step or 0, val,
+                                                                     test, trained)
     span_codes = cache.get(f"spans-step{step or 0}", [s.text for s in spans],
                            lambda: coder.code_spans([s.text for s in spans]))
     span_preds = [[coder_lib.CodedEvidence(c, 0, len(s.text), s.text, p)] if c else []
@@ -334,9 +333,6 @@ def evaluate_arm(arm: Arm, settings: Settings, workdir: pathlib.Path) -> dict[st
     span_unseen = {s.codes[0] for s in spans if s.codes[0] not in trained}
     span_metrics = metrics.span_accuracy([s.codes[0] for s in spans], span_preds,
                                          unseen_codes=span_unseen)
-    variant = _best_variant(thresholds)
-    style_metrics = _score_styles(coder, cache, step or 0, variant,
-                                  thresholds[_candidates(variant)][0], trained)
   finally:
     restored.close()
   result = {
@@ -352,6 +348,17 @@ def evaluate_arm(arm: Arm, settings: Settings, workdir: pathlib.Path) -> dict[st
       "decode_dtype": cfg.eval_coding.dtype or str(cfg.model.dtype),
   }
   return result
+
+
+def _score_checkpoint(coder, cache: _EvalCache, step: int, val, test, trained: set[str]):
+  """The coder's checkpoint scored: thresholds calibrated on `val` per candidate set, every
+  variant on `test`, the val-chosen variant, and the other-style notes coded with it."""
+  thresholds = _calibrate(val, _code(coder, val, cache, f"val-step{step}")[0])
+  variants = _test_variants(coder, test, cache, f"test-step{step}", thresholds, trained)
+  variant = _best_variant(thresholds)
+  styles = _score_styles(coder, cache, step, variant, thresholds[_candidates(variant)][0],
+                         trained)
+  return thresholds, variants, variant, styles
 
 
 def _eval_notes(documents, settings: Settings):
@@ -375,7 +382,7 @@ def _candidates(variant: str) -> str:
 def _best_variant(thresholds: dict[str, tuple[float, float]]) -> str:
   """The arm's calibrated variant with the best val micro-F1: document-only adapters never saw
   the span prompt, so re-coding or the scan may not be their best inference."""
-  # Ties go to the cheaper inference: re-coding, then the document pass alone, then the scan.
+  # Ties keep the default inference (re-coding), then the document pass alone, then the scan.
   return max((f"{k}+cal" for k in ("recode", "doc", "scan") if k in thresholds),
              key=lambda v: thresholds[_candidates(v)][1])
 
@@ -389,14 +396,14 @@ def _test_variants(coder, test, cache: _EvalCache, name: str,
   unseen = metrics.unseen_in_training(trained, coder.code_space,
                                       (c for d in test for c in d.codes))
   variants = {}
-  for name, candidates, calibrated in VARIANTS:
+  for variant, candidates, calibrated in VARIANTS:
     threshold = thresholds[candidates][0] if calibrated else 0.0
     kept = coder_lib.apply_threshold(test_pred[candidates], threshold)
     m = metrics.evaluate(test, kept, code_space=coder.code_space, unseen_codes=unseen,
                          output_stats=stats)
     m["threshold"] = threshold
     m["codes_per_note"] = _codes_per_note(kept)
-    variants[name] = m
+    variants[variant] = m
   return variants
 
 
@@ -456,11 +463,8 @@ def add_scan(arm: Arm, settings: Settings, workdir: pathlib.Path,
     if step:
       restored.restore(step)
     coder = coder_lib.build_coder(cfg, restored.model, restored.tokenizer)
-    thresholds = _calibrate(val, _code(coder, val, cache, f"val-step{step}")[0])
-    variants = _test_variants(coder, test, cache, f"test-step{step}", thresholds, trained)
-    variant = _best_variant(thresholds)
-    styles = _score_styles(coder, cache, step, variant, thresholds[_candidates(variant)][0],
-                           trained)
+    thresholds, variants, variant, styles = _score_checkpoint(coder, cache, step, val, test,
+                                                              trained)
   return {**result, "variants": variants, "chosen_variant": variant, "styles": styles,
           "val_variant_f1": {f"{k}+cal": f1 for k, (_, f1) in thresholds.items()}}
 

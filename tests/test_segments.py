@@ -48,3 +48,9 @@ def test_nothing_to_code():
   assert segments.clauses("") == []
   assert segments.clauses("  \n 12/03 \n 120/80, 72.\n") == []
   assert _texts("BP 120/80, HR 72.") == ["BP 120/80", "HR 72"]  # letters: a clause
+
+
+def test_a_huge_line_without_separators_is_cut_without_recursion():
+  text = "x" * 1_000_000  # a careless paste: one "word" of a million characters
+  got = segments.clauses(text, max_chars=100)
+  assert len(got) == 10_000 and got[0] == (0, 100) and got[-1] == (999_900, 1_000_000)

@@ -44,19 +44,26 @@ def clauses(text: str, max_chars: int = 240) -> list[tuple[int, int]]:
 
 def _pieces(text: str, begin: int, end: int, max_chars: int) -> list[tuple[int, int]]:
   """The stripped range ``[begin, end)`` of `text`, cut at spaces into <= `max_chars` pieces."""
+  out = []
+  begin, end = _strip(text, begin, end)
+  while end - begin > max_chars:
+    cut = text.rfind(" ", begin + 1, begin + max_chars)
+    cut = cut if cut > begin else begin + max_chars
+    out.append(_strip(text, begin, cut))
+    begin, end = _strip(text, cut, end)
+  out.append((begin, end))
+  return [(b, e) for b, e in out if _WORDY.search(text, b, e)]
+
+
+def _strip(text: str, begin: int, end: int) -> tuple[int, int]:
+  """``[begin, end)`` without surrounding spaces, quotes, end punctuation or unpaired brackets."""
   while begin < end and (text[begin].isspace() or text[begin] in "\"'" or
                          text[begin] in "([" and not _closes(text, begin, end)):
     begin += 1
   while end > begin and (text[end - 1].isspace() or text[end - 1] in ".,;:\"'" or
                          text[end - 1] in ")]" and not _opens(text, begin, end)):
     end -= 1
-  if not _WORDY.search(text, begin, end):
-    return []
-  if end - begin <= max_chars:
-    return [(begin, end)]
-  cut = text.rfind(" ", begin + 1, begin + max_chars)
-  cut = cut if cut > begin else begin + max_chars
-  return _pieces(text, begin, cut, max_chars) + _pieces(text, cut, end, max_chars)
+  return begin, end
 
 
 def _closes(text: str, begin: int, end: int) -> bool:
