@@ -68,18 +68,18 @@ class Arm:
 ARMS = (  # in the order they run: the comparisons that matter most come first
     Arm("mixed", "mixed.py", label="mixed (Code-Centric Learning)"),
     Arm("doc_only", "doc_only.py", select_best=True, label="document-only SFT"),
-    Arm("mixed_code_first", "mixed.py", overrides=(("data.answer_format", "code_first"),),
-        label="mixed, code-first answers"),
     # 20% of the tokens in steps of 2 rows, each row's span examples sharing one prompt copy:
     # the 135M model learns codes by optimizer steps (a plateau first), so the same tokens go
     # further in more, smaller steps with ~2x the span examples per token.
     Arm("mixed_20", "mixed.py", fraction=0.2,
         overrides=(("data.share_prompt", True), ("data.batch_size", 2)),
         label="mixed at 20% of the tokens (shared prompt)"),
-    Arm("mixed_20_unshared", "mixed.py", fraction=0.2,
-        label="mixed at 20% of the tokens (4-row steps, no sharing)"),
     Arm("span_only", "span_only.py", label="span-only"),
     Arm("zero_shot", "mixed.py", fraction=0.0, label="zero-shot (untrained adapters)"),
+    Arm("mixed_code_first", "mixed.py", overrides=(("data.answer_format", "code_first"),),
+        label="mixed, code-first answers"),
+    Arm("mixed_20_unshared", "mixed.py", fraction=0.2,
+        label="mixed at 20% of the tokens (4-row steps, no sharing)"),
 )
 # The report's row order: from no training to the full recipe.
 DISPLAY = ("zero_shot", "doc_only", "span_only", "mixed_20_unshared", "mixed_20", "mixed",

@@ -12,7 +12,8 @@ import pytest
 
 from conftest import require_reference
 from jaxicd.data import clinical_terms
-from jaxicd.data.demo import DEMO_CODES, DemoCorpus, code_space, demo_corpus, demo_stats
+from jaxicd.data.demo import (DEMO_CODES, STYLES, DemoCorpus, code_space, demo_corpus,
+                              demo_stats)
 from jaxicd.data.expansion import expand
 from jaxicd.model.embedded import smollm2_gguf_path
 from jaxicd.model.tokenizer import load_tokenizer
@@ -136,15 +137,20 @@ def test_phrasing_disjoint_from_expansion_templates(corpus):
 
 
 def test_lengths_with_smollm2_tokenizer(corpus):
-  """Every demo note is 500-2,000 SmolLM2 tokens; jaxicd's tokenizer counts each exactly as
-  transformers' does for the same GGUF, and demo_stats reports those counts."""
+  """Discharge summaries are 500-2,000 SmolLM2 tokens, the short styles 50-600; jaxicd's
+  tokenizer counts each exactly as transformers' does for the same GGUF, and demo_stats reports
+  those counts."""
   tok = load_tokenizer("smollm2")  # the embedded model: make installs it, no skip
   require_reference("torch")  # transformers' gguf_file path needs it
   reference = require_reference("transformers").AutoTokenizer.from_pretrained(
       str(smollm2_gguf_path().parent), gguf_file=smollm2_gguf_path().name)
   lengths = [len(reference.encode(d.text, add_special_tokens=False)) for d in corpus.documents]
   assert [len(tok.encode(d.text)) for d in corpus.documents] == lengths
-  assert len(lengths) == 300 and min(lengths) >= 500 and max(lengths) <= 2000
+  assert len(lengths) == 300
+  long = [n for d, n in zip(corpus.documents, lengths) if corpus.styles[d.id] == "discharge"]
+  short = [n for d, n in zip(corpus.documents, lengths) if corpus.styles[d.id] != "discharge"]
+  assert long and min(long) >= 500 and max(long) <= 2000
+  assert short and min(short) >= 50 and max(short) <= 600
   ranked = sorted(lengths)
   assert demo_stats(corpus, tok)["tokens_per_document"] == {
       "mean": round(sum(lengths) / 300, 1), "p95": ranked[285],  # int(0.95 * 300) = 285
@@ -159,4 +165,29 @@ def test_demo_stats(corpus):
   assert stats["evidence_mentions"] == sum(len(d.evidence) for d in corpus.documents)
   assert stats["codes_per_document"]["min"] >= 3 and stats["codes_per_document"]["max"] <= 15
   est = stats["tokens_per_document_estimate"]
-  assert 500 <= est["min"] <= est["mean"] <= est["max"] <= 2000
+  assert 50 <= est["min"] <= est["mean"] <= est["max"] <= 2000
+  assert stats["styles"] == {s: sum(1 for v in corpus.styles.values() if v == s) for s in STYLES}
+  assert sum(stats["styles"].values()) == 300
+
+
+def test_styles(corpus):
+  """Every style occurs in every split; each note opens with its style's heading; terse styles
+  write the shortest term (the abbreviation) far more often than discharge summaries do."""
+  headings = {"discharge": ("DISCHARGE SUMMARY",), "progress": ("PROGRESS NOTE",),
+              "ed": ("ED PROVIDER NOTE",), "signout": ("NIGHT SIGN-OUT",),
+              "problems": ("ACTIVE PROBLEMS", "PROBLEM LIST", "Hospital problem list",
+                           "Problems addressed this visit")}
+  assert set(corpus.styles) == {d.id for d in corpus.documents}
+  for split in ("train", "val", "test"):
+    assert {corpus.styles[d.id] for d in corpus.split(split)} == set(STYLES)
+  shortest = {"discharge": [], "signout": []}
+  for doc in corpus.documents:
+    style = corpus.styles[doc.id]
+    assert doc.text.startswith(headings[style]), (doc.id, style)
+    if style in shortest:
+      for m in corpus.mentions[doc.id]:
+        terms = clinical_terms.CODE_TERMS[m.code]
+        if len({len(t) for t in terms}) == len(terms) > 1:  # one unambiguous shortest term
+          shortest[style].append(m.phrase.casefold() == min(terms, key=len).casefold())
+  rate = {k: sum(v) / len(v) for k, v in shortest.items()}
+  assert rate["signout"] > 0.8 and rate["discharge"] < 0.6, rate

@@ -1,8 +1,9 @@
 """Named data sources (``config.data.sources``, ``jaxicd.data.mixture``) in one training mixture.
 
 A single-source config and its explicit one-source + expansion equivalent are checked against
-batch digests recorded by the pipeline before named sources existed
-(``tests/fixtures/golden_legacy_batches.json``).
+batch digests of the single-source pipeline (``tests/fixtures/golden_legacy_batches.json``:
+recorded before named sources existed, re-recorded by the same keys when the demo corpus
+changed).
 """
 
 from __future__ import annotations

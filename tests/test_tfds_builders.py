@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from jaxicd.data import pipeline
+from jaxicd.data import demo, pipeline
 from jaxicd.data import tfds_builders as tb
 from jaxicd.train.config import base_config
 from jaxicd.data.records import Document, Evidence, RecordError, Span
@@ -110,7 +110,7 @@ def test_demo_and_expansion_build_from_code(tmp_path):
   assert own[:len(direct_spans)] == direct_spans
   assert [s.text for s in own[len(direct_spans):]][:2] == [
       "acute on chronic diastolic heart failure", "no evidence of pneumonia"]
-  assert (tmp_path / "jaxicd_documents" / "demo-seed0").is_dir()
+  assert (tmp_path / "jaxicd_documents" / f"demo-seed0-{demo.fingerprint()}").is_dir()
 
 
 def _line(i: int) -> str:

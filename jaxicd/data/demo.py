@@ -1,9 +1,12 @@
-"""The built-in demo corpus: synthetic discharge summaries with gold codes and evidence.
+"""The built-in demo corpus: synthetic clinical notes with gold codes and evidence.
 
 Generated at run time from ``clinical_terms.CONDITIONS`` and a seed; no data files. Each
-document is a discharge summary (chief complaint, HPI, past history, family and social history,
-review of systems, examination with vitals, labs, hospital course, discharge diagnoses,
-medications) of roughly 500-2,000 SmolLM2 tokens with 3-15 coded conditions. Every mention of a
+document has 3-15 coded conditions and one of several styles (``STYLES``): 40% are discharge
+summaries (chief complaint, HPI, past history, family and social history, review of systems,
+examination with vitals, labs, hospital course, discharge diagnoses, medications) of roughly
+500-2,000 SmolLM2 tokens; the rest are the short notes clinicians also write, terse and
+abbreviated (HFrEF, pAF, T2DM): SOAP progress notes, ED notes, problem lists and night
+sign-outs of ~60-600 tokens. Every mention of a
 coded condition is gold evidence (``text[begin:end]`` is the mention); distractors mention
 conditions that must NOT be coded: negated findings, family history, ruled-out diagnoses,
 medications and vitals.
@@ -134,6 +137,7 @@ class DemoCorpus:
   unseen_codes: frozenset[str]
   mentions: dict[str, tuple[Mention, ...]] = dataclasses.field(default_factory=dict)
   distractors: dict[str, tuple[Mention, ...]] = dataclasses.field(default_factory=dict)
+  styles: dict[str, str] = dataclasses.field(default_factory=dict)  # document id -> STYLES key
   seed: int = 0
 
   def split(self, name: str) -> list[Document]:
@@ -420,38 +424,96 @@ def _labs(rng: random.Random) -> dict[str, str]:
               trop=f"{rng.uniform(0.0, 0.9):.2f}")
 
 
-def _document(doc_id: str, split: str, codes: list[str], distractor_pool: list[str],
-              conflicts: dict[str, set[str]], target_words: int, rng: random.Random
-              ) -> tuple[Document, list[Mention], list[Mention]]:
-  female = rng.random() < 0.5
-  fill = dict(age=str(rng.randint(34, 92)), sex="woman" if female else "man",
-              Pronoun="She" if female else "He", pronoun="she" if female else "he",
-              pronoun_obj="her" if female else "him",
-              partner=rng.choice(("her husband", "a daughter")) if female else
-              rng.choice(("his wife", "a son")),
-              job=rng.choice(("teacher", "electrician", "nurse", "bus driver", "accountant")))
-  conds = [_BY_CODE[c] for c in codes]
-  principal, rest = conds[0], conds[1:]
-  background = [c for c in rest if c.kind in ("chronic", "status")]
-  active = [c for c in rest if c.kind in ("acute", "symptom")]
-  term_of = {c.code: list(c.terms) for c in conds}
+class _Note:
+  """A document being written: its patient, coded conditions, distractor pool and writer."""
 
-  def term(c: Condition) -> str:
-    return rng.choice(term_of[c.code])
+  def __init__(self, codes: list[str], distractor_pool: list[str],
+               conflicts: dict[str, set[str]], rng: random.Random, abbreviate: float = 0.0):
+    self.rng, self.abbreviate = rng, abbreviate
+    female = rng.random() < 0.5
+    self.female = female
+    self.fill = dict(
+        age=str(rng.randint(34, 92)), sex="woman" if female else "man",
+        Pronoun="She" if female else "He", pronoun="she" if female else "he",
+        pronoun_obj="her" if female else "him", sx="F" if female else "M",
+        partner=rng.choice(("her husband", "a daughter")) if female else
+        rng.choice(("his wife", "a son")),
+        job=rng.choice(("teacher", "electrician", "nurse", "bus driver", "accountant")))
+    self.fill["Age"] = self.fill["age"]
+    self.conds = [_BY_CODE[c] for c in codes]
+    self.principal, rest = self.conds[0], self.conds[1:]
+    self.background = [c for c in rest if c.kind in ("chronic", "status")]
+    self.active = [c for c in rest if c.kind in ("acute", "symptom")]
+    # Distractor conditions: not coded here and not clashing with any coded condition.
+    blocked = set(codes).union(*(conflicts[c] for c in codes))
+    self.pool = [c for c in distractor_pool if c not in blocked]
+    rng.shuffle(self.pool)
+    self.w = _Writer()
 
-  # Distractor conditions: not coded here and not clashing with any coded condition.
-  blocked = set(codes).union(*(conflicts[c] for c in codes))
-  pool = [c for c in distractor_pool if c not in blocked]
-  rng.shuffle(pool)
+  def term(self, c: Condition) -> str:
+    """One of the terms written for `c`; terse notes prefer the shortest (the abbreviation)."""
+    if self.abbreviate and self.rng.random() < self.abbreviate:
+      return min(c.terms, key=len)
+    return self.rng.choice(c.terms)
 
-  def take(kinds: tuple[str, ...]) -> str:
+  def take(self, kinds: tuple[str, ...]) -> str:
     """A distractor of a fitting kind (denied symptoms, familial chronic disease), if any."""
-    for i in range(len(pool) - 1, -1, -1):
-      if _BY_CODE[pool[i]].kind in kinds:
-        return pool.pop(i)
-    return pool.pop()
+    for i in range(len(self.pool) - 1, -1, -1):
+      if _BY_CODE[self.pool[i]].kind in kinds:
+        return self.pool.pop(i)
+    return self.pool.pop()
 
-  w = _Writer()
+  def distract(self, templates: Sequence[str], kinds: tuple[str, ...], kind: str,
+               prefix: str = "") -> None:
+    """Writes one distractor sentence of `kind` (nothing when the pool is empty)."""
+    if self.pool:
+      d = self.take(kinds)
+      self.w.text(prefix)
+      self.w.distractor(self.rng.choice(templates), self.fill, d,
+                        self.rng.choice(_BY_CODE[d].terms), kind)
+
+  def write(self, template: str, fill: dict[str, str] | None = None,
+            m: Condition | None = None, bg: Sequence[Condition] = ()) -> None:
+    """Writes `template`: ``{m}``/``{M}`` mention `m`, ``{bg}`` lists the conditions `bg`."""
+    fill = dict(self.fill, **(fill or {}))
+    for piece in re.split(r"(\{[mM]\}|\{bg\})", template):
+      if piece in ("{m}", "{M}"):
+        phrase = self.term(m)
+        self.w.span(_first_upper(phrase) if piece == "{M}" else phrase, m.code, "evidence")
+      elif piece == "{bg}":
+        self.listing(bg)
+      elif piece:
+        self.w.text(piece.format(**fill))
+
+  def listing(self, conds: Sequence[Condition], sep: str = ", ") -> None:
+    for i, c in enumerate(conds):
+      if i:
+        self.w.text(sep)
+      self.w.span(self.term(c), c.code, "evidence")
+
+  def medications(self, header: str) -> None:
+    """The coded conditions' drugs, a distractor's drug or two and two unrelated ones."""
+    rng, w = self.rng, self.w
+    w.text(header)
+    meds = [m for c in self.conds for m in c.meds]
+    other = [(m, c.code) for c in (_BY_CODE[x] for x in self.pool) for m in c.meds]
+    rng.shuffle(other)
+    med_lines: list[tuple[str, str | None]] = [(m, None) for m in meds[:8]]
+    med_lines += other[:rng.randint(1, 2)]
+    med_lines += [(m, None) for m in rng.sample(_OTHER_MEDS, 2)]
+    rng.shuffle(med_lines)
+    for i, (m, for_code) in enumerate(med_lines, 1):
+      w.text(f"{i}. ")
+      w.span(m, for_code, "medication")
+      w.text("\n")
+
+def _discharge(n: _Note, doc_id: str, target_words: int) -> None:
+  """The long note: a discharge summary with every section."""
+  rng, w, fill, conds = n.rng, n.w, n.fill, n.conds
+  principal, background, active, pool = n.principal, n.background, n.active, n.pool
+  female = n.female
+  term, take = n.term, n.take
+  codes = [c.code for c in conds]
   w.text("DISCHARGE SUMMARY\n\n")
   w.text(f"Patient: {doc_id}\nAge: {fill['age']}    Sex: {'F' if female else 'M'}\n")
   w.text(f"Admission date: 2025-{rng.randint(1, 12):02d}-{rng.randint(1, 26):02d}    "
@@ -545,27 +607,180 @@ def _document(doc_id: str, split: str, codes: list[str], distractor_pool: list[s
     w.templated(_DX_LINE, dict(i=str(i)), code=c.code, phrase=term(c))
     w.text("\n")
 
-  w.text("\nDISCHARGE MEDICATIONS:\n")
-  meds = [m for c in conds for m in c.meds]
-  other = [(m, c.code) for c in (_BY_CODE[x] for x in pool) for m in c.meds]
-  rng.shuffle(other)
-  med_lines: list[tuple[str, str | None]] = [(m, None) for m in meds[:8]]
-  med_lines += other[:rng.randint(1, 2)]
-  med_lines += [(m, None) for m in rng.sample(_OTHER_MEDS, 2)]
-  rng.shuffle(med_lines)
-  for i, (m, for_code) in enumerate(med_lines, 1):
-    w.text(f"{i}. ")
-    w.span(m, for_code, "medication")
-    w.text("\n")
+  n.medications("\nDISCHARGE MEDICATIONS:\n")
   w.text("\nDISCHARGE INSTRUCTIONS:\n" + " ".join(_DISCHARGE) + "\n")
 
+
+
+# ----------------------------------------------------------------------------- other styles
+# Short notes as clinicians also write them: terse, abbreviated, list-shaped. Their phrasing is
+# this module's own too (disjoint from the expansion templates, checked on the output).
+
+_SOAP_SUBJ = (
+    "Seen at the bedside this morning. Overnight {pronoun} reports {m}.",
+    "Pt says {pronoun} still has some {m} today.",
+    "Ongoing {m} per nursing, otherwise slept ok.",
+    "C/o {m} since yesterday evening.",
+)
+_SOAP_SUBJ_NONE = ("No acute events overnight.", "Feels a little better today.",
+                   "Slept well, eating breakfast.", "No new complaints this AM.")
+_SOAP_NEG = ("Denies any {d} overnight.", "No {d} per RN.", "Without {d} today.")
+_SOAP_EXAM = ("Gen: sitting up in chair, NAD", "CV: RRR", "Resp: CTAB, unlabored",
+              "Abd: soft, NT/ND", "Ext: trace edema bilat", "Neuro: A&Ox3, nonfocal",
+              "Skin: no rash", "HEENT: MMM")
+_SOAP_ONE_LINER = ("{age}{sx} with {bg} here for {m}.", "{age}{sx} w/ {bg}, hospital day {n} for {m}.",
+                   "{Age}-yo {sx} with {bg} admitted for {m}.")
+_SOAP_PLAN = ("{M}: cont current mgmt, reassess in AM", "{M} - improving, wean as tolerated",
+              "{M}: plan per primary team, f/u labs", "{M}. Continue home meds, monitor",
+              "{M} - stable, no changes today", "{M}: trend labs daily, consult following")
+_PROBLEM_HEADER = ("ACTIVE PROBLEMS", "PROBLEM LIST", "Hospital problem list",
+                   "Problems addressed this visit")
+_PROBLEM_LINE = ("{i}. {M}", "{i}) {M} - chronic, managed by PCP", "- {M} (since {year})",
+                 "{i}. {M}, ongoing", "* {M}")
+_PROBLEM_FAMILY = ("Fam hx: {d} (mother).", "FHx significant for {d} in a sibling.",
+                   "Family: father had {d}.")
+_PROBLEM_EXCLUDED = ("Excluded this visit: {d}.", "{D} - workup neg, not a diagnosis.")
+_ED_HPI = ("{Age}yo {sx} w/ {bg} BIBA for {m}.", "{Age} y/o {sx}, PMHx {bg}, walks in with {m}.",
+           "{Age}yo {sx} with {bg} sent from clinic for {m}.")
+_ED_ROS = ("ROS neg for {d}.", "ROS: no {d}.", "Pt endorses no {d}.")
+_ED_MDM = ("Ddx includes {d}; w/u neg.", "{D} excluded by CT.", "Considered {d}, unlikely.")
+_ED_DISPO = ("Dispo: admit to medicine.", "Admit, hospitalist aware.", "Dispo: obs unit.")
+_SIGNOUT_LINE = ("{bed}: {age}{sx} {bg} adm for {m}.", "{bed} - {age}{sx} w/ {bg}, here w/ {m}.",
+                 "{bed}: {age}{sx} ({bg}) admitted {m}.")
+_SIGNOUT_TODO = ("- f/u AM labs", "- call if SBP < 90", "- recheck lytes at 2200",
+                 "- may need repeat imaging", "- family meeting tomorrow", "- PT eval pending")
+_SIGNOUT_WATCH = ("watch for {m}", "overnight issue: {m}", "if worse {m}, call")
+_SIGNOUT_NOT = ("{d} excluded yesterday.", "no {d}.", "{D} considered, w/u neg.")
+
+
+def _age_sex(fill: dict[str, str]) -> str:
+  return "F" if fill["pronoun"] == "she" else "M"
+
+
+def _progress(n: _Note) -> None:
+  """A daily progress note in SOAP form with a problem-based assessment and plan."""
+  rng, w = n.rng, n.w
+  w.text(f"PROGRESS NOTE - hospital day {rng.randint(2, 8)}\n\nS: ")
+  symptoms = [c for c in n.active if c.kind == "symptom"]
+  if symptoms:
+    n.write(rng.choice(_SOAP_SUBJ), m=symptoms[0])
+  else:
+    w.text(rng.choice(_SOAP_SUBJ_NONE))
+  n.distract(_SOAP_NEG, ("symptom", "acute"), "negated", prefix=" ")
+  w.text("\n\nO: ")
+  w.span(_vitals(rng), None, "vitals")
+  w.text("\n" + "\n".join(rng.sample(_SOAP_EXAM, rng.randint(3, 6))) + "\n")
+  labs = _labs(rng)
+  w.text(f"Labs: Na {labs['na']}, K {labs['k']}, Cr {labs['cr']}, Hgb {labs['hb']}, "
+         f"WBC {labs['wbc']}\n\nA/P:\n")
+  shown = n.background[:rng.randint(1, 3)] or []
+  if shown:
+    n.write(rng.choice(_SOAP_ONE_LINER), dict(n=str(rng.randint(2, 6))), m=n.principal, bg=shown)
+  else:
+    n.write("{Age}{sx} admitted for {m}.", m=n.principal)
+  w.text("\n")
+  for c in [n.principal] + n.active + n.background:
+    if c in shown and rng.random() < 0.5:
+      continue  # the one-liner named it
+    w.text("# ")
+    n.write(rng.choice(_SOAP_PLAN), m=c)
+    w.text("\n")
+
+
+def _problems(n: _Note) -> None:
+  """A problem list: one coded condition a line, then what was excluded and family history."""
+  rng, w = n.rng, n.w
+  # One line break before the list: transformers' GGUF tokenizer (the tests' reference) drops
+  # SmolLM2's digit split, so it parts a blank line before a digit differently.
+  w.text(rng.choice(_PROBLEM_HEADER) + f" ({n.fill['age']}{n.fill['sx']})\n")
+  for i, c in enumerate([n.principal] + n.active + n.background, 1):
+    n.write(rng.choice(_PROBLEM_LINE), dict(i=str(i), year=str(rng.randint(2005, 2024))), m=c)
+    w.text("\n")
+  w.text("\n")
+  if rng.random() < 0.6:
+    n.distract(_PROBLEM_EXCLUDED, ("acute", "symptom"), "ruled_out", prefix="")
+    w.text("\n")
+  n.distract(_PROBLEM_FAMILY, ("chronic",), "family_history")
+  n.medications("\n\nMeds:\n")
+
+
+def _ed(n: _Note) -> None:
+  """An emergency department note: short history, review of systems, decision making,
+  numbered impression."""
+  rng, w = n.rng, n.w
+  symptoms = [c for c in n.active if c.kind == "symptom"]
+  w.text("ED PROVIDER NOTE\n\nCC: ")
+  if symptoms:
+    w.span(_first_upper(n.term(symptoms[0])), symptoms[0].code, "evidence")
+  else:
+    w.text(_first_upper(rng.choice(_CC_GENERIC)))
+  w.text("\n\nHPI: ")
+  shown = n.background[:3]
+  lead = symptoms[0] if symptoms else n.principal
+  if shown:
+    n.write(rng.choice(_ED_HPI), m=lead, bg=shown)
+  else:
+    n.write("{Age}yo {sx}, no PMHx, here for {m}.", m=lead)
+  w.text(" ")
+  n.distract(_ED_ROS, ("symptom", "acute"), "negated")
+  w.text("\n\nExam: ")
+  w.span(_vitals(rng), None, "vitals")
+  w.text(" " + "; ".join(rng.sample(_SOAP_EXAM, 3)) + ".\n\nMDM: Workup here notable for ")
+  n.write("{m}.", m=n.principal)
+  n.distract(_ED_MDM, ("acute",), "ruled_out", prefix=" ")
+  w.text("\n\nImpression:\n")
+  for i, c in enumerate([n.principal] + n.active + n.background, 1):
+    n.write(f"{i}. " + "{M}", m=c)
+    w.text("\n")
+  w.text("\n" + rng.choice(_ED_DISPO) + "\n")
+
+
+def _signout(n: _Note) -> None:
+  """A terse hand-off entry: one-liner, active issues, what to watch for and to do."""
+  rng, w = n.rng, n.w
+  w.text("NIGHT SIGN-OUT\n\n")
+  shown = n.background[:3]
+  bed = f"Bed {rng.randint(2, 40)}"
+  if shown:
+    n.write(rng.choice(_SIGNOUT_LINE), dict(bed=bed), m=n.principal, bg=shown)
+  else:
+    n.write("{bed}: {age}{sx}, adm for {m}.", dict(bed=bed), m=n.principal)
+  rest = n.active + n.background[3:]
+  if rest:
+    w.text("\nAlso: ")
+    n.listing(rest, sep="; ")
+  symptoms = [c for c in n.active if c.kind == "symptom"]
+  if symptoms:
+    w.text("\n")
+    n.write(rng.choice(_SIGNOUT_WATCH), m=symptoms[0])
+  w.text("\n")
+  n.distract(_SIGNOUT_NOT, ("acute", "symptom"), "ruled_out")
+  w.text("\n" + "\n".join(rng.sample(_SIGNOUT_TODO, rng.randint(2, 4))) + "\n")
+
+
+# Note styles and the share of documents in each (every split alike), with how often a terse
+# style writes a condition's shortest term (HFrEF, pAF, T2DM) instead of any of its terms.
+STYLES: dict[str, tuple[float, float]] = {
+    "discharge": (0.4, 0.0), "progress": (0.2, 0.5), "ed": (0.15, 0.5),
+    "problems": (0.1, 0.3), "signout": (0.15, 0.8)}
+
+
+def _document(doc_id: str, split: str, codes: list[str], distractor_pool: list[str],
+              conflicts: dict[str, set[str]], target_words: int, rng: random.Random
+              ) -> tuple[Document, list[Mention], list[Mention], str]:
+  style = rng.choices(list(STYLES), weights=[share for share, _ in STYLES.values()], k=1)[0]
+  n = _Note(codes, distractor_pool, conflicts, rng, abbreviate=STYLES[style][1])
+  if style == "discharge":
+    _discharge(n, doc_id, target_words)
+  else:
+    {"progress": _progress, "ed": _ed, "problems": _problems, "signout": _signout}[style](n)
+  w = n.w
   text = w.value()
   evidence = tuple(sorted((Evidence(m.code, m.begin, m.end) for m in w.mentions),
                           key=lambda e: (e.begin, e.end)))
   doc = Document(id=doc_id, text=text, codes=tuple(codes), evidence=evidence, split=split,
                  source="demo")
-  return doc, w.mentions, w.distractors
-
+  return doc, w.mentions, w.distractors, style
 
 def fingerprint() -> str:
   """Changes whenever the generator's code or tables change (for caches of the corpus)."""
@@ -585,9 +800,10 @@ def demo_corpus(seed: int = 0, *, train: int = 200, val: int = 50, test: int = 5
     train, val, test: documents per split.
     unseen_fraction: share of the code space held out of training documents (>= 0.2).
     min_codes, max_codes: coded conditions per document.
-    min_tokens, max_tokens: target length range in SmolLM2 tokens, estimated as
-      words * WORDS_TO_TOKENS while generating; documents with many conditions can run longer
-      (all stay within 500-2,000 real tokens at the defaults, see tests/test_demo.py).
+    min_tokens, max_tokens: target length range of discharge summaries in SmolLM2 tokens,
+      estimated as words * WORDS_TO_TOKENS while generating; those with many conditions can run
+      longer (all stay within 500-2,000 real tokens at the defaults, see tests/test_demo.py).
+      The short styles are as long as their conditions make them.
   """
   if not 0.2 <= unseen_fraction < 1:
     raise ValueError(f"unseen_fraction must be in [0.2, 1), got {unseen_fraction}")
@@ -607,6 +823,7 @@ def demo_corpus(seed: int = 0, *, train: int = 200, val: int = 50, test: int = 5
   documents: list[Document] = []
   mentions: dict[str, tuple[Mention, ...]] = {}
   distractors: dict[str, tuple[Mention, ...]] = {}
+  styles: dict[str, str] = {}
   for split, count in (("train", train), ("val", val), ("test", test)):
     allowed = seen if split == "train" else codes
     # Walk the codes that must appear somewhere in this split, so every seen code is trained on
@@ -621,7 +838,7 @@ def demo_corpus(seed: int = 0, *, train: int = 200, val: int = 50, test: int = 5
       chosen = _choose_codes(n, allowed, weights, must, conflicts, rng)
       todo += [c for c in must if c not in chosen]  # conflicted: try a later document
       target_tokens = rng.uniform(min_tokens, max_tokens)
-      doc, ms, ds = _document(f"demo-{split}-{i:04d}", split, chosen,
+      doc, ms, ds, styles[f"demo-{split}-{i:04d}"] = _document(f"demo-{split}-{i:04d}", split, chosen,
                               allowed, conflicts, int(target_tokens / WORDS_TO_TOKENS), rng)
       documents.append(doc)
       mentions[doc.id] = tuple(ms)
@@ -630,7 +847,7 @@ def demo_corpus(seed: int = 0, *, train: int = 200, val: int = 50, test: int = 5
   eval_codes = {c for d in documents if d.split != "train" for c in d.codes}
   return DemoCorpus(documents=documents, code_space=DEMO_CODES,
                     unseen_codes=frozenset(eval_codes - train_codes), mentions=mentions,
-                    distractors=distractors, seed=seed)
+                    distractors=distractors, styles=styles, seed=seed)
 
 
 def demo_stats(corpus: DemoCorpus, tokenizer=None) -> dict:
@@ -652,6 +869,7 @@ def demo_stats(corpus: DemoCorpus, tokenizer=None) -> dict:
     for m in ds:
       kinds[m.kind] = kinds.get(m.kind, 0) + 1
   out["distractors"] = kinds
+  out["styles"] = {s: sum(1 for v in corpus.styles.values() if v == s) for s in STYLES}
   out["characters_per_document"] = _summary([len(d.text) for d in corpus.documents])
   if tokenizer is not None:
     out["tokens_per_document"] = _summary([len(tokenizer.encode(d.text))

@@ -129,7 +129,9 @@ def _documents_key(source: str, demo_seed: int, manual_dir: str, on_error: str,
   if source not in DOCUMENT_SOURCES:
     raise ValueError(f"unknown document source {source!r}; expected one of {DOCUMENT_SOURCES}")
   if source == "demo":
-    return f"demo-seed{int(demo_seed)}", []
+    # The generator's fingerprint: a corpus cached by an older generator is never reused.
+    from jaxicd.data import demo  # pylint: disable=g-import-not-at-top
+    return f"demo-seed{int(demo_seed)}-{demo.fingerprint()}", []
   options = dict(options or {})
   # States are taken before hashing: a file written meanwhile fails the build's own check.
   states = _file_states(source, manual_dir, options)
@@ -142,7 +144,7 @@ def _documents_key(source: str, demo_seed: int, manual_dir: str, on_error: str,
 def documents_config_name(source: str, demo_seed: int = 0, manual_dir: str = "", *,
                           on_error: str = "raise",
                           options: Mapping[str, Any] | None = None) -> str:
-  """``demo-seed0``; a source read from files: ``<source>-<digest>`` of its path, reader
+  """``demo-seed0-<generator fingerprint>``; a source read from files: ``<source>-<digest>`` of its path, reader
   options and the contents of its input files (see the module docstring).
 
   Reads every input file once to hash it, on each call.
