@@ -20,9 +20,9 @@ Each trained arm is evaluated the same way: the document pass codes the first ``
 notes and every test note; the inference variants (document pass alone, with span re-coding, or
 re-coding plus the segment scan, each with every candidate kept or with the threshold
 calibrated on the val notes) are scored on the test notes with the same metrics
-(`jaxicd.eval.metrics`, strict unseen-code scores), every gold evidence span of the test notes
-is coded alone (span accuracy), and the held-out other-style notes are coded with the arm's
-best calibrated variant.
+(`jaxicd.eval.metrics`, strict unseen-code scores; micro-F1 also per note style of the demo
+corpus), every gold evidence span of the test notes is coded alone (span accuracy), and the
+hand-written held-out notes are coded with the arm's best calibrated variant.
 
 Every piece is resumable: an arm's training runs as ``python -m jaxicd.main`` in
 ``<workdir>/<arm>`` (a finished checkpoint is reused) and its evaluation is stored in
@@ -49,9 +49,9 @@ from typing import Any, Sequence
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "configs"
-# Hand-written held-out notes in other styles than the demo generator's (SOAP notes, problem
-# lists, sign-outs, ED and consult notes, heavy abbreviation), codes from the demo code space:
-# never trained on, scored with each arm's val-calibrated decision to show how it generalises.
+# Held-out notes written by hand, not by the demo generator (SOAP and clinic notes, problem lists,
+# sign-outs, ED and consult notes, heavy abbreviation), codes from the demo code space: never
+# trained on, scored with each arm's val-calibrated decision to show how it generalises.
 STYLE_NOTES = REPO / "jaxicd" / "data" / "style_notes.jsonl"
 
 
@@ -324,8 +324,8 @@ def evaluate_arm(arm: Arm, settings: Settings, workdir: pathlib.Path) -> dict[st
     if step is not None and arm.select_best and step != candidates[-1]:
       restored.restore(step)
       coder.model = coder_lib.decoding_model(cfg, restored.model)
-    thresholds, variants, variant, style_metrics = _score_checkpoint(coder, cache, step or 0, val,
-                                                                     test, trained)
+    thresholds, variants, variant, style_metrics = _score_checkpoint(
+        coder, cache, step or 0, val, test, trained, _note_styles(cfg))
     span_codes = cache.get(f"spans-step{step or 0}", [s.text for s in spans],
                            lambda: coder.code_spans([s.text for s in spans]))
     span_preds = [[coder_lib.CodedEvidence(c, 0, len(s.text), s.text, p)] if c else []
@@ -350,11 +350,13 @@ def evaluate_arm(arm: Arm, settings: Settings, workdir: pathlib.Path) -> dict[st
   return result
 
 
-def _score_checkpoint(coder, cache: _EvalCache, step: int, val, test, trained: set[str]):
+def _score_checkpoint(coder, cache: _EvalCache, step: int, val, test, trained: set[str],
+                      note_styles: dict[str, str]):
   """The coder's checkpoint scored: thresholds calibrated on `val` per candidate set, every
   variant on `test`, the val-chosen variant, and the other-style notes coded with it."""
   thresholds = _calibrate(val, _code(coder, val, cache, f"val-step{step}")[0])
-  variants = _test_variants(coder, test, cache, f"test-step{step}", thresholds, trained)
+  variants = _test_variants(coder, test, cache, f"test-step{step}", thresholds, trained,
+                            note_styles)
   variant = _best_variant(thresholds)
   styles = _score_styles(coder, cache, step, variant, thresholds[_candidates(variant)][0],
                          trained)
@@ -388,9 +390,10 @@ def _best_variant(thresholds: dict[str, tuple[float, float]]) -> str:
 
 
 def _test_variants(coder, test, cache: _EvalCache, name: str,
-                   thresholds: dict[str, tuple[float, float]], trained: set[str]
-                   ) -> dict[str, dict[str, Any]]:
-  """Metrics of every `VARIANTS` entry on the test notes."""
+                   thresholds: dict[str, tuple[float, float]], trained: set[str],
+                   styles: dict[str, str]) -> dict[str, dict[str, Any]]:
+  """Metrics of every `VARIANTS` entry on the test notes, with micro-F1 per note style
+  (`styles`: document id -> style; notes without one are left out of that breakdown)."""
   _, _, metrics, coder_lib, _, _ = _import_eval()
   test_pred, stats = _code(coder, test, cache, name)
   unseen = metrics.unseen_in_training(trained, coder.code_space,
@@ -403,8 +406,28 @@ def _test_variants(coder, test, cache: _EvalCache, name: str,
                          output_stats=stats)
     m["threshold"] = threshold
     m["codes_per_note"] = _codes_per_note(kept)
+    m["by_style"] = _micro_f1_by(test, kept, styles)
     variants[variant] = m
   return variants
+
+
+def _micro_f1_by(docs, kept, group: dict[str, str]) -> dict[str, float]:
+  """Micro-F1 of the notes of each group (`group`: document id -> group name)."""
+  metrics = _import_eval()[2]
+  members = collections.defaultdict(list)
+  for i, d in enumerate(docs):
+    if d.id in group:
+      members[group[d.id]].append(i)
+  return {g: metrics.evaluate([docs[i] for i in idx], [kept[i] for i in idx])["micro_f1"]
+          for g, idx in sorted(members.items())}
+
+
+def _note_styles(cfg) -> dict[str, str]:
+  """Document id -> note style of the demo corpus (empty for other sources)."""
+  if cfg.data.source != "demo":
+    return {}
+  from jaxicd.data import demo  # pylint: disable=g-import-not-at-top
+  return demo.demo_corpus(seed=int(cfg.data.demo_seed)).styles
 
 
 def _codes_per_note(kept: Sequence[Sequence[Any]]) -> float:
@@ -436,20 +459,22 @@ def _score_styles(coder, cache: _EvalCache, step: int, variant: str, threshold: 
                          output_stats=stats)
   out["codes_per_note"] = _codes_per_note(kept)
   out["notes"] = len(docs)
-  by_style = collections.defaultdict(list)
-  for i, d in enumerate(docs):
-    by_style[d.id.split("-")[0]].append(i)
-  out["by_style"] = {
-      style: metrics.evaluate([docs[i] for i in idx], [kept[i] for i in idx])["micro_f1"]
-      for style, idx in sorted(by_style.items())}
+  out["by_style"] = _micro_f1_by(docs, kept, {d.id: d.id.split("-")[0] for d in docs})
   log(f"other-style notes ({len(docs)}): micro-F1 {out['micro_f1']:.3f} macro-F1 "
       f"{out['macro_f1']:.3f} evidence span F1 {out['evidence_span_f1']:.3f}")
   return out
 
 
-def add_scan(arm: Arm, settings: Settings, workdir: pathlib.Path,
-             result: dict[str, Any]) -> dict[str, Any]:
-  """Scores an arm evaluated before the segment scan existed with it: its recorded checkpoint
+def stale(result: dict[str, Any]) -> bool:
+  """Whether an arm's record lacks scores the evaluation now computes (the segment scan, test
+  notes by style): `rescore` adds them from its checkpoint and cached pieces."""
+  return "scan" not in result["variants"] or any(
+      "by_style" not in m for m in result["variants"].values())
+
+
+def rescore(arm: Arm, settings: Settings, workdir: pathlib.Path,
+            result: dict[str, Any]) -> dict[str, Any]:
+  """Scores an arm evaluated by an older experiment again: its recorded checkpoint
   (document-pass pieces from its cache when there), every variant re-scored, its calibrated
   variant chosen again and the other-style notes scored with that."""
   pipeline, _, _, coder_lib, _, trained_lib = _import_eval()
@@ -464,7 +489,7 @@ def add_scan(arm: Arm, settings: Settings, workdir: pathlib.Path,
       restored.restore(step)
     coder = coder_lib.build_coder(cfg, restored.model, restored.tokenizer)
     thresholds, variants, variant, styles = _score_checkpoint(coder, cache, step, val, test,
-                                                              trained)
+                                                              trained, _note_styles(cfg))
   return {**result, "variants": variants, "chosen_variant": variant, "styles": styles,
           "val_variant_f1": {f"{k}+cal": f1 for k, (_, f1) in thresholds.items()}}
 
@@ -605,13 +630,26 @@ def write_report(results: dict[str, dict], settings: Settings, out: pathlib.Path
               "unseen micro-F1", "codes / note"], variant_rows),
       "",
   ]
+  by_style = [a for a in order if "by_style" in results[a]["variants"][chosen(results[a])]]
+  if by_style:
+    groups = sorted({g for a in by_style
+                     for g in results[a]["variants"][chosen(results[a])]["by_style"]})
+    md += ["## Test notes by style", "",
+           "Micro-F1 of each arm's inference on the test notes of each style the demo "
+           "generator writes (discharge summaries; SOAP progress notes, ED notes, problem lists "
+           "and night sign-outs, terse and abbreviated).", "",
+           _table(["arm"] + groups,
+                  [[results[a]["label"]] + [
+                      f"{results[a]['variants'][chosen(results[a])]['by_style'][g]:.3f}"
+                      if g in results[a]["variants"][chosen(results[a])]["by_style"] else "-"
+                      for g in groups] for a in by_style]), ""]
   styled = [a for a in order if "styles" in results[a]]
   if styled:
     st = results[styled[0]]["styles"]
     md += ["## Notes in other styles", "",
-           f"{st['notes']} hand-written held-out notes (`{_shown(STYLE_NOTES)}`: SOAP "
-           "notes, problem lists, sign-outs, ED and consult notes, heavy abbreviation), none "
-           "in the demo generator's style and none trained on; each arm with its "
+           f"{st['notes']} held-out notes written by hand (`{_shown(STYLE_NOTES)}`: SOAP "
+           "and clinic notes, problem lists, sign-outs, ED and consult notes, heavy "
+           "abbreviation), not by the demo generator and never trained on; each arm with its "
            "val-calibrated inference.", "",
            _table(["arm", "micro-F1 (P / R)", "macro-F1", "evidence span F1", "codes / note"]
                   + [f"{k} micro-F1" for k in st["by_style"]],
@@ -691,9 +729,9 @@ def run(settings: Settings, workdir: pathlib.Path, out: pathlib.Path,
     if path.exists():
       results[arm.name] = json.loads(path.read_text())
       log(f"{arm.name}: evaluated earlier, reusing {path}")
-      if "scan" not in results[arm.name]["variants"] and not train_only:
-        log(f"{arm.name}: scoring the segment scan (and the other-style notes)")
-        results[arm.name] = add_scan(arm, settings, workdir / arm.name, results[arm.name])
+      if stale(results[arm.name]) and not train_only:
+        log(f"{arm.name}: re-scoring (segment scan, test notes by style, other-style notes)")
+        results[arm.name] = rescore(arm, settings, workdir / arm.name, results[arm.name])
         path.write_text(json.dumps(results[arm.name], indent=1))
       continue
     train(arm, settings, workdir / arm.name)

@@ -6,6 +6,7 @@ import dataclasses
 import json
 
 from jaxicd import experiment
+from jaxicd.data import demo
 from jaxicd.train.config import base_config
 
 # Smaller than --quick: one val note, one test note, a few spans, a 4-step budget.
@@ -42,12 +43,17 @@ def test_toy_run_writes_the_table_json_and_figure(tmp_path, monkeypatch):
     assert r["chosen_variant"] == max(("recode+cal", "doc+cal", "scan+cal"), key=f1.get)
     # The scan only adds candidates: every code of the re-coded notes is still there.
     assert r["variants"]["scan"]["micro_recall"] >= r["variants"]["recode"]["micro_recall"]
+    # The one test note's style gets its whole micro-F1.
+    (test_id,) = [d.id for d in demo.demo_corpus(0).split("test")[:1]]
+    for m in r["variants"].values():
+      assert m["by_style"] == {demo.demo_corpus(0).styles[test_id]: m["micro_f1"]}
     assert r["styles"]["notes"] == 2 and set(r["styles"]["by_style"]) == {"soap", "signout"}
     assert 0.0 <= r["styles"]["micro_f1"] <= 1.0 and r["styles"]["documents"] == 2.0
   md = (out / "results.md").read_text()
   assert "| mixed at 20% of the tokens (shared prompt) |" in md and "| zero-shot (untrained adapters) |" in md
   assert md.count("| mixed at 20% of the tokens (shared prompt) | recode+cal |") == 1
   assert "## Notes in other styles" in md and "signout micro-F1" in md
+  assert "## Test notes by style" in md
   saved = json.loads((out / "results.json").read_text())
   assert saved["arms"]["mixed_20"]["tokens"] == results["mixed_20"]["tokens"]
   assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -63,12 +69,15 @@ def test_toy_run_writes_the_table_json_and_figure(tmp_path, monkeypatch):
   assert resumed["variants"] == results["zero_shot"]["variants"]
   assert resumed["spans"] == results["zero_shot"]["spans"]
   assert resumed["styles"] == results["zero_shot"]["styles"]
-  # An arm evaluated before the segment scan existed gets it back-filled from its recorded
-  # checkpoint and cached document pass: the same variants, choice and other-style scores.
+  # An arm evaluated before the segment scan and the per-style scores existed gets them
+  # back-filled from its recorded checkpoint and cached document pass: the same variants,
+  # choice and other-style scores.
   path = tmp_path / "runs/mixed_20/result.json"
   old = json.loads(path.read_text())
   for key in ("scan", "scan+cal"):
     del old["variants"][key]
+  for m in old["variants"].values():
+    del m["by_style"]
   del old["val_variant_f1"]["scan+cal"], old["styles"]
   path.write_text(json.dumps(old))
   for piece in (tmp_path / "runs/mixed_20/eval_cache").glob("scan-*"):
