@@ -282,3 +282,32 @@ def test_a_step_without_target_tokens_stops_training(tmp_path, tokenizer_dir, mo
   assert _finalized_steps(tmp_path) == []
   from jaxicd import errors
   assert errors.is_expected(stopped.value)  # one line, exit status 2
+
+
+def test_the_run_reports_what_training_changed(tmp_path, tokenizer_dir):
+  """With coding evaluated before and after training, the last lines and the summary give each
+  coding metric at step 0 and at the end, as the evaluation returned them."""
+  from jaxicd.train import trainer
+  config = _tiny_config(tokenizer_dir, eval_at_start=True)
+  config.train.update(steps=2, eval_batches=1)
+  config.checkpoint.every = 0
+  returned = []
+
+  def hook(t, step):  # stands in for the coding evaluation (jaxicd.train.coding_eval)
+    returned.append({"coding/micro_f1": 0.1 + step / 8, "coding/span_exact": step / 4,
+                     "coding/codes_per_note": 3.0 - step})
+    return returned[-1]
+
+  lines = []
+  t = trainer.Trainer(config, tmp_path, print_fn=lines.append)
+  t.eval_hooks.append(hook)
+  try:
+    summary = t.train()
+  finally:
+    t.close()
+  assert len(returned) == 2  # step 0 and the end
+  assert summary["learnt"] == {"note micro-F1": [0.1, 0.35], "span exact": [0.0, 0.5],
+                               "codes per note": [3.0, 1.0]}
+  assert lines[-1].startswith("learnt in steps 1..2 (coding the same ") and lines[-1].endswith(
+      "untrained -> trained): note micro-F1 0.100 -> 0.350, span exact 0.000 -> 0.500, "
+      "codes per note 3.000 -> 1.000")

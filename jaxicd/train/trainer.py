@@ -559,8 +559,9 @@ class Trainer:
       writer.close()
       return dict(step=self.step, status="done")
     self._print_start(total_steps)
+    first = last = None
     if start_step == 0 and cfg.train.eval_at_start:
-      self._run_eval(writer)
+      first = self._run_eval(writer)
     status = "done"
     history: list[dict] = []
     progress = TrainingProgress(total_steps)
@@ -583,7 +584,7 @@ class Trainer:
       if status == "done":
         self.save()
         if eval_every or int(cfg.train.eval_batches):
-          self._run_eval(writer)
+          last = self._run_eval(writer)
     self.checkpointer.wait()
     writer.close()
     done = progress.summary()
@@ -591,6 +592,13 @@ class Trainer:
     totals = progress.totals_line()
     if totals:
       self.print(totals)
+    changes = learnt(first or {}, last or {})
+    if changes:
+      summary["learnt"] = changes
+      self.print(f"learnt in steps 1..{self.step} (coding the same "
+                 f"{int(cfg.eval_coding.documents)} {cfg.eval_coding.split} notes, untrained -> "
+                 "trained): " + ", ".join(f"{name} {a:.3f} -> {b:.3f}"
+                                          for name, (a, b) in changes.items()))
     return summary
 
   def _print_start(self, total_steps: int) -> None:
@@ -673,6 +681,19 @@ class Trainer:
 
 
 # --- Helpers ------------------------------------------------------------------------------------
+
+# The coding metrics whose change a run reports at its end (`learnt`).
+_LEARNT = (("coding/micro_f1", "note micro-F1"), ("coding/macro_f1", "macro-F1"),
+           ("coding/unseen_micro_f1", "unseen-code micro-F1"),
+           ("coding/evidence_span_f1", "evidence span F1"), ("coding/span_exact", "span exact"),
+           ("coding/codes_per_note", "codes per note"))
+
+
+def learnt(before: Mapping[str, float], after: Mapping[str, float]) -> dict[str, list[float]]:
+  """The coding metrics measured both before training and after it: name -> [before, after]."""
+  return {name: [float(before[k]), float(after[k])] for k, name in _LEARNT
+          if k in before and k in after}
+
 
 def _token_kind_counts(batches: list[Mapping[str, np.ndarray]],
                        summary: Mapping[str, Any] | None) -> dict[str, float]:
