@@ -194,6 +194,32 @@ def trained_tokens(workdir: pathlib.Path, step: int) -> int:
   return int(sum(seen.values()))
 
 
+def provenance(arm: Arm, settings: Settings) -> str:
+  """A digest of what an arm's result depends on besides the code: its run config (budget and
+  overrides included), the experiment's settings and the demo and expansion generators. A result
+  recorded in a committed report is reused only under the same digest."""
+  from jaxicd.data import demo, expansion  # pylint: disable=g-import-not-at-top
+  cfg = load_config(arm, settings)
+  key = [cfg.to_json(sort_keys=True), dataclasses.asdict(settings), demo.fingerprint(),
+         expansion.fingerprint()]
+  return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _recorded(arm: Arm, settings: Settings, out: pathlib.Path) -> dict[str, Any] | None:
+  """The arm's result in the report at `out` (e.g. the committed docs/results.json) when it was
+  computed with the same `provenance`."""
+  path = out / "results.json"
+  if not path.exists():
+    return None
+  try:
+    result = json.loads(path.read_text()).get("arms", {}).get(arm.name)
+  except ValueError:
+    return None
+  if result and result.get("provenance") == provenance(arm, settings):
+    return result
+  return None
+
+
 # ------------------------------------------------------------------------------- evaluation
 
 
@@ -348,6 +374,7 @@ def evaluate_arm(arm: Arm, settings: Settings, workdir: pathlib.Path) -> dict[st
       "val_notes": len(val), "test_notes": len(test), "test_spans": len(spans),
       "eval_seconds": time.perf_counter() - t0,
       "decode_dtype": cfg.eval_coding.dtype or str(cfg.model.dtype),
+      "provenance": provenance(arm, settings),
   }
   return result
 
@@ -493,7 +520,8 @@ def rescore(arm: Arm, settings: Settings, workdir: pathlib.Path,
     thresholds, variants, variant, styles = _score_checkpoint(coder, cache, step, val, test,
                                                               trained, _note_styles(cfg))
   return {**result, "variants": variants, "chosen_variant": variant, "styles": styles,
-          "val_variant_f1": {f"{k}+cal": f1 for k, (_, f1) in thresholds.items()}}
+          "val_variant_f1": {f"{k}+cal": f1 for k, (_, f1) in thresholds.items()},
+          "provenance": provenance(arm, settings)}
 
 
 # ------------------------------------------------------------------------------- report
@@ -728,13 +756,23 @@ def run(settings: Settings, workdir: pathlib.Path, out: pathlib.Path,
   results = {}
   for arm in chosen:  # arm by arm, so the report grows while the rest trains
     path = workdir / arm.name / "result.json"
+    recorded = None if path.exists() else _recorded(arm, settings, out)
+    if recorded is not None:  # e.g. a fresh checkout: the committed report's arm
+      log(f"{arm.name}: recorded in {out / 'results.json'} with the same recipe and data, "
+          "reusing it")
+      path.parent.mkdir(parents=True, exist_ok=True)
+      path.write_text(json.dumps(recorded, indent=1))
     if path.exists():
       results[arm.name] = json.loads(path.read_text())
       log(f"{arm.name}: evaluated earlier, reusing {path}")
+      step = results[arm.name]["step"]
       if stale(results[arm.name]) and not train_only:
-        log(f"{arm.name}: re-scoring (segment scan, test notes by style, other-style notes)")
-        results[arm.name] = rescore(arm, settings, workdir / arm.name, results[arm.name])
-        path.write_text(json.dumps(results[arm.name], indent=1))
+        if step and not (workdir / arm.name / "checkpoints" / str(step)).exists():
+          log(f"{arm.name}: lacks newer scores but its checkpoint is not here: reported as is")
+        else:
+          log(f"{arm.name}: re-scoring (segment scan, test notes by style, other-style notes)")
+          results[arm.name] = rescore(arm, settings, workdir / arm.name, results[arm.name])
+          path.write_text(json.dumps(results[arm.name], indent=1))
       continue
     train(arm, settings, workdir / arm.name)
     if train_only:
@@ -748,23 +786,28 @@ def run(settings: Settings, workdir: pathlib.Path, out: pathlib.Path,
         f"{m['unseen_micro_f1']:.3f} span exact {result['spans']['span_exact']:.3f} "
         f"({result['eval_seconds']:.0f}s)")
     results[arm.name] = result
-    write_report(_with_earlier(results, workdir), settings, out, time.time() - t0, command)
+    write_report(_with_earlier(results, workdir, settings, out), settings, out,
+                 time.time() - t0, command)
   if not train_only:
-    write_report(_with_earlier(results, workdir), settings, out, time.time() - t0, command)
+    write_report(_with_earlier(results, workdir, settings, out), settings, out,
+                 time.time() - t0, command)
   return results
 
 
-def _with_earlier(results: dict[str, dict], workdir: pathlib.Path) -> dict[str, dict]:
-  """`results` and every other arm evaluated earlier in `workdir` (a run of a few --arms
-  reports the whole experiment so far)."""
-  out = {}
+def _with_earlier(results: dict[str, dict], workdir: pathlib.Path, settings: Settings,
+                  out: pathlib.Path) -> dict[str, dict]:
+  """`results` and every other arm evaluated earlier, in `workdir` or recorded in the report at
+  `out` with the same provenance (a run of a few --arms reports the whole experiment so far)."""
+  found = {}
   for arm in ARMS:
     path = workdir / arm.name / "result.json"
     if arm.name in results:
-      out[arm.name] = results[arm.name]
+      found[arm.name] = results[arm.name]
     elif path.exists():
-      out[arm.name] = json.loads(path.read_text())
-  return out
+      found[arm.name] = json.loads(path.read_text())
+    elif (recorded := _recorded(arm, settings, out)) is not None:
+      found[arm.name] = recorded
+  return found
 
 
 def main(argv: Sequence[str] | None = None) -> None:

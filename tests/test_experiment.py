@@ -60,6 +60,14 @@ def test_toy_run_writes_the_table_json_and_figure(tmp_path, monkeypatch):
   # Rerun: every arm is reused (no training, no evaluation).
   again = experiment.run(TOY, tmp_path / "runs", out, arms=("mixed_20", "zero_shot"))
   assert again == results
+  # A fresh workdir (a new checkout) reuses the arms the report records with the same recipe,
+  # data and settings; other settings are not reused.
+  fresh = experiment.run(TOY, tmp_path / "fresh", out, arms=("mixed_20", "zero_shot"))
+  assert fresh == json.loads(json.dumps(results))
+  assert not (tmp_path / "fresh/mixed_20/checkpoints").exists()
+  other = dataclasses.replace(TOY, steps=5)
+  assert experiment._recorded(experiment._arm("mixed_20"), other, out) is None
+  assert experiment._recorded(experiment._arm("mixed_20"), TOY, out) == fresh["mixed_20"]
   # An evaluation stopped before its result.json resumes from its finished pieces (val and
   # test predictions, span codes), giving the same scores.
   cached = {p.name.split("-")[0] for p in (tmp_path / "runs/zero_shot/eval_cache").iterdir()}
