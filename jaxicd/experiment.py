@@ -243,7 +243,10 @@ class _EvalCache:
     # eval_coding.source (the notes a piece codes are in its name's hash): pieces computed
     # before those keys existed stay valid.
     decoding = {k: v for k, v in cfg.eval_coding.to_dict().items() if k not in ("scan", "source")}
-    self._key = json.dumps([dataclasses.asdict(settings), decoding, cfg.data.answer_format],
+    # The generators' fingerprints: demo note ids stay the same when their texts change.
+    from jaxicd.data import demo, expansion  # pylint: disable=g-import-not-at-top
+    self._key = json.dumps([dataclasses.asdict(settings), decoding, cfg.data.answer_format,
+                            demo.fingerprint(), expansion.fingerprint()],
                            sort_keys=True, default=str)
 
   def get(self, name: str, ids: Sequence[str], compute, encode=lambda x: x,
@@ -520,8 +523,7 @@ def rescore(arm: Arm, settings: Settings, workdir: pathlib.Path,
     thresholds, variants, variant, styles = _score_checkpoint(coder, cache, step, val, test,
                                                               trained, _note_styles(cfg))
   return {**result, "variants": variants, "chosen_variant": variant, "styles": styles,
-          "val_variant_f1": {f"{k}+cal": f1 for k, (_, f1) in thresholds.items()},
-          "provenance": provenance(arm, settings)}
+          "val_variant_f1": {f"{k}+cal": f1 for k, (_, f1) in thresholds.items()}}
 
 
 # ------------------------------------------------------------------------------- report
@@ -661,9 +663,9 @@ def write_report(results: dict[str, dict], settings: Settings, out: pathlib.Path
       "",
   ]
   by_style = [a for a in order if "by_style" in results[a]["variants"][chosen(results[a])]]
-  if by_style:
-    groups = sorted({g for a in by_style
-                     for g in results[a]["variants"][chosen(results[a])]["by_style"]})
+  groups = sorted({g for a in by_style
+                   for g in results[a]["variants"][chosen(results[a])]["by_style"]})
+  if groups:
     md += ["## Test notes by style", "",
            "Micro-F1 of each arm's inference on the test notes of each style the demo "
            "generator writes (discharge summaries; SOAP progress notes, ED notes, problem lists "
@@ -764,6 +766,12 @@ def run(settings: Settings, workdir: pathlib.Path, out: pathlib.Path,
       path.write_text(json.dumps(recorded, indent=1))
     if path.exists():
       results[arm.name] = json.loads(path.read_text())
+      recorded_with = results[arm.name].get("provenance")
+      if recorded_with not in (None, provenance(arm, settings)):
+        raise RuntimeError(
+            f"{path} was computed with another recipe, settings or demo/expansion generator "
+            f"(provenance {recorded_with}, now {provenance(arm, settings)}): remove "
+            f"{path.parent} or choose another --workdir")
       log(f"{arm.name}: evaluated earlier, reusing {path}")
       step = results[arm.name]["step"]
       if stale(results[arm.name]) and not train_only:

@@ -165,7 +165,7 @@ def test_demo_stats(corpus):
   assert stats["evidence_mentions"] == sum(len(d.evidence) for d in corpus.documents)
   assert stats["codes_per_document"]["min"] >= 3 and stats["codes_per_document"]["max"] <= 15
   est = stats["tokens_per_document_estimate"]
-  assert 50 <= est["min"] <= est["mean"] <= est["max"] <= 2000
+  assert 40 <= est["min"] <= est["mean"] <= est["max"] <= 2000  # words x 1.75: an estimate
   assert stats["styles"] == {s: sum(1 for v in corpus.styles.values() if v == s) for s in STYLES}
   assert sum(stats["styles"].values()) == 300
 

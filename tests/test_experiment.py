@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import json
 
+import pytest
+
 from jaxicd import experiment
 from jaxicd.data import demo
 from jaxicd.train.config import base_config
@@ -27,7 +29,10 @@ def test_toy_run_writes_the_table_json_and_figure(tmp_path, monkeypatch):
   assert results["zero_shot"]["tokens"] == 0 and results["zero_shot"]["step"] == 0
   # 20% of 4 steps of 4 x 256 tokens in 2-row steps: round(1.6) = 2 steps of 2 x 256 at most.
   assert results["mixed_20"]["step"] == 2 and 0 < results["mixed_20"]["tokens"] <= 1024
+  corpus = demo.demo_corpus(0)
+  test_style = corpus.styles[corpus.split("test")[0].id]
   for r in results.values():
+    assert r["provenance"] == experiment.provenance(experiment._arm(r["arm"]), TOY)
     assert set(r["variants"]) == {v[0] for v in experiment.VARIANTS}
     assert r["test_notes"] == 1 and r["val_notes"] == 1 and r["test_spans"] == 3
     assert r["spans"]["span_count"] == 3.0
@@ -44,9 +49,8 @@ def test_toy_run_writes_the_table_json_and_figure(tmp_path, monkeypatch):
     # The scan only adds candidates: every code of the re-coded notes is still there.
     assert r["variants"]["scan"]["micro_recall"] >= r["variants"]["recode"]["micro_recall"]
     # The one test note's style gets its whole micro-F1.
-    (test_id,) = [d.id for d in demo.demo_corpus(0).split("test")[:1]]
     for m in r["variants"].values():
-      assert m["by_style"] == {demo.demo_corpus(0).styles[test_id]: m["micro_f1"]}
+      assert m["by_style"] == {test_style: m["micro_f1"]}
     assert r["styles"]["notes"] == 2 and set(r["styles"]["by_style"]) == {"soap", "signout"}
     assert 0.0 <= r["styles"]["micro_f1"] <= 1.0 and r["styles"]["documents"] == 2.0
   md = (out / "results.md").read_text()
@@ -68,6 +72,9 @@ def test_toy_run_writes_the_table_json_and_figure(tmp_path, monkeypatch):
   other = dataclasses.replace(TOY, steps=5)
   assert experiment._recorded(experiment._arm("mixed_20"), other, out) is None
   assert experiment._recorded(experiment._arm("mixed_20"), TOY, out) == fresh["mixed_20"]
+  # A workdir result of another recipe is refused, not reused.
+  with pytest.raises(RuntimeError, match="another recipe"):
+    experiment.run(other, tmp_path / "fresh", out, arms=("zero_shot",))
   # An evaluation stopped before its result.json resumes from its finished pieces (val and
   # test predictions, span codes), giving the same scores.
   cached = {p.name.split("-")[0] for p in (tmp_path / "runs/zero_shot/eval_cache").iterdir()}
@@ -178,3 +185,19 @@ def test_evaluation_pieces_are_cached_per_chunk_of_notes(tmp_path):
   preds2, stats2 = experiment._code(again, docs, cache, "test-step1", chunk=10)
   assert again.coded in (5, 10) and preds2 == preds and stats2 == stats
   assert again.scanned == 0  # the scan's pieces were all finished
+
+
+def test_micro_f1_by_group_against_a_hand_count():
+  """Per-style micro-F1 counts each group's notes alone (hand-counted)."""
+  from jaxicd.data.records import Document
+  from jaxicd.infer.coder import CodedEvidence
+
+  def doc(i, codes):
+    return Document(id=f"n{i}", text="x", codes=tuple(codes), evidence=(), split="test")
+
+  docs = [doc(0, ["I10", "E11.9"]), doc(1, ["N17.9"]), doc(2, ["J18.9"])]
+  coded = lambda *codes: [CodedEvidence(c, -1, -1, "", 1.0) for c in codes]  # noqa: E731
+  kept = [coded("I10"), coded("N17.9", "I10"), coded("J18.9")]
+  by = experiment._micro_f1_by(docs, kept, {"n0": "a", "n1": "a", "n2": "b", "n9": "c"})
+  # Group a: tp 2 (I10, N17.9), fp 1 (I10 in n1), fn 1 (E11.9): P 2/3, R 2/3, F1 2/3.
+  assert by == {"a": 2 / 3, "b": 1.0}

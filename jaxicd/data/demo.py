@@ -457,10 +457,12 @@ class _Note:
     return self.rng.choice(c.terms)
 
   def take(self, kinds: tuple[str, ...]) -> str:
-    """A distractor of a fitting kind (denied symptoms, familial chronic disease), if any."""
-    for i in range(len(self.pool) - 1, -1, -1):
-      if _BY_CODE[self.pool[i]].kind in kinds:
-        return self.pool.pop(i)
+    """A distractor of the first kind in `kinds` the pool holds (denied symptoms before denied
+    diagnoses, familial chronic disease), else any."""
+    for kind in kinds:
+      for i in range(len(self.pool) - 1, -1, -1):
+        if _BY_CODE[self.pool[i]].kind == kind:
+          return self.pool.pop(i)
     return self.pool.pop()
 
   def distract(self, templates: Sequence[str], kinds: tuple[str, ...], kind: str,
@@ -469,8 +471,8 @@ class _Note:
     if self.pool:
       d = self.take(kinds)
       self.w.text(prefix)
-      self.w.distractor(self.rng.choice(templates), self.fill, d,
-                        self.rng.choice(_BY_CODE[d].terms), kind)
+      # Terms chosen as for evidence: an abbreviation must not tell evidence from distractor.
+      self.w.distractor(self.rng.choice(templates), self.fill, d, self.term(_BY_CODE[d]), kind)
 
   def write(self, template: str, fill: dict[str, str] | None = None,
             m: Condition | None = None, bg: Sequence[Condition] = ()) -> None:
@@ -628,39 +630,40 @@ _SOAP_NEG = ("Denies any {d} overnight.", "No {d} per RN.", "Without {d} today."
 _SOAP_EXAM = ("Gen: sitting up in chair, NAD", "CV: RRR", "Resp: CTAB, unlabored",
               "Abd: soft, NT/ND", "Ext: trace edema bilat", "Neuro: A&Ox3, nonfocal",
               "Skin: no rash", "HEENT: MMM")
-_SOAP_ONE_LINER = ("{age}{sx} with {bg} here for {m}.", "{age}{sx} w/ {bg}, hospital day {n} for {m}.",
+_SOAP_ONE_LINER = ("{age}{sx} with {bg} here for {m}.", "{age}{sx} w/ {bg}, hospital day {day} for {m}.",
                    "{Age}-yo {sx} with {bg} admitted for {m}.")
-_SOAP_PLAN = ("{M}: cont current mgmt, reassess in AM", "{M} - improving, wean as tolerated",
-              "{M}: plan per primary team, f/u labs", "{M}. Continue home meds, monitor",
-              "{M} - stable, no changes today", "{M}: trend labs daily, consult following")
+_SOAP_PLAN_ACUTE = ("{M}: cont current mgmt, reassess in AM", "{M} - improving, wean as tolerated",
+                    "{M}: plan per primary team, f/u labs",
+                    "{M}: trend labs daily, consult following")
+_SOAP_PLAN_CHRONIC = ("{M}. Continue home meds, monitor", "{M} - stable, no changes today",
+                      "{M}: at baseline, outpatient f/u")
 _PROBLEM_HEADER = ("ACTIVE PROBLEMS", "PROBLEM LIST", "Hospital problem list",
                    "Problems addressed this visit")
-_PROBLEM_LINE = ("{i}. {M}", "{i}) {M} - chronic, managed by PCP", "- {M} (since {year})",
-                 "{i}. {M}, ongoing", "* {M}")
+# One bullet style per list; what follows a problem fits its kind (no "since 2009" after NSTEMI).
+_PROBLEM_BULLET = ("{i}. ", "{i}) ", "- ", "* ")
+_PROBLEM_CHRONIC = ("", " - chronic, managed by PCP", " (since {year})", ", ongoing")
+_PROBLEM_ACUTE = ("", ", this admission", " - active", ", improving")
 _PROBLEM_FAMILY = ("Fam hx: {d} (mother).", "FHx significant for {d} in a sibling.",
                    "Family: father had {d}.")
 _PROBLEM_EXCLUDED = ("Excluded this visit: {d}.", "{D} - workup neg, not a diagnosis.")
 _ED_HPI = ("{Age}yo {sx} w/ {bg} BIBA for {m}.", "{Age} y/o {sx}, PMHx {bg}, walks in with {m}.",
            "{Age}yo {sx} with {bg} sent from clinic for {m}.")
-_ED_ROS = ("ROS neg for {d}.", "ROS: no {d}.", "Pt endorses no {d}.")
+_ED_ROS = ("ROS neg for {d}.", "ROS: no {d}.", "No {d} per pt.")
 _ED_MDM = ("Ddx includes {d}; w/u neg.", "{D} excluded by CT.", "Considered {d}, unlikely.")
 _ED_DISPO = ("Dispo: admit to medicine.", "Admit, hospitalist aware.", "Dispo: obs unit.")
 _SIGNOUT_LINE = ("{bed}: {age}{sx} {bg} adm for {m}.", "{bed} - {age}{sx} w/ {bg}, here w/ {m}.",
-                 "{bed}: {age}{sx} ({bg}) admitted {m}.")
+                 "{bed}: {age}{sx} ({bg}) admitted w/ {m}.")
 _SIGNOUT_TODO = ("- f/u AM labs", "- call if SBP < 90", "- recheck lytes at 2200",
                  "- may need repeat imaging", "- family meeting tomorrow", "- PT eval pending")
-_SIGNOUT_WATCH = ("watch for {m}", "overnight issue: {m}", "if worse {m}, call")
+_SIGNOUT_WATCH = ("watch for {m}", "overnight issue: {m}", "call if {m} worsens")
 _SIGNOUT_NOT = ("{d} excluded yesterday.", "no {d}.", "{D} considered, w/u neg.")
-
-
-def _age_sex(fill: dict[str, str]) -> str:
-  return "F" if fill["pronoun"] == "she" else "M"
 
 
 def _progress(n: _Note) -> None:
   """A daily progress note in SOAP form with a problem-based assessment and plan."""
   rng, w = n.rng, n.w
-  w.text(f"PROGRESS NOTE - hospital day {rng.randint(2, 8)}\n\nS: ")
+  day = str(rng.randint(2, 8))
+  w.text(f"PROGRESS NOTE - hospital day {day}\n\nS: ")
   symptoms = [c for c in n.active if c.kind == "symptom"]
   if symptoms:
     n.write(rng.choice(_SOAP_SUBJ), m=symptoms[0])
@@ -673,9 +676,9 @@ def _progress(n: _Note) -> None:
   labs = _labs(rng)
   w.text(f"Labs: Na {labs['na']}, K {labs['k']}, Cr {labs['cr']}, Hgb {labs['hb']}, "
          f"WBC {labs['wbc']}\n\nA/P:\n")
-  shown = n.background[:rng.randint(1, 3)] or []
+  shown = n.background[:rng.randint(1, 3)]
   if shown:
-    n.write(rng.choice(_SOAP_ONE_LINER), dict(n=str(rng.randint(2, 6))), m=n.principal, bg=shown)
+    n.write(rng.choice(_SOAP_ONE_LINER), dict(day=day), m=n.principal, bg=shown)
   else:
     n.write("{Age}{sx} admitted for {m}.", m=n.principal)
   w.text("\n")
@@ -683,7 +686,8 @@ def _progress(n: _Note) -> None:
     if c in shown and rng.random() < 0.5:
       continue  # the one-liner named it
     w.text("# ")
-    n.write(rng.choice(_SOAP_PLAN), m=c)
+    chronic = c.kind in ("chronic", "status")
+    n.write(rng.choice(_SOAP_PLAN_CHRONIC if chronic else _SOAP_PLAN_ACUTE), m=c)
     w.text("\n")
 
 
@@ -693,8 +697,11 @@ def _problems(n: _Note) -> None:
   # One line break before the list: transformers' GGUF tokenizer (the tests' reference) drops
   # SmolLM2's digit split, so it parts a blank line before a digit differently.
   w.text(rng.choice(_PROBLEM_HEADER) + f" ({n.fill['age']}{n.fill['sx']})\n")
+  bullet = rng.choice(_PROBLEM_BULLET)
   for i, c in enumerate([n.principal] + n.active + n.background, 1):
-    n.write(rng.choice(_PROBLEM_LINE), dict(i=str(i), year=str(rng.randint(2005, 2024))), m=c)
+    after = _PROBLEM_CHRONIC if c.kind in ("chronic", "status") else _PROBLEM_ACUTE
+    n.write(bullet + "{M}" + rng.choice(after), dict(i=str(i), year=str(rng.randint(2005, 2024))),
+            m=c)
     w.text("\n")
   w.text("\n")
   if rng.random() < 0.6:
@@ -721,8 +728,7 @@ def _ed(n: _Note) -> None:
     n.write(rng.choice(_ED_HPI), m=lead, bg=shown)
   else:
     n.write("{Age}yo {sx}, no PMHx, here for {m}.", m=lead)
-  w.text(" ")
-  n.distract(_ED_ROS, ("symptom", "acute"), "negated")
+  n.distract(_ED_ROS, ("symptom", "acute"), "negated", prefix=" ")
   w.text("\n\nExam: ")
   w.span(_vitals(rng), None, "vitals")
   w.text(" " + "; ".join(rng.sample(_SOAP_EXAM, 3)) + ".\n\nMDM: Workup here notable for ")
