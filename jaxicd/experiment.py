@@ -149,6 +149,7 @@ def _overrides(arm: Arm, settings: Settings) -> dict[str, Any]:
   # The budget's rows pinned here: configs/mixed.py (the CPU demo) may train otherwise.
   out = {"train.steps": max(steps, 1), "train.log_every": 16 if not settings.quick else 2,
          "data.batch_size": BUDGET_BATCH, "data.share_prompt": False,
+         "eval_coding.at_start": False,
          "eval_coding.documents": 0,
          "checkpoint.every": max(1, steps // 4), "checkpoint.keep": 4,
          "eval_coding.max_new_tokens": settings.max_new_tokens,
