@@ -195,14 +195,30 @@ def trained_tokens(workdir: pathlib.Path, step: int) -> int:
   return int(sum(seen.values()))
 
 
+def changed_keys(cfg, section: str = "") -> dict[str, Any]:
+  """The keys of `cfg` (or of its `section`) whose values differ from `base_config()`'s, flat:
+  a key added later with a default that keeps the old behaviour changes nothing here."""
+  from jaxicd.train.config import base_config  # pylint: disable=g-import-not-at-top
+  default = base_config()
+  node, base = (cfg[section], default[section]) if section else (cfg, default)
+
+  def flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in (d.items() if hasattr(d, "items") else ()):
+      out.update(flat(v, f"{prefix}{k}.") if hasattr(v, "items") else {f"{prefix}{k}": v})
+    return out
+
+  mine, theirs = flat(node.to_dict()), flat(base.to_dict())
+  return {k: v for k, v in sorted(mine.items()) if k not in theirs or theirs[k] != v}
+
+
 def provenance(arm: Arm, settings: Settings) -> str:
   """A digest of what an arm's result depends on besides the code: its run config (budget and
-  overrides included), the experiment's settings and the demo and expansion generators. A result
-  recorded in a committed report is reused only under the same digest."""
+  overrides included, as `changed_keys`), the experiment's settings and the demo and expansion
+  generators. A result recorded in a committed report is reused only under the same digest."""
   from jaxicd.data import demo, expansion  # pylint: disable=g-import-not-at-top
-  cfg = load_config(arm, settings)
-  key = [cfg.to_json(sort_keys=True), dataclasses.asdict(settings), demo.fingerprint(),
-         expansion.fingerprint()]
+  key = [changed_keys(load_config(arm, settings)), dataclasses.asdict(settings),
+         demo.fingerprint(), expansion.fingerprint()]
   return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -240,10 +256,11 @@ class _EvalCache:
 
   def __init__(self, workdir: pathlib.Path, settings: Settings, cfg: Any):
     self.dir = workdir / "eval_cache"
-    # Left out: eval_coding.scan (the segment scan is a piece of its own, `_scan_chunk`) and
-    # eval_coding.source (the notes a piece codes are in its name's hash): pieces computed
-    # before those keys existed stay valid.
-    decoding = {k: v for k, v in cfg.eval_coding.to_dict().items() if k not in ("scan", "source")}
+    # Decoding keys as they differ from the defaults (a key added later keeps old pieces valid),
+    # less eval_coding.scan (the segment scan is a piece of its own, `_scan_chunk`) and
+    # eval_coding.source (the notes a piece codes are in its name's hash).
+    decoding = {k: v for k, v in changed_keys(cfg, "eval_coding").items()
+                if k not in ("scan", "source")}
     # The generators' fingerprints: demo note ids stay the same when their texts change.
     from jaxicd.data import demo, expansion  # pylint: disable=g-import-not-at-top
     self._key = json.dumps([dataclasses.asdict(settings), decoding, cfg.data.answer_format,

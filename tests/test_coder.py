@@ -334,3 +334,51 @@ def test_merged_candidates_keep_the_first_entry_and_the_best_score():
   [out] = coder_lib.merge_candidates(doc_pass, scan)
   assert [(e.code, e.begin, e.quote, e.score) for e in out] == [
       ("I10", 0, "HTN", 0.9), ("I10", 20, "htn", 0.9), ("E11.9", 10, "T2DM", 0.7)]
+
+
+def test_windows_cut_by_max_new_tokens_are_coded_again_in_halves(tok):
+  # A scripted model that writes "CODE | term" for each term of the window in order but is cut
+  # after two lines when there are more: the whole note's window loses two codes; its halves
+  # (two terms each) are answered in full.
+  terms = {"hypertension": "I10", "gout": "M10.9", "asthma": "J45.909", "anemia": "D64.9"}
+  text = "".join(f"{t.capitalize()}. {FILLER * 2}" for t in terms)
+  note = Document("a", text, tuple(terms.values()))
+  windows_seen = []
+
+  def fake(batch, **_):
+    width = 64
+    tokens = np.zeros((len(batch), width), np.int32)
+    stopped = np.ones(len(batch), bool)
+    lengths = np.zeros(len(batch), np.int32)
+    for r, ids in enumerate(batch):
+      window = _window_text(tok, ids).lower()
+      windows_seen.append(window)
+      found = sorted((window.index(t), t) for t in terms if t in window)
+      lines = [f"{terms[t]} | {t}" for _, t in found]
+      out = tok.encode("\n".join(lines[:2]))
+      if len(lines) > 2:
+        out += tok.encode(f"\n{terms[found[2][1]]} | ")  # the cut third line
+        stopped[r] = False
+      else:
+        out.append(tok.end_of_turn_id)
+      tokens[r, :len(out)], lengths[r] = out, len(out)
+    return Generation(tokens, lengths, np.zeros(tokens.shape, np.float32), stopped)
+
+  kwargs = dict(code_space=tuple(terms.values()), seq_len=256, window_overlap=8,
+                max_new_tokens=64, generate_fn=fake)
+  coder = coder_lib.Coder(None, tok, **kwargs)
+  [out] = coder.code_documents([note])
+  assert sorted(e.code for e in out) == ["I10", "M10.9"]
+  assert coder.stats["truncated_generations"] == 1 and "split_windows" not in coder.stats
+  windows_seen.clear()
+  coder = coder_lib.Coder(None, tok, **kwargs, split_rounds=2)
+  [out] = coder.code_documents([note])
+  lower = text.lower()
+  assert sorted((e.code, e.begin) for e in out) == sorted(
+      (c, lower.index(t)) for t, c in terms.items())
+  assert all(text[e.begin:e.end].lower() == e.quote.lower() for e in out)
+  # Every cut window was split (the halves of the first, then of a half still cut); every
+  # later window is a shorter piece of the note.
+  assert coder.stats["split_windows"] == coder.stats["truncated_generations"] >= 1
+  assert len(windows_seen) == 1 + 2 * coder.stats["split_windows"]
+  assert all(w in lower and len(w) < len(windows_seen[0]) for w in windows_seen[1:])
