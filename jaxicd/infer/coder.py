@@ -15,11 +15,6 @@ note and merges the windows:
   (Constrained decoding masks the logits, but the score uses the raw model probabilities, so a
   code the grammar forced gets a low score.)
 
-**Split windows** (``split_rounds=N``): a window whose answer runs past ``max_new_tokens`` (a
-dense problem list or sign-out holds more codes than the answer fits) keeps its complete lines
-and is planned again as windows of about half its note tokens, which are coded in turn, up to N
-times.
-
 **Span re-coding** (``recode=True``): the document pass proposes evidence spans; each distinct
 grounded span is then coded again on its own with the span prompt (the task the span examples
 teach), batched, decoding only the code (`generate(..., code_only=True)`): evidence-first, the
@@ -207,8 +202,6 @@ class Coder:
     scan: also code every clause of the note with the span prompt (see the module docstring).
     threshold: drop codes scored below it (0 keeps all).
     share_prefix: prefill the prompt prefix a batch shares once (`generate`).
-    split_rounds: times a window cut by ``max_new_tokens`` is coded again in halves (see the
-      module docstring; 0: never).
   """
 
   def __init__(self, model: Any, tokenizer: Any, *, code_space: Sequence[str] | str = "demo",
@@ -218,8 +211,7 @@ class Coder:
                generate_fn: GenerateFn | None = None,
                answer_format: str = prompts.CODE_FIRST, recode: bool = False,
                recode_batch_size: int = 32, scan: bool = False, threshold: float = 0.0,
-               threshold_origin: str = "configured", share_prefix: bool = True,
-               split_rounds: int = 0):
+               threshold_origin: str = "configured", share_prefix: bool = True):
     if isinstance(code_space, str):
       code_space = demo.code_space(code_space)
     self.model, self.tokenizer = model, tokenizer
@@ -242,14 +234,13 @@ class Coder:
     self.stop_ids = sorted({i for i in (tokenizer.end_of_turn_id,
                                         getattr(tokenizer, "eos_id", None)) if i is not None})
     self.bucket, self.temperature, self.seed = bucket, temperature, seed
-    self.share_prefix, self.split_rounds = share_prefix, split_rounds
+    self.share_prefix = share_prefix
     self._generate = self._model_generate
     if generate_fn is not None:  # a scripted model: plain document prompts need no keywords
       self._generate = lambda batch, note_ranges, code_only: (
           generate_fn(batch) if note_ranges is None and not code_only else
           generate_fn(batch, note_ranges=note_ranges, code_only=code_only))
     self._calls = 0
-    self._prompt_overhead: int | None = None  # prompt tokens of an empty note
     self.stats: collections.Counter[str] = collections.Counter()
 
   def _model_generate(self, batch: list[np.ndarray], note_ranges=None,
@@ -279,16 +270,23 @@ class Coder:
                                          note_range=self.evidence_first):
         doc_windows.append((d, w))
     self.stats.update(documents=len(docs), windows=len(doc_windows))
+    order = sorted(range(len(doc_windows)), key=lambda i: -len(doc_windows[i][1].tokens))
     per_doc: list[list[tuple[list[prompts.Prediction], list[_Line]]]] = [[] for _ in docs]
-    cut = self._code_windows(docs, doc_windows, per_doc)
-    for _ in range(self.split_rounds):
-      # Windows whose answer ran past max_new_tokens hold more codes than it fits: their
-      # halves are coded again (their complete lines are kept too).
-      halves = [(d, h) for d, w in cut for h in self._halves(docs[d], w)]
-      if not halves:
-        break
-      self.stats["split_windows"] += len({(d, w.index, w.begin) for d, w in cut})
-      cut = self._code_windows(docs, halves, per_doc)
+    generated = 0
+    for lo in range(0, len(order), self.batch_size):
+      idx = order[lo:lo + self.batch_size]
+      gen = self._generate([doc_windows[i][1].tokens for i in idx],
+                           [(doc_windows[i][1].note_lo, doc_windows[i][1].note_hi) for i in idx]
+                           if self.evidence_first else None, False)
+      for row, i in enumerate(idx):
+        d, w = doc_windows[i]
+        per_doc[d].append(self._read_window(docs[d], w, gen, row))
+        generated += int(gen.lengths[row])
+      done = lo + len(idx)
+      elapsed = time.perf_counter() - t0
+      log.info("coded %d/%d windows (%d documents), %d tokens generated, %.1f tokens/s",
+               done, len(order), len(docs), generated, generated / max(elapsed, 1e-9))
+    self.stats.update(generated_tokens=generated)
     coded = [self._merge(doc, parts) for doc, parts in zip(docs, per_doc)]
     if self.recode:
       coded = self.recode_evidence(docs, coded)
@@ -301,51 +299,6 @@ class Coder:
       coded = kept
     self.stats["seconds"] += time.perf_counter() - t0
     return coded
-
-  def _code_windows(self, docs: Sequence[Document],
-                    doc_windows: list[tuple[int, windows.DocumentWindow]],
-                    per_doc: list[list]) -> list[tuple[int, windows.DocumentWindow]]:
-    """Codes `doc_windows` (batched, longest first), appending each window's lines to its
-    document's `per_doc` entry; returns the windows cut by ``max_new_tokens``."""
-    t0 = time.perf_counter()
-    order = sorted(range(len(doc_windows)), key=lambda i: -len(doc_windows[i][1].tokens))
-    generated, cut = 0, []
-    for lo in range(0, len(order), self.batch_size):
-      idx = order[lo:lo + self.batch_size]
-      gen = self._generate([doc_windows[i][1].tokens for i in idx],
-                           [(doc_windows[i][1].note_lo, doc_windows[i][1].note_hi) for i in idx]
-                           if self.evidence_first else None, False)
-      for row, i in enumerate(idx):
-        d, w = doc_windows[i]
-        per_doc[d].append(self._read_window(docs[d], w, gen, row))
-        generated += int(gen.lengths[row])
-        if not gen.stopped[row]:
-          cut.append((d, w))
-      elapsed = time.perf_counter() - t0
-      log.info("coded %d/%d windows (%d documents), %d tokens generated, %.1f tokens/s",
-               lo + len(idx), len(order), len(docs), generated, generated / max(elapsed, 1e-9))
-    self.stats["generated_tokens"] += generated
-    return cut
-
-  def _halves(self, doc: Document, w: windows.DocumentWindow) -> list[windows.DocumentWindow]:
-    """`w`'s text planned again as windows of about half its note tokens (none when it is too
-    short to split or does not split)."""
-    if self._prompt_overhead is None:
-      self._prompt_overhead = len(prompts.encode_prompt(self.tokenizer, ""))
-    half = -(-(len(w.tokens) - self._prompt_overhead) // 2)
-    if half < 16:
-      return []
-    part = Document(doc.id, doc.text[w.begin:w.end], ())
-    try:
-      subs = windows.inference_windows(
-          part, self.tokenizer, seq_len=self._prompt_overhead + half + self.max_new_tokens + 8,
-          window_overlap=min(self.window_overlap, half // 4),
-          max_new_tokens=self.max_new_tokens, note_range=self.evidence_first)
-    except ValueError:  # a piece without a place to cut: keep the window as it was coded
-      return []
-    if len(subs) < 2:
-      return []
-    return [dataclasses.replace(s, begin=s.begin + w.begin, end=s.end + w.begin) for s in subs]
 
   def span_prompt(self, text: str) -> np.ndarray:
     """The prompt that re-codes evidence `text` alone: code-first the span prompt (the answer
@@ -488,5 +441,5 @@ def build_coder(cfg: Any, model: Any, tokenizer: Any, workdir: Any = None) -> Co
                batch_size=int(ec.batch_size), constrained=bool(ec.constrained),
                unique_codes=bool(ec.unique_codes), answer_format=data.answer_format,
                recode=bool(ec.recode), recode_batch_size=int(ec.recode_batch_size),
-               scan=bool(ec.scan), split_rounds=int(ec.split_rounds),
+               scan=bool(ec.scan),
                threshold=threshold, threshold_origin=origin)

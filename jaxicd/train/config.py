@@ -131,9 +131,6 @@ def base_config() -> ml_collections.ConfigDict:
       # Also code every clause of the note with the span prompt (the segment scan: evidence the
       # document pass misses, e.g. in note styles the training documents never showed).
       scan=False,
-      # Code a window whose answer ran past max_new_tokens again in halves, up to N times
-      # (jaxicd.infer.coder; dense problem lists and sign-outs hold more codes than it fits).
-      split_rounds=0,
       # "" decodes with the trained model as it is; a dtype decodes with a copy in that dtype
       # with the adapters folded into the base (a CPU without bf16 units: "float32").
       dtype="",
