@@ -509,6 +509,7 @@ class _Note:
       w.span(m, for_code, "medication")
       w.text("\n")
 
+
 def _discharge(n: _Note, doc_id: str, target_words: int) -> None:
   """The long note: a discharge summary with every section."""
   rng, w, fill, conds = n.rng, n.w, n.fill, n.conds
@@ -613,7 +614,6 @@ def _discharge(n: _Note, doc_id: str, target_words: int) -> None:
   w.text("\nDISCHARGE INSTRUCTIONS:\n" + " ".join(_DISCHARGE) + "\n")
 
 
-
 # ----------------------------------------------------------------------------- other styles
 # Short notes as clinicians also write them: terse, abbreviated, list-shaped. Their phrasing is
 # this module's own too (disjoint from the expansion templates, checked on the output).
@@ -630,7 +630,8 @@ _SOAP_NEG = ("Denies any {d} overnight.", "No {d} per RN.", "Without {d} today."
 _SOAP_EXAM = ("Gen: sitting up in chair, NAD", "CV: RRR", "Resp: CTAB, unlabored",
               "Abd: soft, NT/ND", "Ext: trace edema bilat", "Neuro: A&Ox3, nonfocal",
               "Skin: no rash", "HEENT: MMM")
-_SOAP_ONE_LINER = ("{age}{sx} with {bg} here for {m}.", "{age}{sx} w/ {bg}, hospital day {day} for {m}.",
+_SOAP_ONE_LINER = ("{age}{sx} with {bg} here for {m}.",
+                   "{age}{sx} w/ {bg}, hospital day {day} for {m}.",
                    "{Age}-yo {sx} with {bg} admitted for {m}.")
 _SOAP_PLAN_ACUTE = ("{M}: cont current mgmt, reassess in AM", "{M} - improving, wean as tolerated",
                     "{M}: plan per primary team, f/u labs",
@@ -788,6 +789,7 @@ def _document(doc_id: str, split: str, codes: list[str], distractor_pool: list[s
                  source="demo")
   return doc, w.mentions, w.distractors, style
 
+
 def fingerprint() -> str:
   """Changes whenever the generator's code or tables change (for caches of the corpus)."""
   digest = hashlib.sha1()
@@ -844,8 +846,9 @@ def demo_corpus(seed: int = 0, *, train: int = 200, val: int = 50, test: int = 5
       chosen = _choose_codes(n, allowed, weights, must, conflicts, rng)
       todo += [c for c in must if c not in chosen]  # conflicted: try a later document
       target_tokens = rng.uniform(min_tokens, max_tokens)
-      doc, ms, ds, styles[f"demo-{split}-{i:04d}"] = _document(f"demo-{split}-{i:04d}", split, chosen,
-                              allowed, conflicts, int(target_tokens / WORDS_TO_TOKENS), rng)
+      doc_id = f"demo-{split}-{i:04d}"
+      doc, ms, ds, styles[doc_id] = _document(doc_id, split, chosen, allowed, conflicts,
+                                              int(target_tokens / WORDS_TO_TOKENS), rng)
       documents.append(doc)
       mentions[doc.id] = tuple(ms)
       distractors[doc.id] = tuple(ds)

@@ -144,8 +144,8 @@ def _documents_key(source: str, demo_seed: int, manual_dir: str, on_error: str,
 def documents_config_name(source: str, demo_seed: int = 0, manual_dir: str = "", *,
                           on_error: str = "raise",
                           options: Mapping[str, Any] | None = None) -> str:
-  """``demo-seed0-<generator fingerprint>``; a source read from files: ``<source>-<digest>`` of its path, reader
-  options and the contents of its input files (see the module docstring).
+  """``demo-seed0-<generator fingerprint>``; a source read from files: ``<source>-<digest>`` of
+  its path, reader options and the contents of its input files (see the module docstring).
 
   Reads every input file once to hash it, on each call.
   """
