@@ -13,7 +13,9 @@ optimizer steps of 4 x 256 packed tokens, the recipe of ``configs/mixed.py`` oth
 * ``mixed``: Code-Centric Learning (spans + a few documents), evidence-first answers.
 * ``mixed_20``: mixed at 20% of the budget's tokens (the paper's cost claim), in steps of 2 rows
   whose span examples share one copy of the prompt (``data.share_prompt``);
-  ``mixed_20_unshared`` the same tokens in the budget's 4-row steps without sharing.
+  ``mixed_20_unshared`` the same tokens in the budget's 4-row steps without sharing;
+  ``mixed_30`` at 28% of them, as 2-row shared steps: under the coding-quality issue's bound of
+  30% of document SFT's tokens once packing (document SFT fills ~94% of its rows) is counted.
 * ``mixed_code_first``: mixed with the older code-first answer lines (the format comparison).
 
 Each trained arm is evaluated the same way: the document pass codes the first ``--val`` val
@@ -74,6 +76,9 @@ ARMS = (  # in the order they run: the comparisons that matter most come first
     Arm("mixed_20", "mixed.py", fraction=0.2,
         overrides=(("data.share_prompt", True), ("data.batch_size", 2)),
         label="mixed at 20% of the tokens (shared prompt)"),
+    Arm("mixed_30", "mixed.py", fraction=0.28,
+        overrides=(("data.share_prompt", True), ("data.batch_size", 2)),
+        label="mixed at <= 30% of the tokens (shared prompt)"),
     Arm("span_only", "span_only.py", label="span-only"),
     Arm("zero_shot", "mixed.py", fraction=0.0, label="zero-shot (untrained adapters)"),
     Arm("mixed_code_first", "mixed.py", overrides=(("data.answer_format", "code_first"),),
@@ -82,8 +87,11 @@ ARMS = (  # in the order they run: the comparisons that matter most come first
         label="mixed at 20% of the tokens (4-row steps, no sharing)"),
 )
 # The report's row order: from no training to the full recipe.
-DISPLAY = ("zero_shot", "doc_only", "span_only", "mixed_20_unshared", "mixed_20", "mixed",
-           "mixed_code_first")
+DISPLAY = ("zero_shot", "doc_only", "span_only", "mixed_20_unshared", "mixed_20", "mixed_30",
+           "mixed", "mixed_code_first")
+# Arms on a fraction of document SFT's tokens, each held to the gains over it.
+CHEAP_ARMS = ("mixed_20", "mixed_30", "mixed_20_unshared")
+GAIN_TARGETS = (("macro_f1_gain", 0.05), ("unseen_micro_f1_gain", 0.20))
 # Inference variants scored for every arm: (name, candidates, calibrated threshold). Candidates:
 # "doc" the document pass, "recode" its evidence re-coded with the span prompt, "scan" those plus
 # every clause of the note coded with the span prompt (the segment scan).
@@ -582,7 +590,7 @@ def comparisons(results: dict[str, dict]) -> dict[str, float]:
   out = {}
   if "doc_only" in results:
     doc = results["doc_only"]["variants"][chosen(results["doc_only"])]
-    for arm in ("mixed_20", "mixed_20_unshared", "mixed"):
+    for arm in CHEAP_ARMS + ("mixed",):
       if arm in results:
         m = results[arm]["variants"][chosen(results[arm])]
         out[f"{arm}_token_ratio"] = results[arm]["tokens"] / max(results["doc_only"]["tokens"], 1)
@@ -622,12 +630,9 @@ def write_report(results: dict[str, dict], settings: Settings, out: pathlib.Path
       value = results[arm]["variants"][variant].get(metric, float("nan"))
       targets.append([f"{metric} ({arm})", f">= {minimum:.2f}", f"{value:.3f}",
                       "met" if value >= minimum else f"{minimum - value:.3f} short"])
-  for arm, key, minimum in (("mixed_20", "macro_f1_gain", 0.05),
-                            ("mixed_20", "unseen_micro_f1_gain", 0.20),
-                            ("mixed_20_unshared", "macro_f1_gain", 0.05),
-                            ("mixed_20_unshared", "unseen_micro_f1_gain", 0.20),
-                            ("mixed", "macro_f1_gain", None),  # equal budgets: no target
-                            ("mixed", "unseen_micro_f1_gain", None)):
+  gains = [(arm, key, minimum) for arm in CHEAP_ARMS for key, minimum in GAIN_TARGETS]
+  gains += [("mixed", key, None) for key, _ in GAIN_TARGETS]  # equal budgets: no target
+  for arm, key, minimum in gains:
     if f"{arm}_{key}" in cmp:
       value = cmp[f"{arm}_{key}"]
       label = (f"{key.replace('_', ' ')} of {arm} over doc_only "
@@ -650,6 +655,7 @@ def write_report(results: dict[str, dict], settings: Settings, out: pathlib.Path
       "",
       f"- Budget: {settings.steps} optimizer steps of 4 x 256 packed tokens per arm "
       f"(mixed_20: {arm_steps(_arm('mixed_20'), settings)} steps of 2 rows, "
+      f"mixed_30: {arm_steps(_arm('mixed_30'), settings)} of 2, "
       f"mixed_20_unshared: {arm_steps(_arm('mixed_20_unshared'), settings)} of 4); "
       "SmolLM2-135M-Instruct, LoRA r16 on all projections, bf16, the demo corpus.",
       f"- Test: the first {any_r.get('test_notes', 0)} test notes ({gold:.1f} gold codes per "
@@ -728,7 +734,7 @@ def _figure(results: dict[str, dict], path: pathlib.Path) -> None:
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharex=True)
   series = {"document-only": ["zero_shot", "doc_only"],
-            "mixed (Code-Centric)": ["zero_shot", "mixed_20", "mixed"]}
+            "mixed (Code-Centric)": ["zero_shot", "mixed_20", "mixed_30", "mixed"]}
   for ax, metric in zip(axes, ("micro_f1", "macro_f1")):
     for label, arms in series.items():
       pts = [(results[a]["tokens"], results[a]["variants"][chosen(results[a])][metric])

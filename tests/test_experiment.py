@@ -124,12 +124,16 @@ def test_comparisons_against_document_only():
         "macro_f1": macro, "unseen_micro_f1": unseen}}}
   cmp = experiment.comparisons({"doc_only": arm(1000, 0.40, 0.10),
                                 "mixed_20": arm(200, 0.50, 0.45),
+                                "mixed_30": arm(300, 0.62, 0.55),
                                 "mixed_20_unshared": arm(250, 0.30, 0.05)})
   assert cmp["mixed_20_token_ratio"] == 0.2
   assert abs(cmp["mixed_20_macro_f1_gain"] - 0.10) < 1e-12
   assert abs(cmp["mixed_20_unseen_micro_f1_gain"] - 0.35) < 1e-12
   assert cmp["mixed_20_unshared_token_ratio"] == 0.25
   assert abs(cmp["mixed_20_unshared_macro_f1_gain"] + 0.10) < 1e-12
+  assert cmp["mixed_30_token_ratio"] == 0.3
+  assert abs(cmp["mixed_30_macro_f1_gain"] - 0.22) < 1e-12
+  assert abs(cmp["mixed_30_unseen_micro_f1_gain"] - 0.45) < 1e-12
   assert "mixed_token_ratio" not in cmp  # arms not run are not compared
 
 
