@@ -403,6 +403,7 @@ def evaluate_arm(arm: Arm, settings: Settings, workdir: pathlib.Path) -> dict[st
       "val_notes": len(val), "test_notes": len(test), "test_spans": len(spans),
       "eval_seconds": time.perf_counter() - t0,
       "decode_dtype": cfg.eval_coding.dtype or str(cfg.model.dtype),
+      "machine": _cpu_name(),  # reused arms may come from other machines than the report's
       "provenance": provenance(arm, settings),
   }
   return result
@@ -664,6 +665,9 @@ def write_report(results: dict[str, dict], settings: Settings, out: pathlib.Path
       "- Decoding dtype per arm: " + ", ".join(
           f"{a} {results[a].get('decode_dtype', 'bfloat16')}" for a in order)
       + " (the same greedy decoding; float32 runs faster on CPUs without bf16 units).",
+      "- Evaluation minutes and machine per arm: " + ", ".join(
+          f"{a} {results[a]['eval_seconds'] / 60:.0f} ({results[a].get('machine', 'not recorded')})"
+          for a in order) + ".",
       f"- Default inference (`{DEFAULT_VARIANT}`): evidence-first document pass, each evidence "
       "span re-coded with the span prompt, codes kept at the calibrated threshold; `scan` adds "
       "the segment scan (every clause of the note coded alone with the span prompt). Each arm "
