@@ -7,15 +7,18 @@ Arms, all SmolLM2-135M-Instruct with LoRA on the demo corpus, one training budge
 optimizer steps of 4 x 256 packed tokens, the recipe of ``configs/mixed.py`` otherwise):
 
 * ``zero_shot``: untrained adapters (the constrained grammar alone).
-* ``doc_only``: document SFT; checkpoints at each quarter of the budget, the one with the best
-  validation micro-F1 is evaluated (document SFT "trained to its best validation F1").
+* ``doc_only``: document SFT on twice the budget (``DOC_ONLY_BUDGET``): it learns slower than
+  the span recipes and still gained at the end of one budget; checkpoints at each quarter, the
+  one with the best validation micro-F1 is evaluated ("trained to its best validation F1"), and
+  its tokens are those up to that checkpoint.
 * ``span_only``: expansion + annotated spans, no documents.
 * ``mixed``: Code-Centric Learning (spans + a few documents), evidence-first answers.
-* ``mixed_20``: mixed at 20% of the budget's tokens (the paper's cost claim), in steps of 2 rows
-  whose span examples share one copy of the prompt (``data.share_prompt``);
-  ``mixed_20_unshared`` the same tokens in the budget's 4-row steps without sharing;
-  ``mixed_30`` at 28% of them, as 2-row shared steps: under the coding-quality issue's bound of
-  30% of document SFT's tokens once packing (document SFT fills ~94% of its rows) is counted.
+* ``mixed_20``: mixed at 20% of document SFT's budget of tokens (the paper's cost claim), in steps
+  of 2 rows whose span examples share one copy of the prompt (``data.share_prompt``);
+  ``mixed_20_unshared`` the same tokens in 4-row steps without sharing; ``mixed_30`` at 28% of
+  them, as 2-row shared steps: under the coding-quality issue's bound of 30% of document SFT's
+  tokens once packing (document SFT fills ~94% of its rows) is counted. The report checks each
+  one's tokens against the tokens of the document-only checkpoint it is compared with.
 * ``mixed_code_first``: mixed with the older code-first answer lines (the format comparison).
 
 Each trained arm is evaluated the same way: the document pass codes the first ``--val`` val
@@ -67,30 +70,36 @@ class Arm:
   label: str = ""
 
 
+# Document SFT's training budget in budgets (--steps): the cheap arms' fractions are of it.
+DOC_ONLY_BUDGET = 2.0
+
 ARMS = (  # in the order they run: the comparisons that matter most come first
     Arm("mixed", "mixed.py", label="mixed (Code-Centric Learning)"),
-    Arm("doc_only", "doc_only.py", select_best=True, label="document-only SFT"),
+    Arm("doc_only", "doc_only.py", fraction=DOC_ONLY_BUDGET, select_best=True,
+        label="document-only SFT"),
     # 20% of the tokens in steps of 2 rows, each row's span examples sharing one prompt copy:
     # the 135M model learns codes by optimizer steps (a plateau first), so the same tokens go
     # further in more, smaller steps with ~2x the span examples per token.
-    Arm("mixed_20", "mixed.py", fraction=0.2,
+    Arm("mixed_20", "mixed.py", fraction=0.2 * DOC_ONLY_BUDGET,
         overrides=(("data.share_prompt", True), ("data.batch_size", 2)),
         label="mixed at 20% of the tokens (shared prompt)"),
-    Arm("mixed_30", "mixed.py", fraction=0.28,
+    Arm("mixed_30", "mixed.py", fraction=0.28 * DOC_ONLY_BUDGET,
         overrides=(("data.share_prompt", True), ("data.batch_size", 2)),
         label="mixed at <= 30% of the tokens (shared prompt)"),
     Arm("span_only", "span_only.py", label="span-only"),
     Arm("zero_shot", "mixed.py", fraction=0.0, label="zero-shot (untrained adapters)"),
     Arm("mixed_code_first", "mixed.py", overrides=(("data.answer_format", "code_first"),),
         label="mixed, code-first answers"),
-    Arm("mixed_20_unshared", "mixed.py", fraction=0.2,
+    Arm("mixed_20_unshared", "mixed.py", fraction=0.2 * DOC_ONLY_BUDGET,
         label="mixed at 20% of the tokens (4-row steps, no sharing)"),
 )
 # The report's row order: from no training to the full recipe.
 DISPLAY = ("zero_shot", "doc_only", "span_only", "mixed_20_unshared", "mixed_20", "mixed_30",
            "mixed", "mixed_code_first")
-# Arms on a fraction of document SFT's tokens, each held to the issue's gains over it.
+# Arms on a fraction of document SFT's tokens, each held to the issue's gains over it when its
+# tokens are within TOKEN_BOUND of the compared document-only checkpoint's.
 CHEAP_ARMS = ("mixed_20", "mixed_30", "mixed_20_unshared")
+TOKEN_BOUND = 0.30
 GAIN_TARGETS = (("macro_f1_gain", 0.05), ("unseen_micro_f1_gain", 0.20))
 # Inference variants scored for every arm: (name, candidates, calibrated threshold). Candidates:
 # "doc" the document pass, "recode" its evidence re-coded with the span prompt, "scan" those plus
@@ -640,6 +649,9 @@ def write_report(results: dict[str, dict], settings: Settings, out: pathlib.Path
                f"({cmp[f'{arm}_token_ratio']:.0%} of its tokens)")
       if minimum is None:
         targets.append([label, "(no target)", f"{value:+.3f}", ""])
+      elif cmp[f"{arm}_token_ratio"] > TOKEN_BOUND:  # a later document-only checkpoint won
+        targets.append([label, f">= +{minimum:.2f}", f"{value:+.3f}",
+                        f"not comparable: over {TOKEN_BOUND:.0%} of doc_only's tokens"])
       else:
         targets.append([label, f">= +{minimum:.2f}", f"{value:+.3f}",
                         "met" if value >= minimum else f"{minimum - value:.3f} short"])
@@ -655,7 +667,8 @@ def write_report(results: dict[str, dict], settings: Settings, out: pathlib.Path
       "`jaxicd/experiment.py`.",
       "",
       f"- Budget: {settings.steps} optimizer steps of 4 x 256 packed tokens per arm "
-      f"(mixed_20: {arm_steps(_arm('mixed_20'), settings)} steps of 2 rows, "
+      f"(doc_only: {arm_steps(_arm('doc_only'), settings)} steps of 4, its best checkpoint on "
+      "val evaluated; mixed_20: {arm_steps(_arm('mixed_20'), settings)} steps of 2 rows, "
       f"mixed_30: {arm_steps(_arm('mixed_30'), settings)} of 2, "
       f"mixed_20_unshared: {arm_steps(_arm('mixed_20_unshared'), settings)} of 4); "
       "SmolLM2-135M-Instruct, LoRA r16 on all projections, bf16, the demo corpus.",
