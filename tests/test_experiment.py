@@ -138,6 +138,28 @@ def test_comparisons_against_document_only():
   assert "mixed_token_ratio" not in cmp  # arms not run are not compared
 
 
+def test_report_holds_cheap_arms_to_gains_only_within_the_token_bound(tmp_path):
+  def arm(name, tokens, macro, unseen):
+    m = {"micro_f1": 0.5, "micro_precision": 0.5, "micro_recall": 0.5, "macro_f1": macro,
+         "unseen_micro_f1": unseen, "evidence_span_f1": 0.5, "codes_per_note": 9.0,
+         "threshold": 0.3}
+    return {"arm": name, "label": name, "tokens": tokens, "step": 1, "eval_seconds": 60.0,
+            "variants": {"recode+cal": m}, "spans": {"span_exact": 0.5},
+            "gold_codes_per_note": 9.0, "test_notes": 50, "val_notes": 10, "test_spans": 500,
+            "val_selection": {"1": 0.5}}
+  results = {"doc_only": arm("doc_only", 1000, 0.40, 0.10),
+             "mixed_30": arm("mixed_30", 290, 0.47, 0.35),    # 29%: +0.07 / +0.25, both met
+             "mixed_20": arm("mixed_20", 310, 0.60, 0.60)}    # 31%: over the bound
+  experiment.write_report(results, TOY, tmp_path, 1.0, "test")
+  rows = {line.split(" | ")[0].lstrip("| "): line
+          for line in (tmp_path / "results.md").read_text().splitlines() if " over doc_only " in line}
+  assert "| >= +0.05 | +0.070 | met |" in rows["macro f1 gain of mixed_30 over doc_only (29% of its tokens)"]
+  assert "| >= +0.20 | +0.250 | met |" in rows["unseen micro f1 gain of mixed_30 over doc_only (29% of its tokens)"]
+  for key in ("macro f1 gain", "unseen micro f1 gain"):
+    assert "not comparable: over 30% of doc_only's tokens" in rows[
+        f"{key} of mixed_20 over doc_only (31% of its tokens)"]
+
+
 def test_each_arm_is_compared_with_its_val_chosen_variant():
   doc = {"tokens": 1000, "chosen_variant": "doc+cal", "variants": {
       "doc+cal": {"macro_f1": 0.60, "unseen_micro_f1": 0.30},
