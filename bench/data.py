@@ -202,7 +202,13 @@ def main(argv=None) -> dict:
         f"tok/s ({th['warm']['ratio_to_train_step']}x) vs {args.train_tokens_per_s} tok/s "
         f"train step\nepoch tokens: mixed (same examples) / doc-only = "
         f"{ep['mixed_same_examples_vs_doc_only']:.2f}", file=sys.stderr, flush=True)
-  print(json.dumps(result), flush=True)  # last: one line with every figure
+  result["targets"] = {
+      "span_packing_non_pad >= 0.97": pk["span_only"]["non_pad_fraction"] >= 0.97,
+      "shared_prompt_span_example_cost_ratio <= 0.5":
+          result["shared_prompt"]["span_example_cost_ratio"] <= 0.5,
+      "warm_throughput >= 10x train step": th["warm"]["ratio_to_train_step"] >= th["target_ratio"]}
+  result["targets_met"] = all(result["targets"].values())
+  print(json.dumps(result), flush=True)  # last: one line with every figure and each target
   return result
 
 
