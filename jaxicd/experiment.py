@@ -668,7 +668,7 @@ def write_report(results: dict[str, dict], settings: Settings, out: pathlib.Path
       "",
       f"- Budget: {settings.steps} optimizer steps of 4 x 256 packed tokens per arm "
       f"(doc_only: {arm_steps(_arm('doc_only'), settings)} steps of 4, its best checkpoint on "
-      "val evaluated; mixed_20: {arm_steps(_arm('mixed_20'), settings)} steps of 2 rows, "
+      f"val evaluated; mixed_20: {arm_steps(_arm('mixed_20'), settings)} steps of 2 rows, "
       f"mixed_30: {arm_steps(_arm('mixed_30'), settings)} of 2, "
       f"mixed_20_unshared: {arm_steps(_arm('mixed_20_unshared'), settings)} of 4); "
       "SmolLM2-135M-Instruct, LoRA r16 on all projections, bf16, the demo corpus.",

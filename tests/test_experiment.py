@@ -151,6 +151,9 @@ def test_report_holds_cheap_arms_to_gains_only_within_the_token_bound(tmp_path):
              "mixed_30": arm("mixed_30", 290, 0.47, 0.35),    # 29%: +0.07 / +0.25, both met
              "mixed_20": arm("mixed_20", 310, 0.60, 0.60)}    # 31%: over the bound
   experiment.write_report(results, TOY, tmp_path, 1.0, "test")
+  md = (tmp_path / "results.md").read_text()
+  # Document SFT trains twice the 4-step budget; mixed_20 is 20% of that in 2-row steps.
+  assert "(doc_only: 8 steps of 4," in md and "mixed_20: 3 steps of 2 rows" in md
   rows = {line.split(" | ")[0].lstrip("| "): line
           for line in (tmp_path / "results.md").read_text().splitlines() if " over doc_only " in line}
   assert "| >= +0.05 | +0.070 | met |" in rows["macro f1 gain of mixed_30 over doc_only (29% of its tokens)"]
