@@ -81,24 +81,28 @@ def main() -> None:
     torch.set_num_threads(args.torch_threads)
 
   figures = []  # every line printed, repeated in the last one
+  def decode(model, rows, c=None):
+    return gen.generate(model, rows, max_new_tokens=args.new, stop_ids=[], pad_id=tok.pad_id,
+                        bucket=64, constraint=c,
+                        note_ranges=[note_range] * len(rows) if c is not None else None)
+
   for dtype in args.dtypes.split(","):
     model = weights.build_model("smollm2", dtype=dtype, param_dtype=dtype)
+    if not args.skip_torch:
+      hf = fwd._torch_model(model).to(getattr(torch, dtype))  # pylint: disable=protected-access
     for batch in [int(b) for b in args.batches.split(",")]:
       rows = [np.roll(base, i).astype(np.int32) for i in range(batch)]
 
       def run_jax(c=None, rows=rows):
-        return gen.generate(model, rows, max_new_tokens=args.new, stop_ids=[],
-                            pad_id=tok.pad_id, bucket=64, constraint=c,
-                            note_ranges=[note_range] * len(rows) if c is not None else None)
+        return decode(model, rows, c)
 
       contestants = {"jaxicd": run_jax}
       if constraint is not None:
         contestants["jaxicd_constrained"] = lambda: run_jax(constraint)
       if not args.skip_torch:
-        hf = fwd._torch_model(model).to(getattr(torch, dtype))  # pylint: disable=protected-access
         ids = torch.from_numpy(np.stack(rows)).long()
 
-        def run_torch(hf=hf, ids=ids):
+        def run_torch(ids=ids):
           with torch.inference_mode():
             return hf.generate(ids, attention_mask=torch.ones_like(ids),
                                max_new_tokens=args.new, min_new_tokens=args.new,
@@ -127,15 +131,10 @@ def main() -> None:
 
   if constraint is not None:  # the unique-codes rule's cost, at the largest batch
     batch = max(int(b) for b in args.batches.split(","))
-    rows = [np.roll(base, i) for i in range(batch)]
-
-    def run(c):
-      return gen.generate(model, rows, max_new_tokens=args.new, stop_ids=[], pad_id=tok.pad_id,
-                          constraint=c, bucket=64,
-                          note_ranges=[note_range] * batch if c is not None else None)
-
+    rows = [np.roll(base, i).astype(np.int32) for i in range(batch)]
     repeats = dataclasses.replace(constraint, unique_codes=False)
-    runs = [lambda: run(None), lambda: run(repeats), lambda: run(constraint)]
+    runs = [lambda: decode(model, rows), lambda: decode(model, rows, repeats),
+            lambda: decode(model, rows, constraint)]
     free_s, repeats_s, constrained_s = map(min, fwd._time_interleaved(  # pylint: disable=protected-access
         runs, args.iters))
     figures.append({

@@ -155,9 +155,11 @@ def test_report_holds_cheap_arms_to_gains_only_within_the_token_bound(tmp_path):
   # Document SFT trains twice the 4-step budget; mixed_20 is 20% of that in 2-row steps.
   assert "(doc_only: 8 steps of 4," in md and "mixed_20: 3 steps of 2 rows" in md
   rows = {line.split(" | ")[0].lstrip("| "): line
-          for line in (tmp_path / "results.md").read_text().splitlines() if " over doc_only " in line}
-  assert "| >= +0.05 | +0.070 | met |" in rows["macro f1 gain of mixed_30 over doc_only (29% of its tokens)"]
-  assert "| >= +0.20 | +0.250 | met |" in rows["unseen micro f1 gain of mixed_30 over doc_only (29% of its tokens)"]
+          for line in md.splitlines() if " over doc_only " in line}
+  assert "| >= +0.05 | +0.070 | met |" in rows[
+      "macro f1 gain of mixed_30 over doc_only (29% of its tokens)"]
+  assert "| >= +0.20 | +0.250 | met |" in rows[
+      "unseen micro f1 gain of mixed_30 over doc_only (29% of its tokens)"]
   for key in ("macro f1 gain", "unseen micro f1 gain"):
     assert "not comparable: over 30% of doc_only's tokens" in rows[
         f"{key} of mixed_20 over doc_only (31% of its tokens)"]
