@@ -9,6 +9,13 @@ quotes copied from the prompt's note), the run the target is on: >= 3x transform
 and 8 in each dtype. Also reports the code trie's cost and the unique-codes rule's. Times are best
 of `--iters` calls. Prints one JSON object per line, the last with every figure and each target.
 
+Where the constrained run's time goes: the prefill (a call with one new token), each further
+decode step, and host work (the call's wall time outside the jitted function). What bounds a
+decode step: it reads every weight and the batch's KV cache, so with the memory read bandwidth
+measured in the same run (a jitted sum over 512 MB) a step cannot take less than
+bytes / bandwidth ("roofline_tokens_per_s"); "roofline_over_torch" says how far above
+transformers that bound lies, so whether 3x fits under it.
+
   .venv/bin/python bench/decode.py [--dtypes=float32,bfloat16] [--batches=1,8] [--prompt=256]
       [--new=64] [--iters=2] [--skip_torch] [--platform=cpu|gpu|tpu]
 """
@@ -22,6 +29,7 @@ import json
 import os
 import pathlib
 import resource
+import time
 
 import numpy as np
 
@@ -40,6 +48,48 @@ def _forward_bench():
   return module
 
 
+def memory_read_gb_per_s(mb: int = 512, reps: int = 5) -> float:
+  """Best-of-``reps`` read bandwidth of a jitted sum over an ``mb``-MB float32 array."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  x = jnp.ones((mb * 2**20 // 4,), jnp.float32)
+  total = jax.jit(jnp.sum)
+  total(x).block_until_ready()
+  best = float("inf")
+  for _ in range(reps):
+    start = time.perf_counter()
+    total(x).block_until_ready()
+    best = min(best, time.perf_counter() - start)
+  return x.nbytes / best / 1e9
+
+
+def time_split(gen, call, iters: int) -> tuple[float, float]:
+  """(best wall seconds of ``call()``, seconds of that call spent inside the jitted generate
+  function): their difference is host work (batching, padding, transfers, Python)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  jitted = gen._generate_jit  # pylint: disable=protected-access
+  inside = [0.0]
+
+  def timed(*a, **k):
+    start = time.perf_counter()
+    out = jax.block_until_ready(jitted(*a, **k))
+    inside[0] += time.perf_counter() - start
+    return out
+
+  call()  # compiles
+  gen._generate_jit = timed  # pylint: disable=protected-access
+  try:
+    best = (float("inf"), 0.0)
+    for _ in range(iters):
+      inside[0] = 0.0
+      start = time.perf_counter()
+      call()
+      best = min(best, (time.perf_counter() - start, inside[0]))
+    return best
+  finally:
+    gen._generate_jit = jitted  # pylint: disable=protected-access
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--dtypes", default="float32,bfloat16")
@@ -56,6 +106,8 @@ def main() -> None:
   args = parser.parse_args()
   _platform.use(args.platform)
 
+  import jax  # pylint: disable=import-outside-toplevel
+  from flax import nnx  # pylint: disable=import-outside-toplevel
   from jaxicd.data import prompts
   from jaxicd.data.demo import code_space
   from jaxicd.infer import generate as gen
@@ -81,13 +133,18 @@ def main() -> None:
     torch.set_num_threads(args.torch_threads)
 
   figures = []  # every line printed, repeated in the last one
-  def decode(model, rows, c=None):
-    return gen.generate(model, rows, max_new_tokens=args.new, stop_ids=[], pad_id=tok.pad_id,
+  bandwidth = memory_read_gb_per_s()
+  print(json.dumps({"bench": "memory_read", "gb_per_s": round(bandwidth, 1)}), flush=True)
+
+  def decode(model, rows, c=None, new=args.new):
+    return gen.generate(model, rows, max_new_tokens=new, stop_ids=[], pad_id=tok.pad_id,
                         bucket=64, constraint=c,
                         note_ranges=[note_range] * len(rows) if c is not None else None)
 
   for dtype in args.dtypes.split(","):
     model = weights.build_model("smollm2", dtype=dtype, param_dtype=dtype)
+    cfg = model.cfg
+    weight_bytes = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     if not args.skip_torch:
       hf = fwd._torch_model(model).to(getattr(torch, dtype))  # pylint: disable=protected-access
     for batch in [int(b) for b in args.batches.split(",")]:
@@ -116,7 +173,27 @@ def main() -> None:
              "new_tokens": args.new, "torch_threads": args.torch_threads,
              "cpu_count": os.cpu_count()}
       fig.update({f"{name}_tokens_per_s": round(n / s, 1) for name, s in best.items()})
+      # The roofline: every step reads all weights (the tied embedding is the output head) and
+      # the batch's whole cache (prompt bucket + new tokens, masked, not skipped).
+      cache_len = gen.bucket_length(len(base), 64) + args.new
+      cache_bytes = (batch * cache_len * cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim
+                     * np.dtype(dtype).itemsize)
+      roofline = batch * bandwidth * 1e9 / (weight_bytes + cache_bytes)
+      fig.update(weights_mb=round(weight_bytes / 1e6, 1), kv_cache_mb=round(cache_bytes / 1e6, 1),
+                 roofline_tokens_per_s=round(roofline, 1))
+      if "jaxicd_constrained" in best:
+        fig["constrained_share_of_roofline"] = round(n / best["jaxicd_constrained"] / roofline, 3)
+        full_s, inside_s = time_split(gen, lambda: run_jax(constraint), args.iters)
+        _, prefill_s = time_split(gen, lambda: decode(model, rows, constraint, new=1), args.iters)
+        step_s = (inside_s - prefill_s) / (args.new - 1)
+        fig["time_split_ms"] = {"prefill_and_first_token": round(prefill_s * 1e3, 1),
+                                "per_decode_step": round(step_s * 1e3, 2),
+                                "decode_steps": round(step_s * (args.new - 1) * 1e3, 1),
+                                "host": round((full_s - inside_s) * 1e3, 1),
+                                "call": round(full_s * 1e3, 1)}
       if "torch" in best:
+        fig["torch_share_of_roofline"] = round(n / best["torch"] / roofline, 3)
+        fig["roofline_over_torch"] = round(roofline * best["torch"] / n, 2)
         ours = run_jax().tokens
         theirs = run_torch()[:, len(base):].float().numpy()
         fig["greedy_prefix_agreement_tokens"] = float(np.mean(
@@ -150,7 +227,6 @@ def main() -> None:
         "repeats_allowed_tokens_per_s": round(batch * args.new / repeats_s, 1),
         "unique_codes_overhead": round(constrained_s / repeats_s - 1, 3)})
     print(json.dumps(figures[-1]), flush=True)
-  import jax  # pylint: disable=import-outside-toplevel
   judged = [f for f in figures if "target_met" in f]
   print(json.dumps({"bench": "decode_all", "platform": jax.devices()[0].platform,
                     "runs": figures, "target": f"constrained decode >= {TARGET_RATIO}x "

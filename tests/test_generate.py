@@ -343,6 +343,9 @@ class _Bigram(nnx.Module):
     logits = self.table[...][tokens]
     return logits if cache is None else (logits, cache)
 
+  def decoder(self):
+    return lambda tokens, cache: (self.table[...][tokens], cache)
+
 
 def test_unique_codes_greedy_stops_repeating_a_code():
   tok = CharTokenizer()

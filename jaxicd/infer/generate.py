@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 class _LoopState(NamedTuple):
   step: jax.Array         # int32 []: tokens emitted so far (all rows)
   last: jax.Array         # int32 [B]: the token fed next
-  cache: llama_lib.KVCache
+  cache: llama_lib.DecodeCache
   tokens: jax.Array       # int32 [B, max_new]
   logprobs: jax.Array     # float32 [B, max_new]: log p(token) under the unconstrained model
   lengths: jax.Array      # int32 [B]: tokens generated (the stop token included)
@@ -85,9 +85,10 @@ def _generate_jit(graphdef, params, prompt_tokens, prompt_lengths, constraint, s
   # 116 GFLOP and 400 MB that only the last position needs).
   segment_ids = (jnp.arange(P)[None, :] < prompt_lengths[:, None] - 1).astype(jnp.int32)
   _, cache = model.hidden_states(prompt_tokens, segment_ids=segment_ids, cache=cache)
+  cache = llama_lib.decode_cache(cache)
+  decode_step = model.decoder()  # each layer's weights sliced out once, not once per step
   last = prompt_tokens[jnp.arange(B), jnp.maximum(prompt_lengths - 1, 0)]
-  logits, cache = model(last[:, None], cache=cache)
-  logits = logits[:, 0]
+  logits, cache = decode_step(last, cache)
 
   copy0 = grammar.CopyState(prompt_tokens, note_lo, note_hi,
                      jnp.zeros((B, P if evidence_first else 0), bool))
@@ -142,8 +143,8 @@ def _generate_jit(graphdef, params, prompt_tokens, prompt_lengths, constraint, s
     return (s.step < max_new_tokens) & ~jnp.all(s.done)
 
   def body(s: _LoopState):
-    logits, cache = model(s.last[:, None], cache=s.cache)
-    return emit(s._replace(cache=cache), logits[:, 0])
+    logits, cache = decode_step(s.last, s.cache)
+    return emit(s._replace(cache=cache), logits)
 
   state = jax.lax.while_loop(cond, body, state)
   return state.tokens, state.lengths, state.logprobs

@@ -17,6 +17,8 @@ Decoding uses a ``KVCache`` with per-row lengths: rows are right-padded, a call 
 writes its tokens at slots ``lengths[b] + t`` of row ``b`` and advances ``lengths[b]`` by the
 number of real tokens (``segment_ids != 0``) in the row, so one jitted prefill over prompts of
 different lengths followed by a ``jax.lax.while_loop`` of one-token steps needs no re-padding.
+The one-token steps run ``Llama.decoder``: the layers unrolled over per-layer weights and a
+per-layer ``DecodeCache`` (a layer scan copies each layer's weights on every step on the CPU).
 """
 
 from __future__ import annotations
@@ -141,6 +143,26 @@ def init_cache(cfg: LlamaConfig, batch: int, max_len: int, dtype=None) -> KVCach
   dtype = jnp.dtype(dtype or cfg.dtype)
   shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
   return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch,), jnp.int32))
+
+
+class DecodeCache(NamedTuple):
+  """The cache of `Llama.decoder` steps: per layer, keys and values ``[batch, kv_heads, max_len,
+  head_dim]`` as arrays of their own, and filled slots per row.
+
+  Separate buffers let each step write its slot in place; slicing a stacked cache in the layer
+  scan copied every layer's cache on every step. Heads come before slots so the attention dots
+  read the cache as it lies, with no transposed copy.
+  """
+
+  k: tuple[jax.Array, ...]
+  v: tuple[jax.Array, ...]
+  lengths: jax.Array  # int32 [batch]
+
+
+def decode_cache(cache: KVCache) -> DecodeCache:
+  """A (prefilled) `KVCache` laid out for `Llama.decoder` steps (one copy)."""
+  k, v = jnp.swapaxes(cache.k, 2, 3), jnp.swapaxes(cache.v, 2, 3)
+  return DecodeCache(tuple(k), tuple(v), cache.lengths)
 
 
 # --------------------------------------------------------------------------------------------
@@ -453,6 +475,67 @@ class Llama(nnx.Module):
     real = (jnp.ones((B, T), jnp.int32) if segment_ids is None
             else (segment_ids != 0).astype(jnp.int32))
     return x, KVCache(new_k, new_v, cache.lengths + real.sum(axis=1))
+
+  def decoder(self):
+    """``step(tokens [B], cache: DecodeCache) -> (logits float32 [B, vocab], DecodeCache)``: one
+    token per row, the same computation as ``self(tokens[:, None], cache=...)``.
+
+    Call it once, outside the decode loop: it slices each layer's weights out of the stacked
+    arrays there, and the step runs the layers unrolled over them. In a layer scan XLA:CPU copies
+    every layer's weights (and cache) on every step, which made one-token steps of SmolLM2 2-3x
+    slower than their matmuls.
+    """
+    cfg = self.cfg
+    dtype = jnp.dtype(cfg.dtype)
+    stacked = self.layers.arrays()
+    layers = [jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(cfg.num_layers)]
+    embed, final_norm = self.embed.get_value(), self.final_norm.get_value()
+    out_w, vocab_major = self.output_embedding()
+    inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling,
+                             cfg.rope_freq_factors)
+    H, K, D, scale = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.lora.scale
+
+    def step(tokens: jax.Array, cache: DecodeCache) -> tuple[jax.Array, DecodeCache]:
+      B = tokens.shape[0]
+
+      def linear(p, h):  # h [B, 1, in]
+        if B == 1:
+          # XLA:CPU runs a one-row bf16 matmul as a float32 conversion of the whole weight and
+          # a matrix-vector product, several times slower than two rows: give it two.
+          return _linear(p, jnp.concatenate([h, h], axis=1), scale, None)[:, :1]
+        return _linear(p, h, scale, None)
+      slots = cache.lengths  # where this step's token is written; also its position
+      cos, sin = rope_tables(slots[:, None], inv_freq)
+      mask = jnp.arange(cache.k[0].shape[2])[None, :] <= slots[:, None]  # [B, S]
+      rows = jnp.arange(B)
+      x = jnp.take(embed, tokens[:, None], axis=0).astype(dtype)  # [B, 1, hidden]
+      new_k, new_v = [], []
+      for p, ck, cv in zip(layers, cache.k, cache.v):
+        h = rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
+        q = linear(p["q"], h).reshape(B, 1, H, D)
+        k = linear(p["k"], h).reshape(B, 1, K, D)
+        v = linear(p["v"], h).reshape(B, K, D)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        ck = ck.at[rows, :, slots].set(k[:, 0].astype(ck.dtype), mode="drop")
+        cv = cv.at[rows, :, slots].set(v.astype(cv.dtype), mode="drop")
+        new_k.append(ck)
+        new_v.append(cv)
+        # Query heads grouped by the kv head they read (transformers' repeat_kv order).
+        qg = q.reshape(B, K, H // K, D)
+        scores = jnp.einsum("bkgd,bksd->bkgs", qg, ck.astype(dtype),
+                            preferred_element_type=jnp.float32)
+        scores = jnp.where(mask[:, None, None, :], scores * (D ** -0.5), _NEG_INF)
+        probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+        attn = jnp.einsum("bkgs,bksd->bkgd", probs, cv.astype(dtype)).reshape(B, 1, H * D)
+        x = x + linear(p["o"], attn)
+        h = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
+        x = x + linear(p["down"], jax.nn.silu(linear(p["gate"], h)) * linear(p["up"], h))
+      x = rms_norm(x[:, 0], final_norm, cfg.rms_norm_eps)
+      rows_out = x if B > 1 else jnp.concatenate([x, x])
+      logits = project_to_vocab(rows_out, out_w, vocab_major)[:B]
+      return logits, DecodeCache(tuple(new_k), tuple(new_v), cache.lengths + 1)
+
+    return step
 
   def output_embedding(self) -> tuple[jax.Array, bool]:
     """The output projection and its layout: ``(embed [vocab, hidden], True)`` when tied,
