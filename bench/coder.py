@@ -6,7 +6,9 @@ window of every note, constrained evidence-first decoding), then the span re-cod
 the evidence it found. Each run in `--runs` (``shared``: the prompt prefix a batch shares is
 prefilled once; ``unshared``: every row prefills its whole prompt; a ``-float32`` suffix decodes
 with a float32 copy with the adapters folded in, ``eval_coding.dtype``) codes the same notes
-with the same batch sizes; a warm-up call per run compiles first. Prints one JSON line per run
+with the same batch sizes; a warm-up call per run compiles first (shapes it did not meet compile
+in the timed run: ``time_split_s`` splits each stage into compilation, the jitted generate calls
+and host work). Prints one JSON line per run
 and, last, one with every run, the ratios to the first run and the target (the fastest run
 >= 3x the first's notes per minute).
 
@@ -25,6 +27,7 @@ import pathlib
 import time
 
 import _platform
+import _timing
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 # The fastest run's notes per minute over the first run's (the unshared layout: every row
@@ -56,6 +59,7 @@ def main() -> None:
   import jax  # pylint: disable=import-outside-toplevel
   from jaxicd.data import pipeline  # pylint: disable=import-outside-toplevel
   from jaxicd.infer import coder as coder_lib  # pylint: disable=import-outside-toplevel
+  from jaxicd.infer import generate as generate_lib  # pylint: disable=import-outside-toplevel
   from jaxicd.train.trained import TrainedModel  # pylint: disable=import-outside-toplevel
 
   cfg = _config(args.config)
@@ -76,9 +80,11 @@ def main() -> None:
     coder.model = coder_lib.decoding_model(cfg, trained)
     coder.recode_evidence(docs[:1], coder.code_documents(docs[:1]))  # compile
     t0 = time.perf_counter()
-    first = coder.code_documents(docs)
+    with _timing.generate_split(generate_lib) as doc_split:
+      first = coder.code_documents(docs)
     t1 = time.perf_counter()
-    coder.recode_evidence(docs, first)
+    with _timing.generate_split(generate_lib) as recode_split:
+      coder.recode_evidence(docs, first)
     t2 = time.perf_counter()
     stats = coder.stats
     results[run] = {
@@ -87,6 +93,9 @@ def main() -> None:
         "windows": stats["windows"], "generated_tokens": stats["generated_tokens"],
         "recoded_spans": stats["recoded_spans"], "document_pass_s": round(t1 - t0, 2),
         "recode_s": round(t2 - t1, 2), "notes_per_minute": round(60 * len(docs) / (t2 - t0), 2),
+        "time_split_s": {stage: {k: round(v, 2) for k, v in split.items()}
+                         for stage, split in (("document_pass", doc_split),
+                                              ("recode", recode_split))},
         "batch_size": args.batch_size, "recode_batch_size": args.recode_batch_size,
         "cpu_count": os.cpu_count()}
     print(json.dumps(results[run]), flush=True)

@@ -34,6 +34,7 @@ import time
 import numpy as np
 
 import _platform
+import _timing
 
 
 TARGET_RATIO = 3.0  # constrained jaxicd decode over transformers generate, same dtype and batch
@@ -63,31 +64,16 @@ def memory_read_gb_per_s(mb: int = 512, reps: int = 5) -> float:
   return x.nbytes / best / 1e9
 
 
-def time_split(gen, call, iters: int) -> tuple[float, float]:
-  """(best wall seconds of ``call()``, seconds of that call spent inside the jitted generate
-  function): their difference is host work (batching, padding, transfers, Python)."""
-  import jax  # pylint: disable=import-outside-toplevel
-  jitted = gen._generate_jit  # pylint: disable=protected-access
-  inside = [0.0]
-
-  def timed(*a, **k):
-    start = time.perf_counter()
-    out = jax.block_until_ready(jitted(*a, **k))
-    inside[0] += time.perf_counter() - start
-    return out
-
-  call()  # compiles
-  gen._generate_jit = timed  # pylint: disable=protected-access
-  try:
-    best = (float("inf"), 0.0)
-    for _ in range(iters):
-      inside[0] = 0.0
-      start = time.perf_counter()
+def time_split(gen, call, iters: int) -> dict[str, float]:
+  """`_timing.generate_split` of the fastest of `iters` calls of ``call()`` (compiled first)."""
+  call()
+  best = None
+  for _ in range(iters):
+    with _timing.generate_split(gen) as split:
       call()
-      best = min(best, (time.perf_counter() - start, inside[0]))
-    return best
-  finally:
-    gen._generate_jit = jitted  # pylint: disable=protected-access
+    if best is None or split["wall"] < best["wall"]:
+      best = split
+  return best
 
 
 def main() -> None:
@@ -183,14 +169,14 @@ def main() -> None:
                  roofline_tokens_per_s=round(roofline, 1))
       if "jaxicd_constrained" in best:
         fig["constrained_share_of_roofline"] = round(n / best["jaxicd_constrained"] / roofline, 3)
-        full_s, inside_s = time_split(gen, lambda: run_jax(constraint), args.iters)
-        _, prefill_s = time_split(gen, lambda: decode(model, rows, constraint, new=1), args.iters)
-        step_s = (inside_s - prefill_s) / (args.new - 1)
-        fig["time_split_ms"] = {"prefill_and_first_token": round(prefill_s * 1e3, 1),
+        full = time_split(gen, lambda: run_jax(constraint), args.iters)
+        prefill = time_split(gen, lambda: decode(model, rows, constraint, new=1), args.iters)
+        step_s = (full["device"] - prefill["device"]) / (args.new - 1)
+        fig["time_split_ms"] = {"prefill_and_first_token": round(prefill["device"] * 1e3, 1),
                                 "per_decode_step": round(step_s * 1e3, 2),
                                 "decode_steps": round(step_s * (args.new - 1) * 1e3, 1),
-                                "host": round((full_s - inside_s) * 1e3, 1),
-                                "call": round(full_s * 1e3, 1)}
+                                "host": round(full["host"] * 1e3, 1),
+                                "call": round(full["wall"] * 1e3, 1)}
       if "torch" in best:
         fig["torch_share_of_roofline"] = round(n / best["torch"] / roofline, 3)
         fig["roofline_over_torch"] = round(roofline * best["torch"] / n, 2)
