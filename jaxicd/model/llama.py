@@ -504,6 +504,7 @@ class Llama(nnx.Module):
           # a matrix-vector product, several times slower than two rows: give it two.
           return _linear(p, jnp.concatenate([h, h], axis=1), scale, None)[:, :1]
         return _linear(p, h, scale, None)
+
       slots = cache.lengths  # where this step's token is written; also its position
       cos, sin = rope_tables(slots[:, None], inv_freq)
       mask = jnp.arange(cache.k[0].shape[2])[None, :] <= slots[:, None]  # [B, S]
