@@ -29,7 +29,6 @@ import json
 import os
 import pathlib
 import resource
-import time
 
 import numpy as np
 
@@ -49,19 +48,14 @@ def _forward_bench():
   return module
 
 
-def memory_read_gb_per_s(mb: int = 512, reps: int = 5) -> float:
+def memory_read_gb_per_s(fwd, mb: int = 512, reps: int = 5) -> float:
   """Best-of-``reps`` read bandwidth of a jitted sum over an ``mb``-MB float32 array."""
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   x = jnp.ones((mb * 2**20 // 4,), jnp.float32)
   total = jax.jit(jnp.sum)
-  total(x).block_until_ready()
-  best = float("inf")
-  for _ in range(reps):
-    start = time.perf_counter()
-    total(x).block_until_ready()
-    best = min(best, time.perf_counter() - start)
-  return x.nbytes / best / 1e9
+  seconds = fwd._time_interleaved([lambda: total(x).block_until_ready()], reps)[0]  # pylint: disable=protected-access
+  return x.nbytes / min(seconds) / 1e9
 
 
 def time_split(gen, call, iters: int) -> dict[str, float]:
@@ -119,7 +113,7 @@ def main() -> None:
     torch.set_num_threads(args.torch_threads)
 
   figures = []  # every line printed, repeated in the last one
-  bandwidth = memory_read_gb_per_s()
+  bandwidth = memory_read_gb_per_s(fwd)
   print(json.dumps({"bench": "memory_read", "gb_per_s": round(bandwidth, 1)}), flush=True)
 
   def decode(model, rows, c=None, new=args.new):

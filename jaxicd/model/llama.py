@@ -269,17 +269,26 @@ def _attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax
   B, T, H, D = q.shape
   kv_heads = k.shape[2]
   if T == 1:
-    # One-token decode steps: group the query heads instead of copying the (long) cache.
-    q = q.reshape(B, T, kv_heads, H // kv_heads, D)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
-    scores = jnp.where(mask[:, None, None, :, :], scores * (D ** -0.5), _NEG_INF)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(B, T, H * D)
+    return _one_token_attention(q[:, 0], jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2),
+                                mask[:, 0])[:, None]
   # Prefill/training: repeating k/v to all query heads makes plain [B, H]-batched matmuls, which
   # XLA:CPU runs ~2.5x faster than the grouped 5-D contraction (measured on SmolLM2 shapes).
   k = jnp.repeat(k, H // kv_heads, axis=2)
   v = jnp.repeat(v, H // kv_heads, axis=2)
   return _multi_head_attention(q, k, v, mask).reshape(B, T, H * D)
+
+
+def _one_token_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+  """One query token per row: q ``[B,H,D]``, k/v ``[B,Hkv,S,D]``, mask bool ``[B,S]`` ->
+  ``[B, H*D]``. The query heads are grouped by the kv head they read instead of repeating the
+  (long) cache to every query head."""
+  B, H, D = q.shape
+  kv_heads = k.shape[1]
+  q = q.reshape(B, kv_heads, H // kv_heads, D)
+  scores = jnp.einsum("bkgd,bksd->bkgs", q, k, preferred_element_type=jnp.float32)
+  scores = jnp.where(mask[:, None, None, :], scores * (D ** -0.5), _NEG_INF)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  return jnp.einsum("bkgs,bksd->bkgd", probs, v).reshape(B, H * D)
 
 
 def _attention_scores(q, k, mask):
@@ -498,12 +507,15 @@ class Llama(nnx.Module):
     def step(tokens: jax.Array, cache: DecodeCache) -> tuple[jax.Array, DecodeCache]:
       B = tokens.shape[0]
 
-      def linear(p, h):  # h [B, 1, in]
+      def two_rows(matmul, h):  # h [B, 1, in]
         if B == 1:
           # XLA:CPU runs a one-row bf16 matmul as a float32 conversion of the whole weight and
           # a matrix-vector product, several times slower than two rows: give it two.
-          return _linear(p, jnp.concatenate([h, h], axis=1), scale, None)[:, :1]
-        return _linear(p, h, scale, None)
+          return matmul(jnp.concatenate([h, h], axis=1))[:, :1]
+        return matmul(h)
+
+      def linear(p, h):
+        return two_rows(lambda h: _linear(p, h, scale, None), h)
 
       slots = cache.lengths  # where this step's token is written; also its position
       cos, sin = rope_tables(slots[:, None], inv_freq)
@@ -521,19 +533,12 @@ class Llama(nnx.Module):
         cv = cv.at[rows, :, slots].set(v.astype(cv.dtype), mode="drop")
         new_k.append(ck)
         new_v.append(cv)
-        # Query heads grouped by the kv head they read (transformers' repeat_kv order).
-        qg = q.reshape(B, K, H // K, D)
-        scores = jnp.einsum("bkgd,bksd->bkgs", qg, ck.astype(dtype),
-                            preferred_element_type=jnp.float32)
-        scores = jnp.where(mask[:, None, None, :], scores * (D ** -0.5), _NEG_INF)
-        probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-        attn = jnp.einsum("bkgs,bksd->bkgd", probs, cv.astype(dtype)).reshape(B, 1, H * D)
-        x = x + linear(p["o"], attn)
+        attn = _one_token_attention(q[:, 0], ck.astype(dtype), cv.astype(dtype), mask)
+        x = x + linear(p["o"], attn[:, None])
         h = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
         x = x + linear(p["down"], jax.nn.silu(linear(p["gate"], h)) * linear(p["up"], h))
-      x = rms_norm(x[:, 0], final_norm, cfg.rms_norm_eps)
-      rows_out = x if B > 1 else jnp.concatenate([x, x])
-      logits = project_to_vocab(rows_out, out_w, vocab_major)[:B]
+      x = rms_norm(x, final_norm, cfg.rms_norm_eps)
+      logits = two_rows(lambda h: project_to_vocab(h, out_w, vocab_major), x)[:, 0]
       return logits, DecodeCache(tuple(new_k), tuple(new_v), cache.lengths + 1)
 
     return step
