@@ -154,8 +154,9 @@ def main() -> None:
              "cpu_count": os.cpu_count()}
       fig.update({f"{name}_tokens_per_s": round(n / s, 1) for name, s in best.items()})
       # The roofline: every step reads all weights (the tied embedding is the output head) and
-      # the batch's whole cache (prompt bucket + new tokens, masked, not skipped).
-      cache_len = gen.bucket_length(len(base), 64) + args.new
+      # the batch's whole cache (its slots: prompt bucket + new tokens rounded up by
+      # `slot_count`; masked, not skipped).
+      cache_len = gen.slot_count(gen.bucket_length(len(base), 64) + args.new, 64)
       cache_bytes = (batch * cache_len * cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim
                      * np.dtype(dtype).itemsize)
       roofline = batch * bandwidth * 1e9 / (weight_bytes + cache_bytes)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 import re
 import sys
 from typing import NoReturn
@@ -60,6 +61,32 @@ def _add_xla_flags(flags: str) -> None:
   os.environ["XLA_FLAGS"] = " ".join([current, *missing]).strip()
 
 
+def compilation_cache_path(spec: str) -> pathlib.Path | None:
+  """The directory of ``config.compilation_cache_dir``: "auto" is ``$XDG_CACHE_HOME/jaxicd/jax``
+  (``~/.cache/jaxicd/jax`` without it), "" none."""
+  if not spec:
+    return None
+  if spec == "auto":
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join("~", ".cache")
+    spec = os.path.join(base, "jaxicd", "jax")
+  return pathlib.Path(spec).expanduser()
+
+
+def _use_compilation_cache(spec: str) -> None:
+  """Points JAX's persistent compilation cache at `spec` (`compilation_cache_path`), unless the
+  user set one ($JAX_COMPILATION_CACHE_DIR). Takes effect if nothing was compiled yet."""
+  path = compilation_cache_path(spec)
+  import jax  # pylint: disable=g-import-not-at-top
+  if path is None or jax.config.jax_compilation_cache_dir:
+    return
+  try:
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+  except OSError as e:
+    raise errors.ConfigError(f"config.compilation_cache_dir={spec!r}: cannot create {path} "
+                             f"({e.strerror}); set another directory or \"\" for none") from e
+  jax.config.update("jax_compilation_cache_dir", str(path))
+
+
 def run(config, workdir: str) -> dict:
   """Runs ``config.mode`` in ``workdir``; returns a JSON-able summary.
 
@@ -78,6 +105,7 @@ def run(config, workdir: str) -> dict:
     from jaxicd import cost_model  # pylint: disable=g-import-not-at-top
     return cost_model.run_plan(config)
   _add_xla_flags(config.cpu_xla_flags)
+  _use_compilation_cache(config.compilation_cache_dir)
   from jaxicd import modes  # pylint: disable=g-import-not-at-top
   return modes.run(config, workdir)
 

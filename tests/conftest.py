@@ -5,11 +5,17 @@ from __future__ import annotations
 import importlib
 import os
 import pathlib
+import tempfile
 import types
 from typing import Callable, NoReturn
 
 import numpy as np
 import pytest
+
+# Runs' "auto" compilation cache (config.compilation_cache_dir) goes to a temporary directory,
+# not the home directory of whoever runs the tests.
+os.environ["XDG_CACHE_HOME"] = os.path.join(tempfile.gettempdir(), "jaxicd-tests-cache")
+
 
 def missing_requirement(message: str, env: str) -> NoReturn:
   """Skips the calling test (or module, at import time) for something missing on this machine,

@@ -112,11 +112,33 @@ def test_chunked_batches_and_one_compilation_for_new_params(tiny):
   # compiled function.
   other = llama.create(preset("tiny"), seed=4)
   gen.generate(other, ps, max_new_tokens=8, stop_ids=[], bucket=16, batch_size=2)
-  before = gen._generate_jit._cache_size()
+  before = (gen._prefill_jit._cache_size(), gen._decode_jit._cache_size())
   moved = gen.generate(tiny, ps, max_new_tokens=8, stop_ids=[], bucket=16, batch_size=2)
   gen.generate(other, ps, max_new_tokens=8, stop_ids=[], bucket=16, batch_size=2)
-  assert gen._generate_jit._cache_size() == before
+  assert (gen._prefill_jit._cache_size(), gen._decode_jit._cache_size()) == before
   np.testing.assert_array_equal(moved.tokens, whole.tokens)
+
+
+def test_slot_count_hand_cases():
+  # bucket x (1, 1.5, 2, 3, 4, 6, 8, ...): the first that holds n.
+  assert [gen.slot_count(n, 64) for n in (1, 64, 65, 96, 97, 128, 129, 193, 288, 385)] == [
+      64, 64, 96, 96, 128, 128, 192, 256, 384, 512]
+  assert [gen.slot_count(n, 16) for n in (9, 17, 25, 73, 89, 153)] == [16, 24, 32, 96, 96, 192]
+
+
+def test_prompt_widths_in_one_slot_step_share_the_decode_loop(tiny):
+  # Widths 64 and 80 (+ 8 new tokens: 72 and 88) both get 96 slots (16 x 6): a second prefill
+  # compilation, no second decode loop; outputs still match the naive loop.
+  short = _prompts(tiny.cfg.vocab_size, [50, 60], seed=6)
+  long = _prompts(tiny.cfg.vocab_size, [70, 75], seed=7)
+  gen.generate(tiny, short, max_new_tokens=8, stop_ids=[], bucket=16, share_prefix=False)
+  decode_before = gen._decode_jit._cache_size()
+  prefill_before = gen._prefill_jit._cache_size()
+  g = gen.generate(tiny, long, max_new_tokens=8, stop_ids=[], bucket=16, share_prefix=False)
+  assert gen._decode_jit._cache_size() == decode_before
+  assert gen._prefill_jit._cache_size() == prefill_before + 1
+  for i, p in enumerate(long):
+    assert g.tokens[i].tolist() == _naive_greedy(tiny, p, 8, width=96)[0]
 
 
 def test_low_temperature_sampling_is_greedy(tiny):

@@ -320,3 +320,30 @@ def test_expected_errors_print_one_line_without_traceback(tmp_path):
     assert not workdir.exists()
   proc = _main(*cases[0][0], f"--workdir={workdir}", "--verbose")
   assert proc.returncode != 0 and "Traceback" in proc.stderr and "FileNotFoundError" in proc.stderr
+
+
+def test_compilation_cache_path_hand_cases(monkeypatch):
+  from jaxicd import main  # pylint: disable=import-outside-toplevel
+  monkeypatch.setenv("XDG_CACHE_HOME", "/var/cache/me")
+  assert main.compilation_cache_path("auto") == pathlib.Path("/var/cache/me/jaxicd/jax")
+  monkeypatch.delenv("XDG_CACHE_HOME")
+  assert main.compilation_cache_path("auto") == pathlib.Path.home() / ".cache/jaxicd/jax"
+  assert main.compilation_cache_path("") is None
+  assert main.compilation_cache_path("~/x") == pathlib.Path.home() / "x"
+
+
+def test_a_run_fills_the_configured_compilation_cache(tmp_path):
+  """A second run (eval after train, predict) finds the compiled programs on disk."""
+  tok = train_worker.write_byte_tokenizer(tmp_path / "tok")
+  cache = tmp_path / "xla"
+  env = train_worker.subprocess_env()
+  env.pop("JAX_COMPILATION_CACHE_DIR")
+  env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+  proc = subprocess.run(
+      [sys.executable, "-m", "jaxicd.main", "--config=configs/tiny.py",
+       f"--workdir={tmp_path / 'run'}", f"--config.model.tokenizer={tok}",
+       "--config.train.steps=1", "--config.checkpoint.every=0",
+       f"--config.compilation_cache_dir={cache}"],
+      capture_output=True, text=True, cwd=str(ROOT), env=env, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert cache.is_dir() and len(list(cache.iterdir())) >= 1

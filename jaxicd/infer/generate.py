@@ -1,16 +1,18 @@
 """Batched, jitted text generation with a KV cache, and code-constrained decoding.
 
-`generate(model, prompts, ...)` runs one jitted function: a prefill of all prompts (right-padded
-to a length bucket, ``segment_ids`` 1 on real tokens) that fills a `KVCache`, then a
-``jax.lax.while_loop`` of one-token steps whose carry is a small `_LoopState` (token buffer,
-cache, step, done flags, per-row answer-grammar state). Rows stop at a stop token (end-of-turn /
-eos) or after ``max_new_tokens``; the loop ends when every row is done.
+`generate(model, prompts, ...)` runs two jitted functions per batch: a prefill of all prompts
+(right-padded to a length bucket, ``segment_ids`` 1 on real tokens) that fills a decode cache,
+then a ``jax.lax.while_loop`` of one-token steps whose carry is a small `_LoopState` (token
+buffer, cache, step, done flags, per-row answer-grammar state). Rows stop at a stop token
+(end-of-turn / eos) or after ``max_new_tokens``; the loop ends when every row is done.
 
-The model enters the jitted function as ``nnx.split(model)``: the graphdef is static and the
+The model enters the jitted functions as ``nnx.split(model)``: the graphdef is static and the
 state is an argument, so one compiled function serves any parameters of the same structure (a
-LoRA checkpoint restored from Orbax, merged weights, ...). Compilation happens once per
-(graphdef, batch, prompt-length bucket, max_new_tokens, constrained, sampling); prompt lengths
-are rounded up to a multiple of ``bucket`` so documents of varied length reuse the compilation.
+LoRA checkpoint restored from Orbax, merged weights, ...). The prefill compiles once per
+(graphdef, batch, prompt-length bucket, cache slots): prompt lengths are rounded up to a
+multiple of ``bucket``. The decode loop, whose unrolled layers take most of the compilation
+time, compiles once per (graphdef, batch, cache slots, max_new_tokens, grammar, sampling): the
+slots come in geometric steps (`slot_count`), so prompts of nearby lengths share it.
 
 The answer grammar (the code trie, evidence-first quote copying, unique codes) is
 `jaxicd.infer.grammar`; its per-row state rides in the loop carry.
@@ -55,43 +57,49 @@ class _LoopState(NamedTuple):
   key: jax.Array
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "sample",
-                                             "max_fanout", "unique_depth", "evidence_first"))
-def _generate_jit(graphdef, params, prompt_tokens, prompt_lengths, constraint, stop_ids, pad_id,
-                  temperature, key, start_state, note_lo, note_hi, prefix_tokens, prefix_length,
-                  *, max_new_tokens: int, sample: bool, max_fanout: int, unique_depth: int,
-                  evidence_first: bool):
-  # unique_depth: the constraint's max_depth with unique codes on, 0 when off.
-  # start_state: int32 [B] grammar state of each row's first token; note_lo/note_hi: int32 [B]
-  # the note's tokens in each prompt (evidence-first quotes copy them).
-  # prefix_tokens: int32 [1, W] (W may be 0), the first `prefix_length` of them shared by every
-  # row: their keys and values are computed once and copied to each row's cache; the rows'
-  # own tokens (`prompt_tokens`) continue after them.
+@functools.partial(jax.jit, static_argnames=("graphdef", "slots"))
+def _prefill_jit(graphdef, params, prompt_tokens, prompt_lengths, prefix_tokens, prefix_length,
+                 *, slots: int):
+  # The decode cache (`slots` per row) holding each row's prompt but its last token, which the
+  # decode loop feeds first. prefix_tokens: int32 [1, W] (W may be 0), the first
+  # `prefix_length` of them shared by every row: their keys and values are computed once and
+  # copied to each row's cache; the rows' own tokens (`prompt_tokens`) continue after them.
   model = nnx.merge(graphdef, params)
   model.deterministic = True  # no LoRA dropout while decoding
-  cfg = model.cfg
   B, P = prompt_tokens.shape
   W = prefix_tokens.shape[1]
-  vocab = cfg.vocab_size
-  cache = llama_lib.init_cache(cfg, 1 if W else B, W + P + max_new_tokens)
+  cache = llama_lib.init_cache(model.cfg, 1 if W else B, slots)
   if W:
     shared = (jnp.arange(W)[None, :] < prefix_length).astype(jnp.int32)
     _, cache = model.hidden_states(prefix_tokens, segment_ids=shared, cache=cache)
     tile = lambda a: jnp.broadcast_to(a, a.shape[:1] + (B,) + a.shape[2:])
     cache = llama_lib.KVCache(tile(cache.k), tile(cache.v),
                               jnp.broadcast_to(cache.lengths, (B,)))
-  # Prefill all but each row's last prompt token, then feed that token as a one-token step:
-  # the prefill needs no [B, P, vocab] output projection (for SmolLM2 at 8 x 256 tokens,
-  # 116 GFLOP and 400 MB that only the last position needs).
+  # The last token is left to the first decode step: the prefill needs no [B, P, vocab] output
+  # projection (for SmolLM2 at 8 x 256 tokens, 116 GFLOP and 400 MB that only it needs).
   segment_ids = (jnp.arange(P)[None, :] < prompt_lengths[:, None] - 1).astype(jnp.int32)
   _, cache = model.hidden_states(prompt_tokens, segment_ids=segment_ids, cache=cache)
-  cache = llama_lib.decode_cache(cache)
-  decode_step = model.decoder()  # each layer's weights sliced out once, not once per step
-  last = prompt_tokens[jnp.arange(B), jnp.maximum(prompt_lengths - 1, 0)]
-  logits, cache = decode_step(last, cache)
+  return llama_lib.decode_cache(cache)
 
-  copy0 = grammar.CopyState(prompt_tokens, note_lo, note_hi,
-                     jnp.zeros((B, P if evidence_first else 0), bool))
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "sample",
+                                             "max_fanout", "unique_depth", "evidence_first"))
+def _decode_jit(graphdef, params, cache, last, done, constraint, stop_ids, pad_id, temperature,
+                key, start_state, copy_tokens, note_lo, note_hi, *, max_new_tokens: int,
+                sample: bool, max_fanout: int, unique_depth: int, evidence_first: bool):
+  # last: int32 [B], each row's last prompt token; done: bool [B], rows that generate nothing.
+  # unique_depth: the constraint's max_depth with unique codes on, 0 when off.
+  # start_state: int32 [B] grammar state of each row's first token; copy_tokens: int32 [B, C]
+  # the rows' prompt tokens (evidence-first; C = the cache's slots, so that prompt widths do not
+  # make new shapes) and note_lo/note_hi: int32 [B] the note's tokens among them, which
+  # evidence-first quotes copy.
+  model = nnx.merge(graphdef, params)
+  model.deterministic = True
+  B = last.shape[0]
+  vocab = model.cfg.vocab_size
+  decode_step = model.decoder()  # each layer's weights sliced out once, not once per step
+  copy0 = grammar.CopyState(copy_tokens, note_lo, note_hi,
+                            jnp.zeros((B, copy_tokens.shape[1] if evidence_first else 0), bool))
 
   def emit(s: _LoopState, logits: jax.Array) -> _LoopState:
     key, sub = jax.random.split(s.key)
@@ -130,14 +138,13 @@ def _generate_jit(graphdef, params, prompt_tokens, prompt_lengths, constraint, s
         grammar=state, first_line=first, left=left, copy_ends=copy_ends)
 
   state = _LoopState(
-      step=jnp.int32(0), last=jnp.zeros((B,), jnp.int32), cache=cache,
+      step=jnp.int32(0), last=last, cache=cache,
       tokens=jnp.full((B, max_new_tokens), pad_id, jnp.int32),
       logprobs=jnp.zeros((B, max_new_tokens), jnp.float32),
-      lengths=jnp.zeros((B,), jnp.int32), done=prompt_lengths <= 0,
+      lengths=jnp.zeros((B,), jnp.int32), done=done,
       grammar=start_state, first_line=jnp.ones((B,), bool), key=key,
       left=(grammar.initial_left(constraint, B) if unique_depth else jnp.zeros((B, 0), jnp.int32)),
       copy_ends=copy0.ends)
-  state = emit(state, logits)
 
   def cond(s: _LoopState):
     return (s.step < max_new_tokens) & ~jnp.all(s.done)
@@ -180,6 +187,20 @@ class Generation:
 def bucket_length(n: int, bucket: int) -> int:
   """`n` rounded up to a multiple of `bucket` (at least one bucket)."""
   return max(bucket, -(-n // bucket) * bucket)
+
+
+def slot_count(n: int, bucket: int) -> int:
+  """Decode-cache slots for `n` tokens: the first of ``bucket`` x (1, 1.5, 2, 3, 4, 6, 8, ...)
+  that holds them. Calls of nearby prompt lengths then share one compiled decode loop (its
+  compilation, layers unrolled, costs several times the prefill's), and padding stays under a
+  third of the slots."""
+  size = bucket
+  while True:
+    if n <= size:
+      return size
+    if n <= size * 3 // 2:
+      return size * 3 // 2
+    size *= 2
 
 
 def common_prefix(prompts: Sequence[np.ndarray],
@@ -272,14 +293,20 @@ def generate(model: nnx.Module, prompts: Sequence[Sequence[int] | np.ndarray], *
       n[i] = len(p) - shared
       if ranges is not None:
         lo_hi[:, i] = np.asarray(ranges[i]) - shared
+    slots = slot_count(prefix.shape[1] + width + max_new_tokens, bucket)
+    cache = _prefill_jit(graphdef, params, jnp.asarray(tokens), jnp.asarray(n),
+                         jnp.asarray(prefix), jnp.int32(shared), slots=slots)
+    last = tokens[np.arange(rows), np.maximum(n - 1, 0)]
+    copy_tokens = np.zeros((rows, slots if evidence_first else 0), np.int32)
+    copy_tokens[:, :width if evidence_first else 0] = tokens[:, :width if evidence_first else 0]
     key, sub = jax.random.split(key)
-    t, ln, lp = _generate_jit(graphdef, params, jnp.asarray(tokens), jnp.asarray(n), arrays,
-                              stops, jnp.int32(pad_id), jnp.float32(max(temperature, 1e-6)), sub,
-                              jnp.full((rows,), start, jnp.int32), jnp.asarray(lo_hi[0]),
-                              jnp.asarray(lo_hi[1]), jnp.asarray(prefix), jnp.int32(shared),
-                              max_new_tokens=max_new_tokens,
-                              sample=temperature > 0, max_fanout=fanout,
-                              unique_depth=unique_depth, evidence_first=evidence_first)
+    t, ln, lp = _decode_jit(graphdef, params, cache, jnp.asarray(last), jnp.asarray(n <= 0),
+                            arrays, stops, jnp.int32(pad_id), jnp.float32(max(temperature, 1e-6)),
+                            sub, jnp.full((rows,), start, jnp.int32), jnp.asarray(copy_tokens),
+                            jnp.asarray(lo_hi[0]), jnp.asarray(lo_hi[1]),
+                            max_new_tokens=max_new_tokens, sample=temperature > 0,
+                            max_fanout=fanout, unique_depth=unique_depth,
+                            evidence_first=evidence_first)
     k = len(chunk)
     out_tokens.append(np.asarray(t)[:k])
     out_lengths.append(np.asarray(ln)[:k])

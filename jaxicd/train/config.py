@@ -33,6 +33,10 @@ def base_config() -> ml_collections.ConfigDict:
   # Extra XLA flags for the CPU backend, added to $XLA_FLAGS by jaxicd.main before JAX starts
   # (e.g. "--xla_cpu_use_onednn=true"; with jax 0.12 it made SmolLM2's bf16 CPU training slower).
   config.cpu_xla_flags = ""
+  # JAX's persistent compilation cache, so that a second run (eval after train, predict) reuses
+  # the compiled decode loops and steps: "auto" = $XDG_CACHE_HOME/jaxicd/jax (~/.cache/...),
+  # "" = off, else a directory. Trusted like code: keep it private to you.
+  config.compilation_cache_dir = "auto"
   # mode=predict: the notes to code (a .txt note, a .jsonl of documents or a directory of .txt
   # notes) and the JSONL written ("" = <workdir>/predictions.jsonl); see jaxicd.infer.predict.
   # mode=export writes to `output` too ("" = <workdir>/export).
