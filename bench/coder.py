@@ -7,10 +7,9 @@ the evidence it found. Each run in `--runs` (``shared``: the prompt prefix a bat
 prefilled once; ``unshared``: every row prefills its whole prompt; a ``-float32`` suffix decodes
 with a float32 copy with the adapters folded in, ``eval_coding.dtype``) codes the same notes
 with the same batch sizes; a warm-up call per run compiles first (shapes it did not meet compile
-in the timed run: ``time_split_s`` splits each stage into compilation, the jitted generate calls
-and host work). Prints one JSON line per run
-and, last, one with every run, the ratios to the first run and the target (the fastest run
->= 3x the first's notes per minute).
+in the timed run: ``time_split_s`` splits each stage into compilation, the jitted prefill and
+decode calls and host work). Prints one JSON line per run and, last, one with every run, the
+ratios to the first run and the target (the fastest run >= 3x the first's notes per minute).
 
   .venv/bin/python bench/coder.py --workdir=runs/experiment/mixed [--config=configs/mixed.py]
       [--notes=8] [--batch_size=16] [--recode_batch_size=32] [--max_new=96]

@@ -120,17 +120,18 @@ def test_chunked_batches_and_one_compilation_for_new_params(tiny):
 
 
 def test_slot_count_hand_cases():
-  # bucket x (1, 1.5, 2, 3, 4, 6, 8, ...): the first that holds n.
-  assert [gen.slot_count(n, 64) for n in (1, 64, 65, 96, 97, 128, 129, 193, 288, 385)] == [
-      64, 64, 96, 96, 128, 128, 192, 256, 384, 512]
-  assert [gen.slot_count(n, 16) for n in (9, 17, 25, 73, 89, 153)] == [16, 24, 32, 96, 96, 192]
+  # bucket x (1, 1.25, 1.5, 1.75, 2, 2.5, 3, 3.5, 4, 5, ...): the first that holds n.
+  assert [gen.slot_count(n, 64) for n in (1, 64, 65, 80, 81, 129, 193, 257, 288, 321)] == [
+      64, 64, 80, 80, 96, 160, 224, 320, 320, 384]
+  assert [gen.slot_count(n, 16) for n in (9, 17, 21, 25, 73, 89, 153)] == [
+      16, 20, 24, 28, 80, 96, 160]
 
 
 def test_prompt_widths_in_one_slot_step_share_the_decode_loop(tiny):
-  # Widths 64 and 80 (+ 8 new tokens: 72 and 88) both get 96 slots (16 x 6): a second prefill
-  # compilation, no second decode loop; outputs still match the naive loop.
-  short = _prompts(tiny.cfg.vocab_size, [50, 60], seed=6)
-  long = _prompts(tiny.cfg.vocab_size, [70, 75], seed=7)
+  # Widths 128 and 144 (+ 8 new tokens: 136 and 152) both get 160 slots (16 x 10): a second
+  # prefill compilation, no second decode loop; outputs still match the naive loop.
+  short = _prompts(tiny.cfg.vocab_size, [110, 120], seed=6)
+  long = _prompts(tiny.cfg.vocab_size, [130, 140], seed=7)
   gen.generate(tiny, short, max_new_tokens=8, stop_ids=[], bucket=16, share_prefix=False)
   decode_before = gen._decode_jit._cache_size()
   prefill_before = gen._prefill_jit._cache_size()
@@ -138,7 +139,7 @@ def test_prompt_widths_in_one_slot_step_share_the_decode_loop(tiny):
   assert gen._decode_jit._cache_size() == decode_before
   assert gen._prefill_jit._cache_size() == prefill_before + 1
   for i, p in enumerate(long):
-    assert g.tokens[i].tolist() == _naive_greedy(tiny, p, 8, width=96)[0]
+    assert g.tokens[i].tolist() == _naive_greedy(tiny, p, 8, width=160)[0]
 
 
 def test_low_temperature_sampling_is_greedy(tiny):

@@ -190,17 +190,17 @@ def bucket_length(n: int, bucket: int) -> int:
 
 
 def slot_count(n: int, bucket: int) -> int:
-  """Decode-cache slots for `n` tokens: the first of ``bucket`` x (1, 1.5, 2, 3, 4, 6, 8, ...)
-  that holds them. Calls of nearby prompt lengths then share one compiled decode loop (its
-  compilation, layers unrolled, costs several times the prefill's), and padding stays under a
-  third of the slots."""
-  size = bucket
+  """Decode-cache slots for `n` tokens: the first of ``bucket`` x (1, 1.25, 1.5, 1.75, 2, 2.5,
+  3, 3.5, 4, 5, ...) that holds them. Calls of nearby prompt lengths then share one compiled
+  decode loop (its compilation, layers unrolled, costs several times the prefill's), and padding,
+  which every step reads, stays under a fifth of the slots."""
+  octave = bucket
   while True:
-    if n <= size:
-      return size
-    if n <= size * 3 // 2:
-      return size * 3 // 2
-    size *= 2
+    for quarter in (4, 5, 6, 7):
+      size = -(-octave * quarter // 4)
+      if n <= size:
+        return size
+    octave *= 2
 
 
 def common_prefix(prompts: Sequence[np.ndarray],
@@ -298,7 +298,8 @@ def generate(model: nnx.Module, prompts: Sequence[Sequence[int] | np.ndarray], *
                          jnp.asarray(prefix), jnp.int32(shared), slots=slots)
     last = tokens[np.arange(rows), np.maximum(n - 1, 0)]
     copy_tokens = np.zeros((rows, slots if evidence_first else 0), np.int32)
-    copy_tokens[:, :width if evidence_first else 0] = tokens[:, :width if evidence_first else 0]
+    if evidence_first:
+      copy_tokens[:, :width] = tokens
     key, sub = jax.random.split(key)
     t, ln, lp = _decode_jit(graphdef, params, cache, jnp.asarray(last), jnp.asarray(n <= 0),
                             arrays, stops, jnp.int32(pad_id), jnp.float32(max(temperature, 1e-6)),
