@@ -8,7 +8,7 @@ prefilled once; ``unshared``: every row prefills its whole prompt; a ``-float32`
 with a float32 copy with the adapters folded in, ``eval_coding.dtype``) codes the same notes
 with the same batch sizes; a warm-up call per run compiles first (shapes it did not meet compile
 in the timed run: ``time_split_s`` splits each stage into compilation, the jitted prefill and
-decode calls and host work). Prints one JSON line per run and, last, one with every run, the
+decode calls and host work, and counts the tokens prefilled and the decode steps run). Prints one JSON line per run and, last, one with every run, the
 ratios to the first run and the target (the fastest run >= 3x the first's notes per minute).
 
   .venv/bin/python bench/coder.py --workdir=runs/experiment/mixed [--config=configs/mixed.py]
