@@ -41,8 +41,10 @@ def get_config():
   # (span top-1 accuracy): the run ends with what training changed. After training the decision
   # threshold is calibrated on those notes and stored in the workdir for eval and predict (their
   # F1 is therefore optimistic: the experiment, python -m jaxicd.experiment, scores test notes).
-  # Decoding in float32 with the adapters folded in: XLA:CPU widens bf16 weights at every decode
-  # step, so on CPUs without bf16 units float32 decodes ~1.8x faster (bench/coder.py).
+  # Decoding in float32 with the adapters folded in: on CPUs without bf16 units XLA:CPU widens
+  # bf16 weights at every decode step, and float32 decodes ~1.8x faster. Where the CPU has them
+  # (AVX512-BF16, AMX) dtype="" decodes in bf16 instead, ~1.9x faster than float32 on a 2-core
+  # EPYC (bench/coder.py).
   config.eval_coding.update(documents=4, spans=80, max_new_tokens=96, batch_size=8,
                             calibrate=True, dtype="float32", at_start=True)
   config.checkpoint.update(every=96, keep=2)
