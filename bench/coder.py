@@ -8,8 +8,9 @@ prefilled once; ``unshared``: every row prefills its whole prompt; a ``-float32`
 with a float32 copy with the adapters folded in, ``eval_coding.dtype``) codes the same notes
 with the same batch sizes; a warm-up call per run compiles first (shapes it did not meet compile
 in the timed run: ``time_split_s`` splits each stage into compilation, the jitted prefill and
-decode calls and host work, and counts the tokens prefilled and the decode steps run). Prints one JSON line per run and, last, one with every run, the
-ratios to the first run and the target (the fastest run >= 3x the first's notes per minute).
+decode calls and host work, and counts the tokens prefilled and the decode steps run). Prints
+one JSON line per run and, last, one with every run, the ratios to the first run and the target
+(the fastest run >= 3x the first's notes per minute).
 
   .venv/bin/python bench/coder.py --workdir=runs/experiment/mixed [--config=configs/mixed.py]
       [--notes=8] [--batch_size=16] [--recode_batch_size=32] [--max_new=96]
@@ -19,26 +20,18 @@ ratios to the first run and the target (the fastest run >= 3x the first's notes 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import pathlib
 import time
 
+import _config
 import _platform
 import _timing
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
 # The fastest run's notes per minute over the first run's (the unshared layout: every row
 # prefills its whole prompt, as the coder did before the shared prefix).
 TARGET_SPEEDUP = 3.0
-
-
-def _config(path: str):
-  spec = importlib.util.spec_from_file_location("bench_config", REPO / path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
 
 
 def main() -> None:
@@ -61,7 +54,7 @@ def main() -> None:
   from jaxicd.infer import generate as generate_lib  # pylint: disable=import-outside-toplevel
   from jaxicd.train.trained import TrainedModel  # pylint: disable=import-outside-toplevel
 
-  cfg = _config(args.config)
+  cfg = _config.load_config(args.config)
   cfg.eval_coding.update(max_new_tokens=args.max_new, batch_size=args.batch_size,
                          recode_batch_size=args.recode_batch_size, threshold=0.0, recode=False,
                          dtype="")

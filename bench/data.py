@@ -27,21 +27,18 @@ Prints a short human summary on stderr, then one JSON line with every figure:
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-import pathlib
 import statistics
 import sys
 import time
 
 import numpy as np
 
+import _config
 import _platform
 
 from jaxicd.data import pipeline, windows
 from jaxicd.train.config import base_config
-
-REPO = pathlib.Path(__file__).resolve().parent.parent
 
 
 def _cfg(args, **overrides):
@@ -159,16 +156,13 @@ def epoch_tokens(cfg, tok, docs, spans) -> dict:
 
 def train_wall_time(steps: int, config: str = "configs/mixed.py", seq_len: int = 0) -> dict:
   """Wall time of real training steps on the mixed recipe of `config` (a path under the
-  repository; rows of `seq_len` tokens instead of its own if given), unshared vs shared prompt. Both layouts have the same batch shapes, so one
-  compiled step serves both; each layout's examples (spans and document windows) are counted in
-  the batches it trained on."""
+  repository; rows of `seq_len` tokens instead of its own if given), unshared vs shared prompt.
+  Both layouts have the same batch shapes, so one compiled step serves both; each layout's
+  examples (spans and document windows) are counted in the batches it trained on."""
   import jax  # pylint: disable=g-import-not-at-top
   from jaxicd import sharding as shd  # pylint: disable=g-import-not-at-top
   from jaxicd.train import trainer  # pylint: disable=g-import-not-at-top
-  spec = importlib.util.spec_from_file_location("train_config", REPO / config)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  cfg = module.get_config()
+  cfg = _config.load_config(config)
   if seq_len:
     cfg.data.seq_len = seq_len
   mesh = shd.make_mesh(dict(data=1), jax.devices()[:1])
@@ -211,25 +205,25 @@ def train_wall_time(steps: int, config: str = "configs/mixed.py", seq_len: int =
         charged[name][source] += seconds[name][-1] * c["tokens"] / max(real, 1)
   out = {"config": config, "rows": int(cfg.data.batch_size),
          "seq_len": int(cfg.data.seq_len), "steps": steps, "compile_s": round(compile_s, 1)}
+  # Seconds per example of each kind, a step's time charged to the kinds by their share of its
+  # tokens. Document windows share no prompt and pack alike in both layouts: their cost is
+  # pooled.
+  cost = {name: {k: charged[name][k] / examples[name][k] for k in examples[name]
+                 if examples[name][k]} for name in layouts}
+  docs_cost = (sum(charged[n]["documents"] for n in layouts)
+               / max(sum(examples[n]["documents"] for n in layouts), 1))
   for name in layouts:
     total = sum(examples[name].values())
     out[name] = {"examples": examples[name], "examples_per_step": round(total / steps, 2),
                  "median_step_s": round(statistics.median(seconds[name]), 3),
                  "examples_per_s": round(total / sum(seconds[name]), 2),
-                 "seconds_per_example": {k: round(charged[name][k] / examples[name][k], 4)
-                                         for k in examples[name] if examples[name][k]}}
-  # The unshared run's examples (its mix of spans and documents) at each layout's cost per
-  # example of each kind: a step's time charged to the kinds by their share of its tokens.
-  # Document windows share no prompt and pack alike in both layouts: their cost is pooled.
-  docs_cost = (sum(charged[n]["documents"] for n in layouts)
-               / max(sum(examples[n]["documents"] for n in layouts), 1))
+                 "seconds_per_example": {k: round(v, 4) for k, v in cost[name].items()}}
   out["seconds_per_document_example_pooled"] = round(docs_cost, 4)
-  same = {name: examples["unshared"]["spans"] * charged[name]["spans"]
-          / max(examples[name]["spans"], 1) + examples["unshared"]["documents"] * docs_cost
-          for name in layouts}
+  # The unshared run's examples (its mix of spans and documents) at each layout's costs.
+  same = {name: examples["unshared"]["spans"] * cost[name]["spans"]
+          + examples["unshared"]["documents"] * docs_cost for name in layouts}
   out["span_example_wall_time_ratio"] = round(
-      out["shared"]["seconds_per_example"]["spans"]
-      / out["unshared"]["seconds_per_example"]["spans"], 3)
+      cost["shared"]["spans"] / cost["unshared"]["spans"], 3)
   out["same_examples_wall_time_ratio"] = round(same["shared"] / same["unshared"], 3)
   out["target_wall_time_ratio"] = 0.5
   return out

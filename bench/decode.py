@@ -116,8 +116,8 @@ def main() -> None:
   bandwidth = memory_read_gb_per_s(fwd)
   print(json.dumps({"bench": "memory_read", "gb_per_s": round(bandwidth, 1)}), flush=True)
 
-  def decode(model, rows, c=None, new=args.new):
-    return gen.generate(model, rows, max_new_tokens=new, stop_ids=[], pad_id=tok.pad_id,
+  def decode(model, rows, c=None):
+    return gen.generate(model, rows, max_new_tokens=args.new, stop_ids=[], pad_id=tok.pad_id,
                         bucket=64, constraint=c,
                         note_ranges=[note_range] * len(rows) if c is not None else None)
 
